@@ -1,0 +1,28 @@
+"""Test-session setup.
+
+Eight simulated CPU devices so that sharding is exercised on any machine; tests
+that want one device build a mesh over `jax.devices()[:1]`. This must run
+before jax is imported anywhere.
+"""
+
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def edm_fixtures():
+  """Directory of EDM reference outputs (../shared/fixtures/edm), or skip."""
+  path = SHARED_FIXTURES / "edm"
+  if not path.is_dir():
+    pytest.skip(f"EDM reference fixtures not found at {path}: "
+                "check out the shared/ folder beside the repository to run this test.")
+  return path
