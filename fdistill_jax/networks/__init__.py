@@ -1,0 +1,13 @@
+"""Networks: EDM's U-Nets and preconditioning (Flax linen, NHWC).
+
+Other modules of this package (discriminator heads, MLPs) append their own
+import lines below.
+"""
+
+from fdistill_jax.networks.edm import (
+    ARCHS, CIFAR10_ARCH, DHARIWAL_TINY_ARCH, IMAGENET64_ARCH, MODEL_TYPES, SONGUNET_TINY_ARCH,
+    EDMPrecond, build_edm)
+from fdistill_jax.networks.layers import (
+    Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock)
+from fdistill_jax.networks.state_dict import count_params, variable_shapes, variables_from_state_dict
+from fdistill_jax.networks.unets import DhariwalUNet, SongUNet

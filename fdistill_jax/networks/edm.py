@@ -1,0 +1,173 @@
+"""EDM preconditioning (Karras et al. 2022, Table 1 / Eq. 7) and the network registry.
+
+`build_edm(arch)` takes the `EDMPrecond` constructor arguments as EDM records
+them (`model_type`, `img_resolution`, `img_channels`, `label_dim`,
+`sigma_data`, then the U-Net's own arguments) and returns a Flax module
+
+  D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma)),
+
+with c_skip = s_d^2 / (sigma^2 + s_d^2), c_out = sigma s_d / sqrt(sigma^2 + s_d^2),
+c_in = 1 / sqrt(sigma^2 + s_d^2) and c_noise = log(sigma) / 4.
+
+Example:
+
+  net = build_edm(CIFAR10_ARCH)
+  variables = variables_from_state_dict(CIFAR10_ARCH, state_dict)
+  denoised = net.apply(variables, x_nhwc, sigma, one_hot_labels)
+  denoised, feats = net.apply(variables, x_nhwc, sigma, one_hot_labels,
+                              feature_resolutions=(8,))
+"""
+
+import math
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from fdistill_jax.networks.unets import DhariwalUNet, SongUNet
+
+MODEL_TYPES = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
+
+# EDMPrecond's own arguments; the rest go to the U-Net named by model_type.
+_PRECOND_KEYS = ("img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_min",
+                 "sigma_max", "sigma_data", "model_type", "precond")
+_MODEL_KEYS = {
+    "SongUNet": ("augment_dim", "model_channels", "channel_mult", "channel_mult_emb",
+                 "num_blocks", "attn_resolutions", "dropout", "label_dropout",
+                 "embedding_type", "channel_mult_noise", "encoder_type", "decoder_type",
+                 "resample_filter"),
+    "DhariwalUNet": ("augment_dim", "model_channels", "channel_mult", "channel_mult_emb",
+                     "num_blocks", "attn_resolutions", "dropout", "label_dropout"),
+}
+
+# edm-cifar10-32x32-cond-vp: DDPM++ with EDM preconditioning, 55,735,299 parameters.
+CIFAR10_ARCH = {
+    "precond": "EDMPrecond", "model_type": "SongUNet", "img_resolution": 32, "img_channels": 3,
+    "label_dim": 10, "augment_dim": 9, "model_channels": 128, "channel_mult": [2, 2, 2],
+    "num_blocks": 4, "attn_resolutions": [16], "dropout": 0.13, "embedding_type": "positional",
+    "encoder_type": "standard", "decoder_type": "standard", "channel_mult_noise": 1,
+    "resample_filter": [1, 1],
+}
+# edm-imagenet-64x64-cond-adm: ADM with EDM preconditioning, 295,899,267 parameters.
+IMAGENET64_ARCH = {
+    "precond": "EDMPrecond", "model_type": "DhariwalUNet", "img_resolution": 64,
+    "img_channels": 3, "label_dim": 1000, "model_channels": 192, "channel_mult": [1, 2, 3, 4],
+    "num_blocks": 3, "attn_resolutions": [32, 16, 8], "dropout": 0.1,
+}
+# Tiny variants for tests (the shapes of the shared EDM fixtures).
+SONGUNET_TINY_ARCH = {
+    "precond": "EDMPrecond", "model_type": "SongUNet", "img_resolution": 16, "img_channels": 3,
+    "label_dim": 10, "model_channels": 32, "channel_mult": [1, 2, 2], "num_blocks": 2,
+    "attn_resolutions": [8], "dropout": 0.13, "embedding_type": "positional",
+    "encoder_type": "standard", "decoder_type": "standard", "channel_mult_noise": 1,
+    "resample_filter": [1, 1],
+}
+DHARIWAL_TINY_ARCH = {
+    "precond": "EDMPrecond", "model_type": "DhariwalUNet", "img_resolution": 16,
+    "img_channels": 3, "label_dim": 10, "model_channels": 32, "channel_mult": [1, 2, 4],
+    "num_blocks": 2, "attn_resolutions": [8, 4], "dropout": 0.1,
+}
+ARCHS = {"cifar10": CIFAR10_ARCH, "imagenet64": IMAGENET64_ARCH,
+         "songunet_tiny": SONGUNET_TINY_ARCH, "dhariwal_tiny": DHARIWAL_TINY_ARCH}
+
+
+class EDMPrecond(nn.Module):
+  """EDM's preconditioned denoiser D(x; sigma) around a U-Net `model`.
+
+  Attributes:
+    model: SongUNet or DhariwalUNet (its params live under 'model').
+    label_dim: number of classes; 0 = unconditional.
+    sigma_data: expected data standard deviation s_d.
+    sigma_min, sigma_max: supported noise range (informational, for samplers).
+  """
+  model: nn.Module
+  img_resolution: int
+  img_channels: int
+  label_dim: int = 0
+  sigma_data: float = 0.5
+  sigma_min: float = 0.0
+  sigma_max: float = math.inf
+
+  @nn.compact
+  def __call__(self, x, sigma, class_labels=None, *, augment_labels=None, train=False,
+               feature_resolutions=None):
+    """Denoises NHWC `x` at noise level `sigma` ([B], scalar or broadcastable).
+
+    Args:
+      x: [B, H, W, C] noisy images (cast to float32).
+      sigma: noise levels, any shape with B or 1 elements.
+      class_labels: [B, label_dim] (one-hot) or None (zeros) for conditional nets.
+      augment_labels: [B, augment_dim] or None (zeros) when the net has augment_dim.
+      train: enables dropout and label dropout (both need a 'dropout' rng).
+      feature_resolutions: optional encoder resolutions to also return.
+
+    Returns:
+      float32 [B, H, W, C] denoised images, or `(denoised, {res: features})`.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    b = x.shape[0]
+    sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32).reshape(-1), (b,))
+    labels = self._labels(class_labels, b)
+    aug = None
+    if getattr(self.model, "augment_dim", 0):
+      aug = (jnp.zeros((b, self.model.augment_dim), jnp.float32) if augment_labels is None
+             else jnp.asarray(augment_labels, jnp.float32).reshape(b, -1))
+    s = sigma[:, None, None, None]
+    sd2 = self.sigma_data ** 2
+    c_skip = sd2 / (s ** 2 + sd2)
+    c_out = s * self.sigma_data / jnp.sqrt(s ** 2 + sd2)
+    c_in = 1 / jnp.sqrt(sd2 + s ** 2)
+    c_noise = jnp.log(sigma) / 4
+    out = self.model(c_in * x, c_noise, labels, aug, train=train,
+                     feature_resolutions=feature_resolutions)
+    f_x, feats = out if feature_resolutions is not None else (out, None)
+    denoised = c_skip * x + c_out * f_x.astype(jnp.float32)
+    return denoised if feature_resolutions is None else (denoised, feats)
+
+  def _labels(self, class_labels, batch):
+    if not self.label_dim:
+      return None
+    if class_labels is None:
+      return jnp.zeros((batch, self.label_dim), jnp.float32)
+    labels = jnp.asarray(class_labels, jnp.float32).reshape(-1, self.label_dim)
+    return jnp.broadcast_to(labels, (batch, self.label_dim))
+
+
+def _tuples(kwargs):
+  return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in kwargs.items()}
+
+
+def build_edm(arch: Mapping[str, Any], dtype=jnp.float32) -> EDMPrecond:
+  """EDMPrecond from EDM's constructor arguments (see the module docstring).
+
+  Args:
+    arch: EDMPrecond kwargs as EDM records them. 'precond' (must be
+      'EDMPrecond') and 'use_fp16' are accepted and ignored.
+    dtype: compute dtype of the U-Net (parameters stay float32; the output
+      and the preconditioning are float32).
+
+  Raises:
+    ValueError: unknown model_type, precond or keys.
+  """
+  arch = dict(arch)
+  model_type = arch.get("model_type", "DhariwalUNet")
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f"Unknown model_type {model_type!r}; expected one of {sorted(MODEL_TYPES)}.")
+  if arch.get("precond", "EDMPrecond") != "EDMPrecond":
+    raise ValueError(f"precond={arch['precond']!r} is not supported: only EDMPrecond is "
+                     "ported (VP/VE/iDDPM preconditioning is not).")
+  unknown = sorted(set(arch) - set(_PRECOND_KEYS) - set(_MODEL_KEYS[model_type]))
+  if unknown:
+    raise ValueError(f"Unknown {model_type} arch keys {unknown}; accepted keys are "
+                     f"{sorted(_PRECOND_KEYS + _MODEL_KEYS[model_type])}. Remove them or "
+                     "convert them before calling build_edm.")
+  model_kwargs = _tuples({k: arch[k] for k in _MODEL_KEYS[model_type] if k in arch})
+  model = MODEL_TYPES[model_type](
+      img_resolution=arch["img_resolution"], in_channels=arch["img_channels"],
+      out_channels=arch["img_channels"], label_dim=arch.get("label_dim", 0), dtype=dtype,
+      **model_kwargs)
+  return EDMPrecond(
+      model=model, img_resolution=arch["img_resolution"], img_channels=arch["img_channels"],
+      label_dim=arch.get("label_dim", 0), sigma_data=float(arch.get("sigma_data", 0.5)),
+      sigma_min=float(arch.get("sigma_min", 0.0)),
+      sigma_max=float(arch.get("sigma_max", math.inf)))

@@ -1,0 +1,132 @@
+"""EDM `state_dict()` -> Flax variables, and parameter counting (no allocation).
+
+Names map one to one: EDM's `model.enc.16x16_block0.conv0.weight` is Flax's
+`params/model/enc/16x16_block0/conv0/weight`. Layouts change: convolution
+weights OIHW -> HWIO and linear weights [out, in] -> [in, out]. EDM's
+`resample_filter` buffers are constants of the Flax modules: they are checked
+against the architecture's filter and dropped. FourierEmbedding's `freqs`
+buffer goes to the non-trainable 'buffers' collection.
+"""
+
+from typing import Any, Mapping, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fdistill_jax.networks.edm import build_edm
+from fdistill_jax.networks.layers import resample_kernel
+
+_MAX_REPORTED = 10
+
+
+def _dummy_inputs(module):
+  r, c = module.img_resolution, module.img_channels
+  x = jnp.zeros((1, r, r, c), jnp.float32)
+  labels = jnp.zeros((1, module.label_dim), jnp.float32) if module.label_dim else None
+  return x, jnp.ones((1,), jnp.float32), labels
+
+
+def variable_shapes(module_or_arch: Union[nn.Module, Mapping[str, Any]]):
+  """Variables of `module.init` as ShapeDtypeStructs, via jax.eval_shape (no allocation)."""
+  module = module_or_arch if isinstance(module_or_arch, nn.Module) else build_edm(module_or_arch)
+  x, sigma, labels = _dummy_inputs(module)
+  rngs = {"params": jax.random.key(0)}
+  return jax.eval_shape(lambda: module.init(rngs, x, sigma, labels))
+
+
+def count_params(module_or_arch: Union[nn.Module, Mapping[str, Any]]) -> int:
+  """Number of trainable parameters (the 'params' collection; EDM counts no buffers)."""
+  shapes = variable_shapes(module_or_arch)["params"]
+  return int(sum(np.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(shapes)))
+
+
+def _flat_expected(shapes):
+  """{edm dotted name: (collection, flax path tuple, shape)} for every variable."""
+  out = {}
+  for collection, tree in shapes.items():
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      keys = tuple(p.key for p in path)
+      out[".".join(keys)] = (collection, keys, tuple(leaf.shape))
+  return out
+
+
+def _to_flax_layout(value):
+  if value.ndim == 4:  # OIHW -> HWIO
+    return np.transpose(value, (2, 3, 1, 0))
+  if value.ndim == 2:  # [out, in] -> [in, out]
+    return value.T
+  return value
+
+
+def _check_resample_filter(name, value, arch):
+  filt = resample_kernel(arch.get("resample_filter", (1, 1)))
+  if value.shape[-2:] != filt.shape or not np.allclose(value.reshape(filt.shape), filt, atol=1e-6):
+    return (f"{name}: buffer {value.reshape(value.shape[-2:]).tolist()} differs from the "
+            f"arch's resample_filter {arch.get('resample_filter', [1, 1])} -> {filt.tolist()}")
+  return None
+
+
+def _mismatch_error(missing, unexpected, wrong):
+  parts = []
+  for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+    if items:
+      shown = ", ".join(items[:_MAX_REPORTED])
+      more = f" (+{len(items) - _MAX_REPORTED} more)" if len(items) > _MAX_REPORTED else ""
+      parts.append(f"{len(items)} {title}: {shown}{more}")
+  return ValueError(
+      "EDM state dict does not match the architecture: " + "; ".join(parts) +
+      ". Check that `arch` holds the snapshot's own EDMPrecond arguments "
+      "(model_type, model_channels, channel_mult, num_blocks, attn_resolutions, ...).")
+
+
+def variables_from_state_dict(arch: Mapping[str, Any], state_dict: Mapping[str, np.ndarray],
+                              dtype=jnp.float32):
+  """Converts an EDM `EDMPrecond.state_dict()` into Flax variables for `build_edm(arch)`.
+
+  Args:
+    arch: EDMPrecond constructor arguments (as for `build_edm`).
+    state_dict: EDM names -> arrays in PyTorch layout (numpy or anything
+      `np.asarray` accepts).
+    dtype: dtype of the returned parameter arrays.
+
+  Returns:
+    `{'params': ...}` (plus `{'buffers': ...}` for Fourier embeddings), jax arrays.
+
+  Raises:
+    ValueError: listing the first missing, unexpected and wrongly shaped
+      entries (both shapes, in Flax layout), or a resample filter mismatch.
+  """
+  expected = _flat_expected(variable_shapes(arch))
+  missing = [k for k in expected if k not in state_dict]
+  unexpected, wrong, out = [], [], {}
+  for name, value in state_dict.items():
+    value = np.asarray(value)
+    if name.endswith(".resample_filter"):
+      problem = _check_resample_filter(name, value, arch)
+      if problem:
+        wrong.append(problem)
+      continue
+    if name not in expected:
+      unexpected.append(f"{name} {tuple(value.shape)}")
+      continue
+    collection, path, shape = expected[name]
+    value = _to_flax_layout(value)
+    if value.shape != shape:
+      wrong.append(f"{name}: got {value.shape} (Flax layout), expected {shape}")
+      continue
+    out[(collection,) + path] = value
+  if missing or unexpected or wrong:
+    raise _mismatch_error(missing, unexpected, wrong)
+  return _unflatten({k: jnp.asarray(v, dtype) for k, v in out.items()})
+
+
+def _unflatten(flat):
+  tree = {}
+  for path, value in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
