@@ -1,0 +1,42 @@
+r"""CIFAR-10 32x32 class-conditional, EDM DDPM++ teacher (paper Table 5).
+
+Teacher: edm-cifar10-32x32-cond-vp.pkl (or its converted directory).
+
+  python -m fdistill_jax.main --config=configs/cifar10.py:fkl --workdir=runs/c10_fkl \
+      --config.teacher.path=/path/to/edm-cifar10-32x32-cond-vp.pkl
+
+Variants: any divergence, plus 'no_gan' / 'gan_only' ablations and 'runlocal'.
+"""
+
+from configs import common
+
+
+def get_config(arg="fkl"):
+  divergence, flags = common.parse_arg(arg, default_divergence="fkl")
+  c = common.base_config()
+  c.total_steps = 60_000
+  c.batch_size = 2048
+  c.fake_score_update_freq = 5
+  c.loss.gan_weight = 1e-3
+  c.loss.r1_gamma = 1.0
+  c.disc.resolutions = (32, 16, 8)
+  c.optim.gen_lr = c.optim.fake_lr = c.optim.disc_lr = 1e-4
+  c.optim.weight_decay = 1e-2
+  c.teacher.kind = "edm"
+  c.teacher.path = "edm-cifar10-32x32-cond-vp.pkl"
+  c.data.kind = "tfds"
+  c.data.name = "cifar10"
+  c.sample_every = 2000
+  c.checkpoint_every = 2000
+  if "runlocal" in flags:
+    _runlocal(c)
+  return common.apply_variant(c, divergence, flags)
+
+
+def _runlocal(c):
+  c.total_steps = 20
+  c.batch_size = 8
+  c.log_every = 5
+  c.sample_every = 10
+  c.checkpoint_every = 10
+  c.num_sample_images = 16

@@ -1,0 +1,90 @@
+"""Training state: generator, fake score, discriminator heads, optimiser states, EMA.
+
+The frozen teacher is deliberately absent: it is loaded at start, passed to the
+steps as a separate argument, and never checkpointed.
+"""
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+Params = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during distillation, as one pytree.
+
+  Attributes:
+    step: number of completed training iterations (critic updates).
+    rng: base PRNG key; per-step keys are `fold_in(rng, step)`.
+    gen, fake, disc: parameters of the one-step generator, the fake-score
+      network and the discriminator heads.
+    gen_opt, fake_opt, disc_opt: their optax states.
+    ema: generator EMA copies, a tuple aligned with `config.ema_decays`.
+  """
+  step: jax.Array
+  rng: jax.Array
+  gen: Params
+  fake: Params
+  disc: Params
+  gen_opt: Any
+  fake_opt: Any
+  disc_opt: Any
+  ema: tuple
+
+
+@flax.struct.dataclass
+class Optimizers:
+  """The three optax transformations (static: not part of the state)."""
+  gen: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  fake: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  disc: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+
+def learning_rate_schedule(base_lr, optim_config):
+  """Constant lr, optionally multiplied by `lr_decay_factor` from `lr_decay_step`.
+
+  ImageNet-64 (paper Table 5) uses 2e-6, then 5e-7 after 200k steps.
+  """
+  if optim_config.lr_decay_step > 0:
+    return optax.piecewise_constant_schedule(
+        base_lr, {int(optim_config.lr_decay_step): float(optim_config.lr_decay_factor)})
+  return optax.constant_schedule(base_lr)
+
+
+def make_optimizer(base_lr, optim_config):
+  """AdamW with decoupled weight decay and optional global-norm clipping."""
+  adamw = optax.adamw(learning_rate_schedule(base_lr, optim_config),
+                      b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
+                      weight_decay=optim_config.weight_decay)
+  if optim_config.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(optim_config.grad_clip), adamw)
+  return adamw
+
+
+def make_optimizers(optim_config):
+  return Optimizers(gen=make_optimizer(optim_config.gen_lr, optim_config),
+                    fake=make_optimizer(optim_config.fake_lr, optim_config),
+                    disc=make_optimizer(optim_config.disc_lr, optim_config))
+
+
+def create_state(rng, gen_params, fake_params, disc_params, optimizers, num_ema):
+  """Initial state; the EMA copies start equal to the generator."""
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), rng=rng,
+      gen=gen_params, fake=fake_params, disc=disc_params,
+      gen_opt=optimizers.gen.init(gen_params),
+      fake_opt=optimizers.fake.init(fake_params),
+      disc_opt=optimizers.disc.init(disc_params),
+      ema=tuple(gen_params for _ in range(num_ema)))
+
+
+def update_ema(ema, params, decays):
+  """ema_k <- decay_k * ema_k + (1 - decay_k) * params, for each copy k."""
+  return tuple(
+      jax.tree.map(lambda e, p, d=d: d * e + (1.0 - d) * p, e_k, params)
+      for e_k, d in zip(ema, decays))
