@@ -186,7 +186,8 @@ def _check_log_h(name, log_h):
 def clip_log_ratio(log_r: Array,
                    *,
                    logit_clip: Optional[float] = None,
-                   ratio_clip: Optional[Sequence[float]] = None) -> Array:
+                   ratio_clip: Union[float, Sequence[float], None] = None
+                   ) -> Array:
   """Optional clamps on the log density ratio (off when both are None).
 
   Not needed for numerical safety (every `log_h` is finite for finite input);
@@ -197,7 +198,7 @@ def clip_log_ratio(log_r: Array,
     log_r: log density ratio (discriminator logit).
     logit_clip: c > 0: clip log_r to [-c, c].
     ratio_clip: (lo, hi) with 0 < lo < hi: clip r = exp(log_r) to [lo, hi],
-      applied in log space.
+      applied in log space; a single number c > 1 means (1/c, c).
 
   Returns:
     The clipped log ratio.
@@ -207,6 +208,12 @@ def clip_log_ratio(log_r: Array,
       raise ValueError(f"logit_clip must be positive, got {logit_clip}.")
     log_r = jnp.clip(log_r, -logit_clip, logit_clip)
   if ratio_clip is not None:
+    if np.ndim(ratio_clip) == 0:
+      if ratio_clip <= 1:
+        raise ValueError(
+            f"A scalar ratio_clip c means (1/c, c) and needs c > 1, got "
+            f"{ratio_clip}; pass a pair (lo, hi) for other ranges.")
+      ratio_clip = (1.0 / ratio_clip, ratio_clip)
     lo, hi = ratio_clip
     if not 0 < lo < hi:
       raise ValueError(

@@ -124,7 +124,12 @@ def test_clip_log_ratio():
   got = divergences.clip_log_ratio(jnp.asarray(u), ratio_clip=(0.5, 4.0))
   np.testing.assert_allclose(np.asarray(got),
                              np.clip(u, np.log(0.5), np.log(4.0)), rtol=1e-6)
+  got = divergences.clip_log_ratio(jnp.asarray(u), ratio_clip=4.0)
+  np.testing.assert_allclose(np.asarray(got),
+                             np.clip(u, -np.log(4.0), np.log(4.0)), rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(divergences.clip_log_ratio(u)), u)
+  with pytest.raises(ValueError, match="ratio_clip"):
+    divergences.clip_log_ratio(jnp.asarray(u), ratio_clip=0.5)
   with pytest.raises(ValueError, match="logit_clip"):
     divergences.clip_log_ratio(jnp.asarray(u), logit_clip=-1.0)
   with pytest.raises(ValueError, match="ratio_clip"):
