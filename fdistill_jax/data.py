@@ -24,7 +24,8 @@ Config fields (`config.data`):
     memory once at construction (small datasets such as CIFAR-10).
   name: str ('tfds'). TFDS name, e.g. 'cifar10' or 'imagenet_resized/64x64'.
   split: str ('tfds'), default 'train'. TFDS split, e.g. 'train[:90%]'.
-  data_dir: str or None ('tfds'), default None (TFDS's default directory).
+  data_dir: str or None ('tfds'), default None; None or "" = TFDS's default
+    directory (~/tensorflow_datasets or $TFDS_DATA_DIR).
     The dataset must be prepared there in the array_record format.
   image_key, label_key: str ('tfds'), defaults 'image', 'label'.
   path: str ('edm'). Output of EDM's dataset_tool.py: a zip file or a folder
@@ -304,7 +305,8 @@ def tfds_source(config) -> IndexedSource:
   name, split = _field(config, "name"), _field(config, "split", "train")
   image_key = _field(config, "image_key", "image")
   label_key = _field(config, "label_key", "label")
-  builder, ds = _open_tfds(name, split, _field(config, "data_dir", None))
+  data_dir = _field(config, "data_dir", None) or None
+  builder, ds = _open_tfds(name, split, data_dir)
   where = f"tfds {name}[{split}]"
   shape = builder.info.features[image_key].shape
   if None not in shape:
@@ -390,8 +392,8 @@ def _edm_labels(files: _EdmFiles, num_classes: int) -> np.ndarray:
 def edm_source(config) -> IndexedSource:
   """Source over EDM's dataset format (see the module docstring)."""
   common = _common(config)
-  path = os.path.expanduser(str(_field(config, "path")))
-  if not os.path.exists(path):
+  path = os.path.expanduser(str(_field(config, "path") or ""))
+  if not path or not os.path.exists(path):
     raise FileNotFoundError(f"EDM dataset not found at {path!r}.\n"
                             f"{_EDM_BUILD_HINT}")
   files = _EdmFiles(path)

@@ -274,9 +274,11 @@ def test_edm_refuses_wrong_size_and_labels(tmp_path, edm_arrays):
 
 
 def test_edm_missing_dataset_says_how_to_prepare_it(tmp_path):
-  with pytest.raises(FileNotFoundError, match=r"(?s)not found.*dataset_tool"):
-    data.make_source(_cfg(kind="edm", path=str(tmp_path / "cifar.zip"),
-                          resolution=32, num_classes=10))
+  for path in (str(tmp_path / "cifar.zip"), ""):  # "" = unset in configs.
+    with pytest.raises(FileNotFoundError,
+                       match=r"(?s)not found.*dataset_tool"):
+      data.make_source(_cfg(kind="edm", path=path, resolution=32,
+                            num_classes=10))
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match=r"(?s)No image.*dataset_tool"):
     data.make_source(_cfg(kind="edm", path=str(tmp_path / "empty"),
