@@ -11,8 +11,8 @@ so a divergence enters training only through h. In practice r comes from a
 discriminator whose logit estimates log r; every weight here is therefore a
 function of the log ratio and is computed in log space (`log_h(log_r)`), which
 is finite, with finite gradients, for every finite float32 logit (including
-+-1e4). Only `Divergence.h`, which exponentiates, can saturate: to +inf where the
-true h exceeds the float32 range (`fkl` and `jeffreys` beyond log r ~ 88, or
++-1e4). Only `Divergence.h`, which exponentiates, can saturate: to +inf where
+the true h exceeds the float32 range (`fkl` and `jeffreys` beyond log r ~ 88, or
 `squared_hellinger` beyond ~ 178); the generator loss avoids this by normalising
 in log space (see `fdistill_jax.losses`).
 

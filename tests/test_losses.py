@@ -281,8 +281,9 @@ def test_normalisation_is_global_under_sharding(name):
   want = w[:, None, None] * (df - dt) / x.size
   np.testing.assert_allclose(eight[2], want, rtol=1e-4, atol=1e-12)  # f32
   # A per-device (8-example slice) normalisation would give other numbers.
-  local = np.concatenate([_np_log_weight(log_r[i:i + 8], sigma[i:i + 8], name,
-                                         num_bins=4)[0] for i in range(0, 64, 8)])
+  local = np.concatenate([
+      _np_log_weight(log_r[i:i + 8], sigma[i:i + 8], name, num_bins=4)[0]
+      for i in range(0, 64, 8)])
   assert np.max(np.abs(local - log_h)) > 0.1
   np.testing.assert_allclose(eight[1]["bin_count"],
                              np.bincount(idx, minlength=4))
