@@ -89,8 +89,11 @@ def base_config():
   c.data.kind = "tfds"
   c.data.name = "cifar10"
   c.data.split = "train"
-  c.data.data_dir = ""
-  c.data.path = ""
+  c.data.data_dir = ""                # "" = TFDS's default directory
+  c.data.path = ""                    # kind=edm: dataset_tool.py zip or folder
+  c.data.resolution = 32
+  c.data.channels = 3
+  c.data.num_classes = 10
   c.data.seed = 0
   c.data.prefetch = 2
 

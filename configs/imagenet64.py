@@ -29,6 +29,8 @@ def get_config(arg="js"):
   c.teacher.path = "edm-imagenet-64x64-cond-adm.pkl"
   c.data.kind = "tfds"
   c.data.name = "imagenet_resized/64x64"
+  c.data.resolution = 64
+  c.data.num_classes = 1000
   c.sample_every = 5000
   c.checkpoint_every = 5000
   if "runlocal" in flags:

@@ -139,14 +139,15 @@ class Trainer:
     self.state_sharding = tree_sharding(self.mesh, shapes)
     self.state = jax.jit(init, out_shardings=self.state_sharding)(student_params, heads_params)
 
-  def global_batch(self, step):
-    """This process's share of batch `step`, assembled into a global jax.Array."""
-    local = self.source.batch(step, global_batch_size=self.config.batch_size,
-                              process_index=jax.process_index(),
-                              process_count=jax.process_count())
-    return jax.tree.map(
-        lambda a: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(a)),
-        local)
+  def batches(self, start):
+    """Prefetched global batches from `start` on; each process reads its own rows."""
+    def to_global(local):
+      return jax.tree.map(lambda a: jax.make_array_from_process_local_data(
+          self.batch_sharding, np.asarray(a)), local)
+    return data_lib.Prefetcher(
+        self.source, start, global_batch_size=self.config.batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        buffer_size=self.config.data.prefetch, transform=to_global)
 
   def iteration(self, step, batch):
     """Iteration `step` of Algorithm 1; returns its metrics (device arrays, not synced)."""
@@ -231,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, sourc
   step = trainer.step
   if step == 0:
     writer.write_hparams(_scalars_config(config))
-  prefetch = data_lib.Prefetcher(trainer.global_batch, start=step, size=config.data.prefetch)
+  prefetch = trainer.batches(step)
   try:
     with _Preemption() as preempt:
       pending = None
