@@ -147,13 +147,14 @@ def read_snapshot(path: PathLike) -> tuple[dict, dict]:
 
 
 def _flat_arrays(obj, path) -> dict:
-  if not isinstance(obj, Mapping) or not all(
+  """Checks for a flat {name: array} state dict."""
+  if isinstance(obj, Mapping) and all(
       isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items()):
-    raise ConversionError(
-        f"{path} must hold a flat {{name: tensor}} state dict, e.g. "
-        "torch.save(net.state_dict(), path); got "
-        f"{type(obj).__name__} with keys {sorted(map(str, obj))[:5] if isinstance(obj, Mapping) else '-'}.")
-  return dict(obj)
+    return dict(obj)
+  keys = sorted(map(str, obj))[:5] if isinstance(obj, Mapping) else "-"
+  raise ConversionError(
+      f"{path} must hold a flat {{name: tensor}} state dict, e.g. "
+      f"torch.save(net.state_dict(), path); got {type(obj).__name__} with keys {keys}.")
 
 
 def _read_npz(path) -> dict:
@@ -207,10 +208,12 @@ def read_teacher(path: PathLike,
         f"{path}: unknown teacher format {suffix!r}; expected .pkl (EDM snapshot)"
         f", a converted directory, or one of {sorted(STATE_DICT_READERS)} + --arch.")
   obj = STATE_DICT_READERS[suffix](path)
-  if isinstance(obj, dict) and {"ema", "net"} & set(obj):  # EDM training state
-    net = _snapshot_network(obj, path)
+  net = obj.get("ema", obj.get("net")) if isinstance(obj, dict) else None
+  if isinstance(net, safe_pickle.PersistentObject):  # EDM training-state .pt
     return (read_arch(arch) if arch is not None else
             arch_from_snapshot_network(net)), safe_pickle.module_state_dict(net)
+  if isinstance(net, Mapping):  # {"ema": state_dict}
+    obj = net
   if arch is None:
     raise ConversionError(
         f"{path} is a plain state dict and carries no architecture: pass "

@@ -396,7 +396,7 @@ def _zip_storage(archive: zipfile.ZipFile, root: str, order: str, pid) -> np.nda
   if len(raw) < numel * dtype.itemsize:
     raise TorchFormatError(f"storage {key}: {len(raw)} bytes for {numel} "
                            f"elements of {dtype}; the file is truncated.")
-  return np.frombuffer(raw, dtype, count=numel).astype(dtype.newbyteorder("="))
+  return np.frombuffer(raw, dtype, count=numel).astype(dtype.newbyteorder("="), copy=False)
 
 
 def load_torch_zip(path_or_bytes: PathOrBytes, *,
@@ -456,7 +456,7 @@ def load_torch_legacy(path_or_bytes: PathOrBytes, *,
       raw = stream.read(numel * dtype.itemsize)
       if len(raw) < numel * dtype.itemsize:
         raise TorchFormatError(f"storage {key} is truncated.")
-      storages[key] = np.frombuffer(raw, dtype).astype(dtype.newbyteorder("="))
+      storages[key] = np.frombuffer(raw, dtype).astype(dtype.newbyteorder("="), copy=False)
     stream.seek(start)
     return _legacy_pickle(stream, storages, extra_allowed)[0]
   except (EOFError, struct.error, KeyError, AttributeError) as e:

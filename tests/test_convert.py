@@ -128,6 +128,12 @@ def npz_variables(fixture_data):
   return networks.variables_from_state_dict(fixture_data[1], fixture_data[0])
 
 
+def assert_same_weights(state_dict, weights):
+  assert sorted(state_dict) == sorted(weights)
+  for k, v in weights.items():
+    np.testing.assert_array_equal(state_dict[k], v)  # bit-exact float32 copies
+
+
 def assert_same_tree(a, b):
   la, ta = jax.tree_util.tree_flatten(a)
   lb, tb = jax.tree_util.tree_flatten(b)
@@ -151,9 +157,7 @@ def test_read_snapshot_gives_recorded_arch_and_state_dict(snapshot, fixture_data
   arch, state_dict = convert.read_snapshot(path)
   weights, config, _ = fixture_data
   assert arch == {**config, "use_fp16": False}  # the recorded _init_kwargs
-  assert sorted(state_dict) == sorted(weights)  # non-persistent 'scratch' dropped
-  for k, v in weights.items():
-    np.testing.assert_array_equal(state_dict[k], v)  # bit-exact float32 copies
+  assert_same_weights(state_dict, weights)  # non-persistent 'scratch' dropped
   assert not marker.exists()
 
 
@@ -187,11 +191,7 @@ def test_snapshot_loads_without_torch(snapshot, fixture_data, tmp_path):
       "np.savez(sys.argv[1], **safe_pickle.module_state_dict(obj['ema']))\n"
       "assert 'torch_utils' not in sys.modules and sys.modules['torch'] is None\n")
   subprocess.run([sys.executable, "-c", code, str(out)], check=True, timeout=120)
-  got = np.load(out)
-  weights = fixture_data[0]
-  assert sorted(got.files) == sorted(weights)
-  for k, v in weights.items():
-    np.testing.assert_array_equal(got[k], v)
+  assert_same_weights(dict(np.load(out)), fixture_data[0])
   assert not marker.exists()
 
 
@@ -218,12 +218,20 @@ def test_state_dict_formats_match(tmp_path, fixture_data, arch_json, npz_variabl
   from safetensors.numpy import save_file
   st = tmp_path / "sd.safetensors"
   save_file(weights, str(st))
-  for path in (edm_fixtures / f"{NAME}_weights.npz", pt, st):
+  wrapped = tmp_path / "wrapped.pth"
+  torch.save({"ema": {k: torch.from_numpy(v) for k, v in weights.items()}}, wrapped)
+  for path in (edm_fixtures / f"{NAME}_weights.npz", pt, st, wrapped):
     arch, state_dict = convert.read_teacher(path, arch=arch_json)
     assert arch == config
-    assert sorted(state_dict) == sorted(weights)
-    for k, v in weights.items():
-      np.testing.assert_array_equal(state_dict[k], v)  # bit-exact copies
+    assert_same_weights(state_dict, weights)
+  # EDM's training-state-*.pt: torch.save(dict(net=net, optimizer_state=...)).
+  state = tmp_path / "training-state.pt"
+  with stand_in_persistence(tmp_path / "MARKER") as reconstruct:
+    net = build_torch_net(weights, config, reconstruct, "raise SystemExit")
+    torch.save(dict(net=net, optimizer_state={"step": torch.tensor(3)}), state)
+  arch, state_dict = convert.read_teacher(state)
+  assert arch == {**config, "use_fp16": False}  # recorded _init_kwargs
+  assert_same_weights(state_dict, weights)
   out = tmp_path / "from_pt"
   assert convert.main(["--input", str(pt), "--arch", str(arch_json), "--output", str(out)]) == 0
   assert_same_tree(convert.load_edm(out)[1], npz_variables)
@@ -294,3 +302,15 @@ def test_cli_subprocess_reports_error(tmp_path):
   assert result.returncode == 1
   assert "x.pkl does not exist" in result.stderr
   assert not (tmp_path / "out").exists()
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+  class BrokenCheckpointer:
+    def save(self, path, tree):
+      (path / "partial").mkdir(parents=True)
+      raise OSError("disk full")
+
+  monkeypatch.setattr(convert, "_checkpointer", BrokenCheckpointer)
+  with pytest.raises(OSError, match="disk full"):
+    convert.save_converted(tmp_path / "out", {"img_resolution": 8}, {"params": {}})
+  assert list(tmp_path.iterdir()) == []
