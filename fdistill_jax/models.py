@@ -52,7 +52,7 @@ def _dtype(config):
 def _load_edm_teacher(config):
   from fdistill_jax import convert  # pylint: disable=g-import-not-at-top
   module, variables = convert.load_edm(config.teacher.path, dtype=_dtype(config))
-  return module, variables, module, variables["params"]
+  return module, variables, module, variables["params"], _image_spec(module)
 
 
 def _random_edm_teacher(config):
@@ -63,15 +63,17 @@ def _random_edm_teacher(config):
   res, ch = arch["img_resolution"], arch.get("img_channels", 3)
   x = jnp.zeros((1, res, res, ch))
   labels = jnp.zeros((1, arch.get("label_dim", 0))) if arch.get("label_dim", 0) else None
-  variables = jax.jit(module.init)(jax.random.key(config.seed + 1), x, jnp.ones((1,)), labels)
-  return module, variables, module, variables["params"]
+  variables = jax.jit(module.init)(jax.random.PRNGKey(config.seed + 1), x, jnp.ones((1,)), labels)
+  return module, variables, module, variables["params"], _image_spec(module)
 
 
 def _toy_teacher(config):
-  from fdistill_jax import toy  # pylint: disable=g-import-not-at-top
-  return toy.build_toy_networks(config)
+  from fdistill_jax import toy_demo  # pylint: disable=g-import-not-at-top
+  return toy_demo.build_networks(config)
 
 
+# kind -> loader(config) returning (teacher, teacher_variables, student,
+#   student_init_params, (sample_shape, num_classes)).
 TEACHERS = {"edm": _load_edm_teacher, "random": _random_edm_teacher, "toy": _toy_teacher}
 
 
@@ -82,8 +84,8 @@ def build(config):
   """
   if config.teacher.kind not in TEACHERS:
     raise ValueError(f"teacher.kind={config.teacher.kind!r}; expected one of {sorted(TEACHERS)}.")
-  teacher, teacher_vars, student, student_params = TEACHERS[config.teacher.kind](config)
-  sample_shape, num_classes = _io_spec(teacher)
+  teacher, teacher_vars, student, student_params, (sample_shape, num_classes) = (
+      TEACHERS[config.teacher.kind](config))
   keys = tuple(int(k) for k in config.disc.resolutions)
   heads = heads_lib.DiscriminatorHeads(keys=keys, channels=config.disc.channels)
   models = Models(teacher=teacher, student=student, heads=heads, feature_keys=keys,
@@ -91,10 +93,8 @@ def build(config):
   return models, teacher_vars, student_params
 
 
-def _io_spec(module):
-  """(sample_shape, num_classes) of a denoiser module."""
-  if hasattr(module, "sample_shape"):
-    return tuple(module.sample_shape), int(module.label_dim)
+def _image_spec(module):
+  """(sample_shape, num_classes) of an EDMPrecond."""
   return ((module.img_resolution, module.img_resolution, module.img_channels),
           int(module.label_dim))
 

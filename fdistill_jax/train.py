@@ -110,6 +110,7 @@ class Trainer:
     self.config = config
     self.mesh = make_mesh(config)
     self.models, self.teacher_vars, student_params = models_lib.build(config)
+    self.initial_params = student_params      # generator / fake score start here
     self.optimizers = state_lib.make_optimizers(config.optim)
     self.source = source if source is not None else data_lib.make_source(config.data)
     _check_source(self.source, self.models)
@@ -218,10 +219,20 @@ def _scalars(metrics):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, source=None):
   """Runs (or resumes) a distillation run in `workdir`; returns the final TrainState."""
+  return run(build_trainer(config, source), workdir)
+
+
+def build_trainer(config, source=None):
+  """Checks the config (before any compilation) and builds the Trainer."""
   config = ml_collections.FrozenConfigDict(config)
   validate_config(config, jax.device_count(), jax.process_count())
+  return Trainer(config, source)
+
+
+def run(trainer, workdir):
+  """The training loop: resume, iterate, log, sample, checkpoint, stop on SIGTERM."""
+  config = trainer.config
   os.makedirs(workdir, exist_ok=True)
-  trainer = Trainer(config, source)
   mngr = ckpt_lib.manager(workdir, config)
   restored = ckpt_lib.restore_latest(mngr, ckpt_lib.abstract(trainer.state), config)
   if restored is not None:
