@@ -101,10 +101,9 @@ class GaussianMixture:
     Responsibilities use a log-sum-exp softmax: stable for sigma in [1e-3, 1e2].
     `class_labels` [B, K] (one-hot over components) restricts the posterior.
     """
-    gamma = self.responsibilities(x, sigma, class_labels)
-    _, var = self._log_joint(x, sigma)
-    sigma2 = var - self.std**2
-    return (self.std**2 * x + sigma2 * (gamma @ self.means)) / var
+    log_joint, var = self._log_joint(x, sigma, class_labels)
+    gamma = jax.nn.softmax(log_joint, axis=-1)
+    return (self.std**2 * x + (var - self.std**2) * (gamma @ self.means)) / var
 
   def score(self, x, sigma):
     """grad_x log p_sigma(x) = sum_k gamma_k (mu_k - x) / (std^2 + sigma^2) [B, D]."""
@@ -355,17 +354,22 @@ def toy_metrics(mixture, samples, rng, *, smoothing=0.1, k=3,
   Mode coverage (`mode_coverage`), k-NN precision/recall against N teacher
   samples drawn with `rng` (`fdistill_jax.evaluate.precision_recall`), and
   the smoothed divergence estimates (`smoothed_divergences`) for every f in
-  the divergence registry (or `fs`). Returns JSON-serialisable floats/lists.
+  the divergence registry (or `fs`), over the finite samples. Returns
+  JSON-serialisable floats/lists; if at most k samples are finite, precision,
+  recall and the divergences are None/absent instead of raising.
   """
   from fdistill_jax import evaluate  # pylint: disable=g-import-not-at-top
   samples = np.asarray(samples, np.float32)
   metrics = mode_coverage(mixture, samples)
-  real, _ = mixture.sample(rng, len(samples))
   finite = samples[np.all(np.isfinite(samples), axis=-1)]
+  metrics["divergence_smoothing"] = float(smoothing)
+  if len(finite) <= k:  # A diverged generator: report what can be measured, None elsewhere.
+    metrics.update(precision=None, recall=None, kl_estimator_bias=None)
+    return metrics
+  real, _ = mixture.sample(rng, len(samples))
   precision, recall = evaluate.precision_recall(np.asarray(real), finite, k=k)
   metrics.update(precision=float(precision), recall=float(recall))
-  metrics.update(smoothed_divergences(mixture, samples, _registry_fs() if fs is None else fs,
+  metrics.update(smoothed_divergences(mixture, finite, _registry_fs() if fs is None else fs,
                                       smoothing=smoothing))
-  metrics["divergence_smoothing"] = float(smoothing)
   metrics["kl_estimator_bias"] = kde_divergence_bias(mixture, len(finite), smoothing)
   return metrics

@@ -233,6 +233,9 @@ def test_metrics_count_off_mode_and_nonfinite(mixture):
   cov = toy.mode_coverage(mixture, samples)
   assert cov["off_mode_fraction"] == 0.75 and cov["nonfinite_fraction"] == 0.25
   assert cov["mode_mass"][0] == 0.25
+  diverged = toy.toy_metrics(mixture, np.full((8, 2), np.nan), jax.random.PRNGKey(0))
+  assert diverged["modes_covered"] == 0 and diverged["precision"] is None
+  json.dumps(diverged)
 
 
 # ---------------------------------------------------------------------------
