@@ -257,10 +257,28 @@ def features(variables, images, mode="tf", dtype=jnp.float32):
   return InceptionV3(dtype).apply(variables, preprocess(images, mode))
 
 
-def random_variables(rng=0):
-  """Randomly initialised variables (tests and smoke runs only: not FID)."""
-  init = jax.jit(InceptionV3().init)
-  return init(jax.random.key(rng), jnp.zeros((1, RESOLUTION, RESOLUTION, 3)))
+def random_variables(seed=0):
+  """Random variables for `InceptionV3` (tests and smoke runs only: not FID).
+
+  Filled with numpy from the shapes of `jax.eval_shape(init)` (compiling the
+  real init takes a minute on CPU): He-normal kernels, unit BN scale and
+  variance, zero bias and mean.
+  """
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = path[-1].key
+    if name == "kernel":
+      return rng.normal(0, np.sqrt(2.0 / np.prod(leaf.shape[:3])), leaf.shape).astype(np.float32)
+    return np.full(leaf.shape, 1.0 if name in ("scale", "var") else 0.0, np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, variable_shapes())
+
+
+def variable_shapes():
+  """ShapeDtypeStructs of InceptionV3's variables (no compilation)."""
+  return jax.eval_shape(InceptionV3().init, jax.random.key(0),
+                        jax.ShapeDtypeStruct((1, RESOLUTION, RESOLUTION, 3), jnp.float32))
 
 
 # ----------------------------------------------------------------------------
@@ -462,7 +480,7 @@ def pytorch_fid_to_flax(state_dict):
 
 def _check_structure(variables):
   """Raises unless `variables` has exactly InceptionV3's names and shapes."""
-  expected = jax.eval_shape(random_variables)
+  expected = variable_shapes()
   got_shapes = jax.tree.map(lambda x: x.shape, variables)
   want_shapes = jax.tree.map(lambda x: x.shape, expected)
   if got_shapes != want_shapes:
