@@ -328,11 +328,19 @@ def _folder_images(path):
 
 
 def _tfds_images(spec):
-  """'tfds:NAME[:SPLIT]' -> uint8 images of the whole split (default 'train')."""
+  """'tfds:NAME[:SPLIT]' -> uint8 images of the whole split (default 'train').
+
+  Uses `tfds.data_source` (random access, array_record datasets) and falls
+  back to `tfds.load` for datasets prepared as tfrecord.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   _, name, *rest = spec.split(":")
   split = rest[0] if rest else "train"
-  source = tfds.data_source(name, split=split)
+  try:
+    source = tfds.data_source(name, split=split)
+  except Exception:  # pylint: disable=broad-except  (no array_record files)
+    batches = tfds.as_numpy(tfds.load(name, split=split, batch_size=1000))
+    return np.concatenate([batch["image"] for batch in batches])
   return np.stack([np.asarray(source[i]["image"]) for i in range(len(source))])
 
 

@@ -146,6 +146,22 @@ def test_extract_features_pads_and_keeps_order():
   assert calls == [8, 8]  # 5 rounded up to a multiple of 4 devices; last batch padded.
 
 
+@pytest.mark.parametrize("random_access", [True, False])
+def test_tfds_source(monkeypatch, random_access):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  if not random_access:  # Datasets prepared as tfrecord have no data_source.
+    monkeypatch.setattr(tfds, "data_source", lambda *a, **k: (_ for _ in ()).throw(ValueError()))
+  with tfds.testing.mock_data(num_examples=5):
+    images, labels = evaluate.load_images("tfds:cifar10:test")
+    if random_access:  # The two mock APIs generate different images: read each its own way.
+      source = tfds.data_source("cifar10", split="test")
+      expected = np.stack([source[i]["image"] for i in range(5)])
+    else:
+      expected = np.stack([x["image"] for x in tfds.as_numpy(tfds.load("cifar10", split="test"))])
+  assert labels is None and images.dtype == np.uint8
+  np.testing.assert_array_equal(images, expected)
+
+
 # ----------------------------------------------------------------------------
 # Command line, with a random-weight Inception (8 CPU devices, one compile).
 
