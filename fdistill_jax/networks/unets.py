@@ -156,15 +156,23 @@ class Decoder(nn.Module):
     return x, aux
 
 
-def select_features(features, feature_resolutions, img_resolution):
-  """Picks `features[res]` for each requested resolution or raises ValueError."""
-  missing = [r for r in feature_resolutions if r not in features]
+def check_feature_resolutions(feature_resolutions, img_resolution, channel_mult):
+  """Raises ValueError unless every requested resolution is an encoder resolution."""
+  if feature_resolutions is None:
+    return
+  available = [img_resolution >> level for level in range(len(channel_mult))]
+  missing = [r for r in feature_resolutions if r not in available]
   if missing:
     raise ValueError(
         f"feature_resolutions {tuple(feature_resolutions)} includes {missing}, but this "
         f"{img_resolution}x{img_resolution} U-Net's encoder has resolutions "
-        f"{sorted(features, reverse=True)}; request a subset of those.")
-  return {r: features[r] for r in feature_resolutions}
+        f"{available}; request a subset of those.")
+
+
+def _outputs(out, features, feature_resolutions):
+  if feature_resolutions is None:
+    return out
+  return out, {r: features[r] for r in feature_resolutions}
 
 
 def _drop_labels(module, labels, rate, train):
@@ -241,14 +249,13 @@ class SongUNet(nn.Module):
     _check_choice("embedding_type", self.embedding_type, ("positional", "fourier"))
     _check_choice("encoder_type", self.encoder_type, ("standard", "skip", "residual"))
     _check_choice("decoder_type", self.decoder_type, ("standard", "skip"))
+    check_feature_resolutions(feature_resolutions, self.img_resolution, self.channel_mult)
     emb = self._embed(noise_labels, class_labels, augment_labels, train)
     enc_steps, dec_steps = self.plans()
     opt = self.options()
     x, skips, feats = Encoder(enc_steps, opt, name="enc")(x.astype(self.dtype), emb, train)
     _, out = Decoder(dec_steps, opt, name="dec")(x, skips, emb, train)
-    if feature_resolutions is None:
-      return out
-    return out, select_features(feats, feature_resolutions, self.img_resolution)
+    return _outputs(out, feats, feature_resolutions)
 
 
 class DhariwalUNet(nn.Module):
@@ -297,6 +304,7 @@ class DhariwalUNet(nn.Module):
   @nn.compact
   def __call__(self, x, noise_labels, class_labels=None, augment_labels=None, *, train=False,
                feature_resolutions=None):
+    check_feature_resolutions(feature_resolutions, self.img_resolution, self.channel_mult)
     emb = self._embed(noise_labels, class_labels, augment_labels, train)
     enc_steps, dec_steps = self.plans()
     opt = self.options()
@@ -304,9 +312,7 @@ class DhariwalUNet(nn.Module):
     x, _ = Decoder(dec_steps, opt, name="dec")(x, skips, emb, train)
     x = nn.silu(GroupNorm(name="out_norm")(x))
     out = Conv2d(self.out_channels, 3, kernel_init=nn.initializers.zeros, name="out_conv")(x)
-    if feature_resolutions is None:
-      return out
-    return out, select_features(feats, feature_resolutions, self.img_resolution)
+    return _outputs(out, feats, feature_resolutions)
 
 
 def _check_choice(field, value, allowed):
