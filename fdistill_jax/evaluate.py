@@ -411,9 +411,10 @@ def evaluate(samples, ref, weights, mode="tf", batch_size=256, k=3, num_samples=
   features = extract_features(images, feature_fn, batch_size)
   reference = _load_reference(ref, feature_fn, batch_size)
   mu, sigma = feature_statistics(features)
+  is_random = weights == RANDOM_INCEPTION
   result = {"fid": frechet_distance(mu, sigma, reference["mu"], reference["sigma"], method=method),
             "num_samples": len(features), "samples": str(samples), "ref": str(ref),
-            "inception": "random (tests only, NOT FID)" if weights == RANDOM_INCEPTION else str(weights),
+            "inception": "random (tests only, NOT FID)" if is_random else str(weights),
             "preprocessing": mode, "fid_method": method}
   if "features" in reference:
     result["precision"], result["recall"] = precision_recall(reference["features"], features, k=k)
@@ -428,8 +429,9 @@ def _parser():
   p.add_argument("--ref", help="EDM statistics npz (mu, sigma[, features]) or real images "
                  "(folder, images npz, tfds:NAME[:SPLIT]); features enable precision/recall.")
   p.add_argument("--inception", required=True,
-                 help=f"Inception weights ({inception.SUPPORTED_FORMATS}); 'random' for tests only.")
-  p.add_argument("--ref_from", help="Compute reference statistics from a folder or tfds:NAME[:SPLIT].")
+                 help=f"Inception weights: {inception.SUPPORTED_FORMATS}; 'random' for tests.")
+  p.add_argument("--ref_from", help="Compute reference statistics from a folder or "
+                 "tfds:NAME[:SPLIT].")
   p.add_argument("--ref_out", help="Where --ref_from writes its EDM-format npz.")
   p.add_argument("--save_features", action="store_true", help="--ref_from also stores features.")
   p.add_argument("--out", help="JSON output (default: next to --samples).")

@@ -25,7 +25,6 @@ unpickler that only rebuilds tensors and plain containers, never runs code.
 """
 
 import functools
-import hashlib
 import io
 import pathlib
 import pickle
@@ -115,7 +114,8 @@ class InceptionC(nn.Module):
   @nn.compact
   def __call__(self, x):
     conv = functools.partial(BasicConv2d, dtype=self.dtype)
-    c7, row, col = self.channels_7x7, dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
+    c7 = self.channels_7x7
+    row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
     b1 = conv(192, name="branch1x1")(x)
     b7 = conv(c7, name="branch7x7_1")(x)
     b7 = conv(c7, **row, name="branch7x7_2")(b7)
@@ -161,7 +161,8 @@ class InceptionE(nn.Module):
     b3 = [conv(384, **row, name="branch3x3_2a")(b3), conv(384, **col, name="branch3x3_2b")(b3)]
     bd = conv(448, name="branch3x3dbl_1")(x)
     bd = conv(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
-    bd = [conv(384, **row, name="branch3x3dbl_3a")(bd), conv(384, **col, name="branch3x3dbl_3b")(bd)]
+    bd = [conv(384, **row, name="branch3x3dbl_3a")(bd),
+          conv(384, **col, name="branch3x3dbl_3b")(bd)]
     pooled = _max_pool3(x, strides=1, pad=1) if self.max_pool else _avg_pool3(x)
     bp = conv(192, name="branch_pool")(pooled)
     return jnp.concatenate([b1, *b3, *bd, bp], axis=-1)
@@ -404,7 +405,8 @@ _NV_C = {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "bran
          **{f"tower_1.conv{s}": f"branch7x7dbl_{i + 1}"
             for i, s in enumerate(["", "_1", "_2", "_3", "_4"])}}
 _NV_D = {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2",
-         **{f"tower_1.conv{s}": f"branch7x7x3_{i + 1}" for i, s in enumerate(["", "_1", "_2", "_3"])}}
+         **{f"tower_1.conv{s}": f"branch7x7x3_{i + 1}"
+            for i, s in enumerate(["", "_1", "_2", "_3"])}}
 _NV_E = {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
          "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1",
          "tower_1_conv_1": "branch3x3dbl_2", "tower_1_mixed_conv": "branch3x3dbl_3a",
@@ -558,7 +560,3 @@ def load_variables(path):
   variables = pytorch_fid_to_flax(_tensors_from_bytes(data, path))
   return _check_structure(variables)
 
-
-def sha1_of(path):
-  """Hex SHA-1 of a file (to compare with FID_HELPER_SHA1)."""
-  return hashlib.sha1(pathlib.Path(path).read_bytes()).hexdigest()

@@ -92,7 +92,8 @@ def test_reference_stats_roundtrip(tmp_path):
 
 def grid(n):
   """n x n integer grid points in row-major (y, x) order."""
-  return np.stack(np.meshgrid(np.arange(n), np.arange(n), indexing="ij"), -1).reshape(-1, 2).astype(float)
+  points = np.stack(np.meshgrid(np.arange(n), np.arange(n), indexing="ij"), -1)
+  return points.reshape(-1, 2).astype(float)
 
 
 @pytest.mark.parametrize("batch_size", [1000, 7])

