@@ -1,4 +1,4 @@
-"""Throughput (images/s) of the Inception feature pipeline, as JSON.
+r"""Throughput (images/s) of the Inception feature pipeline, as JSON.
 
   python benchmarks/evaluate.py --batch_size=8 --iters=3 --out=/tmp/eval_bench.json
   python benchmarks/evaluate.py --inception=pt_inception-2015-12-05-6726825d.pth \

@@ -1,4 +1,4 @@
-"""Sample-quality metrics: FID, precision and recall.
+r"""Sample-quality metrics: FID, precision and recall.
 
 FID (Heusel et al., 2017) is the Frechet distance between Gaussians fitted to
 Inception-v3 pool features of real and generated images, computed in float64
