@@ -1,0 +1,113 @@
+"""Throughput of the full-size EDM teachers (forward, forward+backward), as JSON.
+
+  python benchmarks/teacher.py --arch cifar10 --batch 4 --iters 2 --out /tmp/teacher.json
+  python benchmarks/teacher.py --batch 256 --out teacher_gpu.json   # all archs x dtypes
+
+For each (arch, dtype) it times, on jax.devices()[0]:
+  forward:           D(x; sigma, y) of EDMPrecond (eval mode, no dropout);
+  forward_backward:  value and gradient w.r.t. all parameters of
+                     mean((D(x; sigma, y) - x)^2), the shape of a fake-score step.
+Compile time (lower + compile) is reported separately from the steady state:
+after `--warmup` calls, `--iters` calls are timed with block_until_ready.
+Weights are random (speed does not depend on them); parameters are float32,
+`--dtype` is the compute dtype.
+"""
+
+import argparse
+import json
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fdistill_jax import networks
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DEFAULT_BATCH = {"cifar10": 128, "imagenet64": 64}
+
+
+def _random_variables(net, seed=0):
+  rng = np.random.default_rng(seed)
+  shapes = networks.variable_shapes(net)
+  return jax.tree_util.tree_map(
+      lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32) * 0.02), shapes)
+
+
+def _inputs(arch, batch, seed=0):
+  rng = np.random.default_rng(seed)
+  r, c = arch["img_resolution"], arch["img_channels"]
+  x = jnp.asarray(rng.standard_normal((batch, r, r, c), np.float32))
+  sigma = jnp.asarray(np.exp(rng.normal(-1.2, 1.2, batch)).astype(np.float32))
+  labels = jax.nn.one_hot(rng.integers(0, arch["label_dim"], batch), arch["label_dim"])
+  return x, sigma, labels
+
+
+def _time(fn, args, warmup, iters):
+  """(compile seconds, mean seconds per call) of jit-compiled `fn` on `args`."""
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  for _ in range(warmup):
+    jax.block_until_ready(compiled(*args))
+  start = time.perf_counter()
+  for _ in range(iters):
+    jax.block_until_ready(compiled(*args))
+  return compile_s, (time.perf_counter() - start) / iters
+
+
+def benchmark(arch_name, dtype_name, batch, warmup, iters):
+  arch = networks.ARCHS[arch_name]
+  net = networks.build_edm(arch, dtype=DTYPES[dtype_name])
+  variables = _random_variables(net)
+  x, sigma, labels = _inputs(arch, batch)
+
+  def forward(v, x, sigma, labels):
+    return net.apply(v, x, sigma, labels)
+
+  def loss(params, x, sigma, labels):
+    return jnp.mean(jnp.square(net.apply({"params": params}, x, sigma, labels) - x))
+
+  result = {"arch": arch_name, "dtype": dtype_name, "batch": batch,
+            "params": networks.count_params(net)}
+  for name, fn, first in (("forward", forward, variables),
+                          ("forward_backward", jax.value_and_grad(loss), variables["params"])):
+    compile_s, step_s = _time(fn, (first, x, sigma, labels), warmup, iters)
+    result[name] = {"images_per_s": batch / step_s, "step_ms": 1e3 * step_s,
+                    "compile_s": compile_s}
+    print(json.dumps({arch_name: dtype_name, name: result[name]}), flush=True)
+  return result
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--arch", choices=sorted(DEFAULT_BATCH), action="append",
+                 help="Repeatable; default: both.")
+  p.add_argument("--dtype", choices=sorted(DTYPES), action="append",
+                 help="Compute dtype, repeatable; default: both.")
+  p.add_argument("--batch", type=int, default=None,
+                 help=f"Batch size; default {DEFAULT_BATCH}.")
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--iters", type=int, default=10)
+  p.add_argument("--out", default=None, help="JSON output file.")
+  args = p.parse_args()
+
+  device = jax.devices()[0]
+  report = {"device_kind": device.device_kind, "platform": device.platform,
+            "num_devices": jax.device_count(), "jax": jax.__version__,
+            "host": platform.node(), "warmup": args.warmup, "iters": args.iters,
+            "results": []}
+  for arch_name in args.arch or sorted(DEFAULT_BATCH):
+    for dtype_name in args.dtype or sorted(DTYPES, reverse=True):
+      batch = args.batch or DEFAULT_BATCH[arch_name]
+      report["results"].append(benchmark(arch_name, dtype_name, batch, args.warmup, args.iters))
+  print(json.dumps(report, indent=2))
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
