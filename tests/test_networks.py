@@ -1,6 +1,5 @@
 """Tests for fdistill_jax.networks: EDM reference outputs, parameter counts, options."""
 
-import copy
 import json
 
 import jax
@@ -100,7 +99,7 @@ def test_bfloat16_compute_stays_close_to_float32(edm_fixtures):
   assert out.dtype == jnp.float32
   err = _rel_err(out, ref)
   # bfloat16 keeps 8 mantissa bits (rounding 2^-9 ~ 0.2%); through ~25 layers of
-  # random weights the output drifts by about 1% of its scale: allow 3%.
+  # random weights the output drifts by up to 2.1% of its scale (measured): allow 3%.
   np.testing.assert_array_less(err, 0.03)
   assert err.max() > 1e-4  # bf16 compute really happened (float32 gives < 2e-6).
 
@@ -206,14 +205,24 @@ def test_state_dict_mismatches_raise(edm_fixtures):
     networks.build_edm(dict(arch, nonsense=1))
 
 
-NCSNPP_MICRO = dict(SONG_MICRO, embedding_type="fourier",
-                        channel_mult_noise=2, encoder_type="residual", decoder_type="skip",
-                        resample_filter=[1, 3, 3, 1], augment_dim=9)
+NCSNPP_MICRO = dict(SONG_MICRO, embedding_type="fourier", channel_mult_noise=2,
+                    encoder_type="residual", decoder_type="skip", resample_filter=[1, 3, 3, 1],
+                    augment_dim=9)
+
+
+def _torch_shape(flax_shape):
+  """PyTorch layout of a Flax shape: HWIO -> OIHW, [in, out] -> [out, in]."""
+  if len(flax_shape) == 4:
+    h, w, i, o = flax_shape
+    return (o, i, h, w)
+  return tuple(reversed(flax_shape))
 
 
 @pytest.mark.parametrize("encoder_type", ["skip", "residual"])
 def test_ncsnpp_state_dict_layouts(encoder_type):
-  """Fake EDM state dict for NCSN++ options: each value must land transposed."""
+  """Fake EDM state dict for the NCSN++ options (no EDM fixture covers them): every
+  value, the Fourier `freqs` buffer included, must land in Flax layout, and the
+  network must run. Resampling with [1, 3, 3, 1] is checked against torch below."""
   arch = dict(NCSNPP_MICRO, encoder_type=encoder_type)
   shapes = networks.variable_shapes(arch)
   rng = np.random.default_rng(0)
@@ -221,9 +230,7 @@ def test_ncsnpp_state_dict_layouts(encoder_type):
   for collection, tree in shapes.items():
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
       name = ".".join(p.key for p in path)
-      torch_shape = {4: lambda s: (s[3], s[2], s[0], s[1]), 2: lambda s: (s[1], s[0])}.get(
-          len(leaf.shape), lambda s: s)(leaf.shape)
-      state[name] = rng.normal(size=torch_shape).astype(np.float32)
+      state[name] = rng.normal(size=_torch_shape(leaf.shape)).astype(np.float32)
       flax_expect[(collection, name)] = state[name]
   assert "model.map_noise.freqs" in state and "model.enc.4x4_aux_" + (
       "skip" if encoder_type == "skip" else "residual") + ".weight" in state

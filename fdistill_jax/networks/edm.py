@@ -19,7 +19,7 @@ Example:
 """
 
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp

@@ -16,7 +16,7 @@ the compute dtype. It is the tensor EDM hands to the decoder as a skip.
 """
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
