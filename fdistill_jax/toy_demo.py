@@ -118,7 +118,7 @@ def evaluate_run(trainer, initial_params, workdir):
 
 def run(config, workdir):
   """The toy demo: train, then measure against the exact teacher."""
-  trainer = train.build_trainer(config, make_source(config))
+  trainer = train.build_trainer(config)
   train.run(trainer, workdir)
   metrics = evaluate_run(trainer, trainer.initial_params, workdir)
   print(json.dumps({k: metrics["final"][k] for k in

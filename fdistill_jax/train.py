@@ -106,13 +106,13 @@ def validate_config(config, num_devices, process_count=1):
 class Trainer:
   """Holds the mesh, the jitted steps and the sharded state of one run."""
 
-  def __init__(self, config, source=None):
+  def __init__(self, config, source=None, devices=None):
     self.config = config
-    self.mesh = make_mesh(config)
+    self.mesh = make_mesh(config, devices)
     self.models, self.teacher_vars, student_params = models_lib.build(config)
     self.initial_params = student_params      # generator / fake score start here
     self.optimizers = state_lib.make_optimizers(config.optim)
-    self.source = source if source is not None else data_lib.make_source(config.data)
+    self.source = source if source is not None else make_source(config)
     _check_source(self.source, self.models)
     self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
     self.teacher_vars = jax.device_put(self.teacher_vars,
@@ -161,6 +161,14 @@ class Trainer:
   @property
   def step(self):
     return int(jax.device_get(self.state.step))
+
+
+def make_source(config):
+  """The config's data source; the toy teacher brings its own."""
+  if config.data.kind == "toy":
+    from fdistill_jax import toy_demo  # pylint: disable=g-import-not-at-top
+    return toy_demo.make_source(config)
+  return data_lib.make_source(config.data)
 
 
 def _check_source(source, models):

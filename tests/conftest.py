@@ -12,7 +12,18 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Compiles dominate these tests; many programs recur across tests (and across
+# xdist workers), so share them through JAX's persistent compilation cache.
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("FDISTILL_TEST_JAX_CACHE",
+                                 os.path.join(tempfile.gettempdir(), "fdistill_jax_test_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
