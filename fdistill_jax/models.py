@@ -11,6 +11,7 @@ denoiser, image or toy, has the EDMPrecond call signature
 """
 
 import dataclasses
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -114,3 +115,34 @@ def init_heads(models, teacher_vars, rng):
 
 def count(params: Any) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def student_spec(config):
+  """JSON description of the generator's architecture (for export and sampling).
+
+  {'kind': 'edm', 'arch': EDMPrecond arguments} or {'kind': 'toy', 'width',
+  'depth'}. Reads only the teacher's architecture, not its weights, where the
+  teacher file allows it (a converted directory's arch.json).
+  """
+  kind = config.teacher.kind
+  if kind == "toy":
+    return {"kind": "toy", "width": int(config.toy.width), "depth": int(config.toy.depth)}
+  if kind == "random":
+    return {"kind": "edm", "arch": config.teacher.arch.to_dict()}
+  from fdistill_jax import convert  # pylint: disable=g-import-not-at-top
+  path = config.teacher.path
+  arch_json = os.path.join(path, "arch.json")
+  arch = convert.read_arch(arch_json) if os.path.isdir(path) else convert.read_teacher(path)[0]
+  return {"kind": "edm", "arch": dict(arch)}
+
+
+def student_from_spec(spec, dtype=jnp.float32):
+  """(module, sample_shape, num_classes) from `student_spec`'s output."""
+  if spec["kind"] == "toy":
+    from fdistill_jax.networks import mlp  # pylint: disable=g-import-not-at-top
+    return mlp.ToyDenoiser(width=spec["width"], depth=spec["depth"]), (2,), 0
+  if spec["kind"] == "edm":
+    from fdistill_jax import networks  # pylint: disable=g-import-not-at-top
+    module = networks.build_edm(spec["arch"], dtype=dtype)
+    return (module,) + _image_spec(module)
+  raise ValueError(f"Unknown generator kind {spec['kind']!r}; expected 'edm' or 'toy'.")

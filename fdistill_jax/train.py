@@ -9,6 +9,7 @@ process: each process feeds its share of the global batch.
 """
 
 import functools
+import json
 import logging
 import math
 import os
@@ -241,6 +242,8 @@ def run(trainer, workdir):
   """The training loop: resume, iterate, log, sample, checkpoint, stop on SIGTERM."""
   config = trainer.config
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, "generator_spec.json"), models_lib.student_spec(config))
   mngr = ckpt_lib.manager(workdir, config)
   restored = ckpt_lib.restore_latest(mngr, ckpt_lib.abstract(trainer.state), config)
   if restored is not None:
@@ -277,6 +280,14 @@ def run(trainer, workdir):
     mngr.close()
     writer.flush()
   return trainer.state
+
+
+def _write_json(path, obj):
+  """Writes JSON atomically (temporary file, then rename)."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
 
 
 def _log(writer, trainer, metrics, step):
