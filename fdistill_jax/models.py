@@ -61,10 +61,7 @@ def _random_edm_teacher(config):
   from fdistill_jax import networks  # pylint: disable=g-import-not-at-top
   arch = config.teacher.arch.to_dict()
   module = networks.build_edm(arch, dtype=_dtype(config))
-  res, ch = arch["img_resolution"], arch.get("img_channels", 3)
-  x = jnp.zeros((1, res, res, ch))
-  labels = jnp.zeros((1, arch.get("label_dim", 0))) if arch.get("label_dim", 0) else None
-  variables = jax.jit(module.init)(jax.random.PRNGKey(config.seed + 1), x, jnp.ones((1,)), labels)
+  variables = networks.random_variables(module, seed=config.seed + 1)
   return module, variables, module, variables["params"], _image_spec(module)
 
 

@@ -134,6 +134,9 @@ class Trainer:
     config, models = self.config, self.models
     rng = jax.random.PRNGKey(config.seed)
     heads_params = models_lib.init_heads(models, self.teacher_vars, jax.random.fold_in(rng, 1))
+    # Host-local values (identical on every process) -> replicated global arrays.
+    student_params, heads_params = jax.device_put(
+        (student_params, heads_params), NamedSharding(self.mesh, P()))
     def init(student, heads):
       return state_lib.create_state(rng, student, student, heads, self.optimizers,
                                     len(config.ema_decays))

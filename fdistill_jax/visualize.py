@@ -3,6 +3,7 @@
 import os
 
 import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
 from jax.experimental import multihost_utils
 import numpy as np
 
@@ -19,6 +20,8 @@ class Visualizer:
     n = config.num_sample_images
     self.noise = jax.random.normal(rng, (n,) + models.sample_shape)
     self.labels = steps.random_labels(jax.random.fold_in(rng, 1), n, models.num_classes)
+    replicated = NamedSharding(trainer.mesh, P())
+    self.noise, self.labels = jax.device_put((self.noise, self.labels), replicated)
     self._generate = jax.jit(lambda p, z, c: steps.generate(models, p, z, c,
                                                             config.loss.sigma_init))
 

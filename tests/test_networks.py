@@ -49,26 +49,9 @@ def _tiny_inputs(arch, batch=4, seed=0):
 
 
 def _init(arch, seed=0, **kwargs):
-  """Net and random variables like the EDM fixtures' (no zero-initialised layers).
-
-  Weights ~ N(0, 1 / fan_in), biases ~ N(0, 0.05^2), norm scales ~ 1 + N(0, 0.05^2).
-  Built in numpy from `variable_shapes`: compiling `net.init` (random number
-  generation included) takes far longer on CPU than the network itself.
-  """
+  """Net and random variables like the EDM fixtures' (no zero-initialised layers)."""
   net = networks.build_edm(arch, **kwargs)
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = ".".join(p.key for p in path)
-    if len(leaf.shape) >= 2:
-      return rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-    base = 1.0 if ".norm" in name and name.endswith("weight") else 0.0
-    return base + rng.normal(0, 0.05, size=leaf.shape)
-
-  shapes = networks.variable_shapes(net)
-  variables = jax.tree_util.tree_map_with_path(
-      lambda p, l: jnp.asarray(draw(p, l), jnp.float32), shapes)
-  return net, variables
+  return net, networks.random_variables(net, seed)
 
 
 @pytest.mark.parametrize("name", FIXTURES)

@@ -9,7 +9,8 @@ from fdistill_jax.networks.edm import (
     EDMPrecond, build_edm)
 from fdistill_jax.networks.layers import (
     Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock)
-from fdistill_jax.networks.state_dict import count_params, variable_shapes, variables_from_state_dict
+from fdistill_jax.networks.state_dict import (
+    count_params, random_variables, variable_shapes, variables_from_state_dict)
 from fdistill_jax.networks.unets import DhariwalUNet, SongUNet
 from fdistill_jax.networks.mlp import ExactTeacher, ToyDenoiser, edm_precond_coefficients
 from fdistill_jax.networks.heads import DiscriminatorHeads

@@ -130,3 +130,24 @@ def _unflatten(flat):
       node = node.setdefault(key, {})
     node[path[-1]] = value
   return tree
+
+
+def random_variables(module_or_arch, seed=0):
+  """Random variables for an EDM network, drawn in numpy (no compiled init).
+
+  Weights ~ N(0, 1 / fan_in), biases ~ N(0, 0.05^2), norm scales ~ 1 + N(0, 0.05^2):
+  no zero-initialised layers, like the EDM fixtures. For tests, benchmarks and
+  smoke runs (teacher.kind='random'); compiling `module.init` (its random
+  number generation included) takes far longer on CPU than the network itself.
+  """
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = ".".join(p.key for p in path)
+    if len(leaf.shape) >= 2:
+      return rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+    base = 1.0 if ".norm" in name and name.endswith("weight") else 0.0
+    return base + rng.normal(0, 0.05, size=leaf.shape)
+
+  return jax.tree_util.tree_map_with_path(
+      lambda p, l: jnp.asarray(draw(p, l), jnp.float32), variable_shapes(module_or_arch))
