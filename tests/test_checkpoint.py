@@ -1,0 +1,178 @@
+"""Durable runs: exact resume after SIGKILL, SIGTERM, corrupt checkpoints,
+incompatible configs, non-finite losses, and two processes = one process.
+
+Runs use the toy config shrunk to 2x32 MLPs (see test_train.small_toy), so a
+step takes milliseconds and compilation dominates.
+"""
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from fdistill_jax import checkpoint as ckpt_lib
+from fdistill_jax import train
+from tests.test_train import REPO, small_toy
+
+TOY_FLAGS = ["--config.run=train", "--config.batch_size=16", "--config.toy.width=32",
+             "--config.toy.depth=2", "--config.toy.fit_steps=20", "--config.toy.fit_batch=64",
+             "--config.sample_every=0",
+             "--config.disc.resolutions=(0,1)", "--config.disc.channels=16",
+             "--config.fake_score_update_freq=2", "--config.log_every=50"]
+
+
+def toy_overrides(total_steps, checkpoint_every):
+  return {"total_steps": total_steps, "checkpoint_every": checkpoint_every, "log_every": 50}
+
+
+def main_cmd(workdir, total_steps, checkpoint_every, *extra):
+  return ([sys.executable, "-m", "fdistill_jax.main", f"--config={REPO}/configs/toy2d.py:js",
+           f"--workdir={workdir}", f"--config.total_steps={total_steps}",
+           f"--config.checkpoint_every={checkpoint_every}"] + TOY_FLAGS + list(extra))
+
+
+def env(devices=8):
+  e = dict(os.environ)
+  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  e["JAX_PLATFORMS"] = "cpu"
+  e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
+  e["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+  e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  return e
+
+
+def saved_steps(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+
+
+def saved_state(workdir, step):
+  """The raw saved TrainState at `step` (nested dicts of numpy arrays)."""
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  ckptr = ocp.StandardCheckpointer()
+  tree = ckptr.metadata(path).item_metadata.tree
+  here = jax.sharding.SingleDeviceSharding(jax.devices()[0])   # whatever topology saved it
+  return jax.device_get(ckptr.restore(path, jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), tree)))
+
+
+def assert_trees_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def run_in_process(workdir, **overrides):
+  return train.train_and_evaluate(small_toy("js", **overrides), str(workdir))
+
+
+def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path):
+  """Killed with SIGKILL mid-run and resumed, a run reaches bitwise the same state
+  at step T as a run never interrupted (CPU, same device count)."""
+  total, every = 120, 10
+  reference = tmp_path / "reference"
+  run_in_process(reference, **toy_overrides(total, every))
+
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(main_cmd(killed, total, every), env=env(), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not saved_steps(killed) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.05)
+  time.sleep(random.Random().uniform(0.0, 0.3))
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  at_kill = saved_steps(killed)
+  assert at_kill, "the run never wrote a checkpoint before it was killed"
+
+  run_in_process(killed, **toy_overrides(total, every))      # resumes automatically
+  assert saved_steps(killed)[-1] == total
+  assert_trees_equal(saved_state(reference, total), saved_state(killed, total))
+
+
+def test_sigterm_saves_at_once_and_exits_cleanly(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(main_cmd(workdir, 100000, 1000), env=env(), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not os.path.exists(workdir / "generator_spec.json") and time.time() < deadline:
+    time.sleep(0.1)
+  time.sleep(3.0)       # let it compile and run some steps
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  steps = saved_steps(workdir)
+  assert len(steps) == 1 and 0 < steps[0] < 100000
+  assert "SIGTERM" in err
+
+
+def test_corrupt_latest_checkpoint_is_skipped(tmp_path, caplog):
+  run_in_process(tmp_path, **toy_overrides(4, 2))
+  assert saved_steps(tmp_path) == [2, 4]
+  for root, _, files in os.walk(tmp_path / "checkpoints" / "4" / "state"):
+    for name in files:
+      with open(os.path.join(root, name), "r+b") as f:
+        f.truncate(max(0, os.path.getsize(os.path.join(root, name)) // 3))
+  config = ml_collections.FrozenConfigDict(small_toy("js", **toy_overrides(4, 2)))
+  trainer = train.Trainer(config)
+  mngr = ckpt_lib.manager(str(tmp_path), config)
+  restored = ckpt_lib.restore_latest(mngr, ckpt_lib.abstract(trainer.state), config)
+  assert int(restored.step) == 2
+  assert_trees_equal(jax.device_get(restored.gen), saved_state(tmp_path, 2)["gen"])
+  assert any("Skipping unreadable checkpoint at step 4" in r.message for r in caplog.records)
+
+
+def test_incompatible_config_is_refused(tmp_path):
+  run_in_process(tmp_path, **toy_overrides(2, 2))
+  with pytest.raises(ValueError, match="divergence: checkpoint has 'js', config has 'fkl'"):
+    train.train_and_evaluate(small_toy("fkl", **toy_overrides(4, 2)), str(tmp_path))
+  with pytest.raises(ValueError, match="incompatible config"):
+    train.train_and_evaluate(small_toy("js", **toy_overrides(4, 2), **{"disc.channels": 8}),
+                             str(tmp_path))
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+  run_in_process(tmp_path, **toy_overrides(2, 2))
+  good = saved_state(tmp_path, 2)
+  with pytest.raises(FloatingPointError, match=r"Non-finite values at step \d+ in: .*(loss|norm)"):
+    run_in_process(tmp_path, **toy_overrides(40, 20), **{"optim.gen_lr": 1e38,
+                                                        "optim.grad_clip": 0.0})
+  assert saved_steps(tmp_path) == [2]
+  assert_trees_equal(saved_state(tmp_path, 2), good)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one_process(tmp_path):
+  """Two processes x 4 CPU devices (jax.distributed on a loopback coordinator)
+  reach the same parameters as one process with 8 devices."""
+  total = 4
+  single = tmp_path / "single"
+  run_in_process(single, **toy_overrides(total, total))
+  multi = tmp_path / "multi"
+  port = _free_port()
+  procs = [subprocess.Popen(
+      main_cmd(multi, total, total, "--multihost", f"--coordinator_address=127.0.0.1:{port}",
+               "--num_processes=2", f"--process_id={i}"),
+      env=env(devices=4), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+      text=True) for i in range(2)]
+  errs = [p.communicate(timeout=600)[1] for p in procs]
+  for p, e in zip(procs, errs):
+    assert p.returncode == 0, e[-3000:]
+  a, b = saved_state(single, total), saved_state(multi, total)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
