@@ -1,0 +1,186 @@
+"""Launch scripts: every command they issue parses with main's flags into the intended run.
+
+The scripts are run for real with `bash`; `gcloud` and `srun` are replaced by
+stubs on PATH that record their arguments, so nothing leaves the machine. The
+expected rows (dataset x divergence, two ablations per dataset) are written
+out here independently of the scripts.
+"""
+
+import json
+import os
+import shlex
+import stat
+import subprocess
+
+from absl import flags
+from ml_collections import config_flags
+import pytest
+
+from configs import common
+from fdistill_jax import main as main_lib
+from fdistill_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(REPO, "launch")
+SCRIPTS = ["paper_tables.sh", "tpu_pod.sh", "slurm.sbatch", "toy_sweep.sh"]
+C10, IN64 = "configs/cifar10.py", "configs/imagenet64.py"
+ENV = {"C10_TEACHER": "/t/c10.pkl", "IN64_TEACHER": "/t/in64.pkl", "C10_ZIP": "/d/c10.zip",
+       "IN64_ZIP": "/d/in64.zip", "TFDS_DIR": "/d/tfds", "RUNS": "/r"}
+
+
+def _bash(script, *args, env=None, cwd=REPO):
+  full_env = {**os.environ, **ENV, **(env or {})}
+  out = subprocess.run(["bash", os.path.join(LAUNCH, script), *args], env=full_env, cwd=cwd,
+                       capture_output=True, text=True, check=False)
+  assert out.returncode == 0, out.stderr
+  return out.stdout
+
+
+def parse_main(argv):
+  """(config, other flags) of `python -m fdistill_jax.main ARGV`, as main would see them."""
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True,
+                                  sys_argv=["main", *argv])
+  flags.DEFINE_string("workdir", None, "", flag_values=fv)
+  flags.DEFINE_bool("multihost", False, "", flag_values=fv)
+  cwd = os.getcwd()
+  try:
+    os.chdir(REPO)             # config paths in the scripts are relative to the repository
+    fv(["main", *argv])
+  finally:
+    os.chdir(cwd)
+  for name in ("config", "workdir", "multihost"):
+    assert name in main_lib.FLAGS, f"fdistill_jax.main has no --{name}"   # main's real flags
+  return fv.config, {"workdir": fv.workdir, "multihost": fv.multihost}
+
+
+def _main_argv(command):
+  words = shlex.split(command)
+  i = words.index("fdistill_jax.main")
+  assert words[i - 1] == "-m", command
+  return words[i + 1:]
+
+
+def _table_rows(env=None):
+  return [_main_argv(line) for line in _bash("paper_tables.sh", env=env).splitlines()]
+
+
+def _kind(config):
+  """'both' / 'no_gan' / 'gan_only' from the loss weights."""
+  f, g = config.loss.fdistill_weight > 0, config.loss.gan_weight > 0
+  return {(True, True): "both", (True, False): "no_gan", (False, True): "gan_only"}[(f, g)]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_are_valid_bash(script):
+  out = subprocess.run(["bash", "-n", os.path.join(LAUNCH, script)], capture_output=True,
+                       text=True, check=False)
+  assert out.returncode == 0, out.stderr
+
+
+def test_paper_tables_cover_every_row():
+  seen = {}
+  for argv in _table_rows():
+    config, other = parse_main(argv)
+    dataset = next(a for a in argv if a.startswith("--config=")).split("=")[1].split(":")[0]
+    key = (dataset, config.divergence if _kind(config) != "gan_only" else None, _kind(config))
+    assert key not in seen, f"duplicate row {key}"
+    seen[key] = (config, other)
+  expected = {(ds, d, "both") for ds in (C10, IN64) for d in common.DIVERGENCES}
+  expected |= {(C10, "fkl", "no_gan"), (IN64, "js", "no_gan"),
+               (C10, None, "gan_only"), (IN64, None, "gan_only")}
+  assert set(seen) == expected
+  workdirs = [other["workdir"] for _, other in seen.values()]
+  assert len(set(workdirs)) == len(workdirs) and all(w.startswith("/r/") for w in workdirs)
+
+
+def test_paper_tables_pass_teacher_and_data():
+  for data, kind in (("edm", "edm"), ("tfds", "tfds")):
+    for argv in _table_rows({"DATA": data}):
+      config, _ = parse_main(argv)
+      c10 = config.data.resolution == 32
+      assert config.teacher.path == ("/t/c10.pkl" if c10 else "/t/in64.pkl")
+      assert config.data.kind == kind
+      if kind == "edm":
+        assert config.data.path == ("/d/c10.zip" if c10 else "/d/in64.zip")
+      else:
+        assert config.data.data_dir == "/d/tfds"
+      train.validate_config(config, num_devices=8)     # batch divides 8 devices, etc.
+
+
+def test_paper_tables_rejects_unknown_data():
+  out = subprocess.run(["bash", os.path.join(LAUNCH, "paper_tables.sh")], cwd=REPO,
+                       env={**os.environ, "DATA": "zip"}, capture_output=True, text=True,
+                       check=False)
+  assert out.returncode != 0 and "expected 'edm'" in out.stderr
+
+
+def _stub(tmp_path, name):
+  """An executable `name` on PATH that appends its argv (one JSON list per call) to a log."""
+  log = tmp_path / f"{name}.log"
+  path = tmp_path / "bin" / name
+  path.parent.mkdir(exist_ok=True)
+  path.write_text(f'#!/usr/bin/env python3\nimport json, sys\n'
+                  f'open({str(log)!r}, "a").write(json.dumps(sys.argv[1:]) + "\\n")\n')
+  path.chmod(path.stat().st_mode | stat.S_IEXEC)
+  return {"PATH": f"{path.parent}:{os.environ['PATH']}"}, log
+
+
+def _calls(log):
+  return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_tpu_pod_run_starts_main_on_every_worker(tmp_path):
+  env, log = _stub(tmp_path, "gcloud")
+  _bash("tpu_pod.sh", "run", env={**env, "CONFIG": "configs/imagenet64.py:js",
+                                  "WORKDIR": "/mnt/gcs/runs/x", "TPU_NAME": "pod"})
+  (call,) = _calls(log)
+  assert call[:5] == ["compute", "tpus", "tpu-vm", "ssh", "pod"]
+  assert "--worker=all" in call
+  remote = next(a for a in call if a.startswith("--command="))[len("--command="):]
+  python_cmd = remote.split("&&")[-1].split(">")[0]
+  config, other = parse_main(_main_argv(python_cmd))
+  assert other == {"workdir": "/mnt/gcs/runs/x", "multihost": True}
+  assert (config.divergence, config.data.kind, config.data.resolution) == ("js", "edm", 64)
+  assert config.teacher.path.endswith(".pkl") and config.data.path.endswith(".zip")
+
+
+def test_tpu_pod_without_command_prints_usage():
+  out = subprocess.run(["bash", os.path.join(LAUNCH, "tpu_pod.sh")], capture_output=True,
+                       text=True, check=False)
+  assert out.returncode == 2 and "usage" in out.stderr
+
+
+def _sbatch_directives():
+  out = {}
+  with open(os.path.join(LAUNCH, "slurm.sbatch")) as f:
+    for line in f:
+      if line.startswith("#SBATCH --"):
+        key, _, value = line[len("#SBATCH --"):].strip().partition("=")
+        out[key] = value
+  return out
+
+
+def test_slurm_runs_one_process_per_gpu(tmp_path):
+  d = _sbatch_directives()
+  assert d["ntasks-per-node"] == d["gpus-per-node"]       # one task per GPU, see the header
+  assert "gpus-per-task" not in d
+  env, log = _stub(tmp_path, "srun")
+  (tmp_path / "venv" / "bin").mkdir(parents=True)
+  (tmp_path / "venv" / "bin" / "activate").write_text("")
+  _bash("slurm.sbatch", env={**env, "SLURM_SUBMIT_DIR": REPO, "VENV": str(tmp_path / "venv"),
+                             "WORKDIR": str(tmp_path / "run"), "TEACHER": "/t/c10.pkl",
+                             "DATA_PATH": "/d/c10.zip",
+                             "EXTRA_FLAGS": "--config.batch_size=1024"})
+  (call,) = _calls(log)
+  assert "--gpu-bind=none" in call
+  config, other = parse_main(_main_argv(" ".join(shlex.quote(a) for a in call)))
+  assert other == {"workdir": str(tmp_path / "run"), "multihost": True}
+  assert (config.divergence, config.batch_size, config.teacher.path, config.data.path) == (
+      "fkl", 1024, "/t/c10.pkl", "/d/c10.zip")
+
+
+def test_toy_sweep_calls_the_toy_demo(tmp_path):
+  env, log = _stub(tmp_path, "fakepython")
+  _bash("toy_sweep.sh", env={**env, "PYTHON": "fakepython", "WORKDIR": "/w", "SEEDS": "3,4"})
+  assert _calls(log) == [["-m", "fdistill_jax.toy_demo", "--workdir=/w", "--seeds=3,4"]]
