@@ -14,17 +14,13 @@ As with the image runs, generator and fake score start from the teacher's
 network: an MLP denoiser fitted to the exact mixture denoiser (same seed, so
 the same start for every divergence). The teacher's denoised output is exact.
 
-  python -m fdistill_jax.toy_demo --workdir=/tmp/toy_sweep --seeds=0,1,2
-
-runs all six divergences with the same seeds and writes a markdown table
-(`table.md`) of the measures, mean +- std over seeds.
+`python -m fdistill_jax.toy_sweep` runs all six divergences with the same
+seeds and tabulates these measures.
 """
 
 import json
 import os
 
-from absl import app
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
