@@ -35,7 +35,10 @@ COLUMNS = (("modes covered", lambda m: m["modes_covered"]),
 
 
 def sweep(workdir, seeds, names, total_steps=None):
-  """Runs every (divergence, seed); returns {name: [final metrics per seed]}."""
+  """Runs every (divergence, seed); returns {name: [final metrics per seed]}.
+
+  Runs whose metrics.json already exists are read, not rerun.
+  """
   from configs import toy2d  # pylint: disable=g-import-not-at-top
   results = {}
   for name in names:
@@ -44,7 +47,13 @@ def sweep(workdir, seeds, names, total_steps=None):
       c.seed = c.data.seed = c.toy.fit_seed = int(seed)
       if total_steps:
         c.total_steps = total_steps
-      metrics = toy_demo.run(c, os.path.join(workdir, name, f"seed{seed}"))
+      run_dir = os.path.join(workdir, name, f"seed{seed}")
+      done = os.path.join(run_dir, "metrics.json")
+      if os.path.exists(done):      # finished earlier: a sweep can be resumed
+        with open(done) as f:
+          metrics = json.load(f)
+      else:
+        metrics = toy_demo.run(c, run_dir)
       results.setdefault(name, []).append(metrics["final"])
   return results
 

@@ -100,6 +100,9 @@ def validate_config(config, num_devices, process_count=1):
   _check(config.disc.features_from in ("teacher", "fake_score"),
          f"disc.features_from={config.disc.features_from!r}; expected 'teacher' or 'fake_score'.")
   _check(len(config.disc.resolutions) > 0, "disc.resolutions is empty.")
+  _check(config.eval.fid_every <= 0 or (config.eval.inception and config.eval.ref),
+         "eval.fid_every > 0 needs eval.inception (Inception weights) and eval.ref "
+         "(reference statistics .npz); set both or set eval.fid_every=0.")
   _check(all(0 <= d < 1 for d in config.ema_decays),
          f"ema_decays={tuple(config.ema_decays)} must each lie in [0, 1).")
 
@@ -254,6 +257,7 @@ def run(trainer, workdir):
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
   viz = visualize.Visualizer(trainer, workdir)
+  fid = visualize.PeriodicFID(trainer) if config.eval.fid_every > 0 else None
   step = trainer.step
   if step == 0:
     writer.write_hparams(_scalars_config(config))
@@ -272,6 +276,8 @@ def run(trainer, workdir):
           _log(writer, trainer, metrics, step)
         if itstime(step, config.sample_every, config.total_steps):
           viz(step)
+        if fid is not None and itstime(step, config.eval.fid_every, config.total_steps):
+          writer.write_scalars(step, {"eval/fid": fid()})
         if itstime(step, config.checkpoint_every, config.total_steps) or preempt.requested:
           check_finite(jax.device_get(metrics), step)
           ckpt_lib.save(mngr, step, trainer.state, config)

@@ -1,4 +1,4 @@
-"""Periodic one-step samples from fixed noise and labels, written as PNGs."""
+"""Periodic work on the generator: PNG grids of one-step samples, FID."""
 
 import os
 
@@ -41,3 +41,37 @@ class Visualizer:
     if images.ndim == 4:
       plots.save_image_grid(images, path, ncols=int(np.ceil(np.sqrt(len(images)))))
     return path
+
+
+class PeriodicFID:
+  """FID of `config.eval.num_samples` one-step samples (first EMA copy) against
+  EDM-format reference statistics (`config.eval.ref`), with the Inception
+  weights in `config.eval.inception`; enabled by `config.eval.fid_every > 0`."""
+
+  def __init__(self, trainer):
+    from fdistill_jax import evaluate  # pylint: disable=g-import-not-at-top
+    ec = trainer.config.eval
+    if not ec.inception or not ec.ref:
+      raise ValueError("eval.fid_every > 0 needs eval.inception (Inception weights) and "
+                       "eval.ref (reference statistics .npz); set both or set fid_every=0.")
+    self.trainer, self.num = trainer, ec.num_samples
+    self.ref = evaluate.load_reference_stats(ec.ref)
+    self.feature_fn = evaluate.load_feature_fn(ec.inception)
+    self._evaluate = evaluate
+
+  def __call__(self):
+    t = self.trainer
+    st = t.state
+    params = st.ema[0] if st.ema else st.gen
+    batch = t.config.batch_size
+    gen = jax.jit(lambda p, z, c: steps.generate(t.models, p, z, c, t.config.loss.sigma_init))
+    images = []
+    for i in range(0, self.num, batch):
+      rng = jax.random.fold_in(jax.random.PRNGKey(t.config.seed + 3), i)
+      z = jax.random.normal(rng, (batch,) + t.models.sample_shape)
+      c = steps.random_labels(jax.random.fold_in(rng, 1), batch, t.models.num_classes)
+      z, c = jax.device_put((z, c), NamedSharding(t.mesh, P()))
+      images.append(np.asarray(multihost_utils.process_allgather(gen(params, z, c), tiled=True)))
+    images = np.concatenate(images)[:self.num]
+    return float(self._evaluate.fid_from_samples(images, self.ref["mu"], self.ref["sigma"],
+                                                 self.feature_fn))

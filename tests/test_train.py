@@ -171,6 +171,7 @@ def test_generator_gradient_flows_only_through_x():
     ({"loss.min_index": 990}, "min_index"),
     ({"mesh.fsdp": 3}, "fsdp"),
     ({"ema_decays": (1.5,)}, "ema_decays"),
+    ({"eval.fid_every": 10}, "eval.inception"),
 ])
 def test_bad_config_fails_before_training(override, message):
   with pytest.raises(ValueError, match=message):
