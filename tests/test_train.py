@@ -50,17 +50,19 @@ def memory_source(n=32, res=8, classes=4, seed=0):
       labels=rng.integers(0, classes, n), resolution=res, num_classes=classes)))
 
 
-VARIANTS = list(common.DIVERGENCES) + ["js,no_gan", "js,gan_only"]
+VARIANTS = ([(d, []) for d in common.DIVERGENCES] + [("js,no_gan", []), ("js,gan_only", [])]
+            + [("fkl", ["--config.disc.features_from=fake_score"])])   # DMD2's feature choice
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_every_variant_runs_through_main(variant, tmp_path):
+@pytest.mark.parametrize("variant, extra", VARIANTS)
+def test_every_variant_runs_through_main(variant, extra, tmp_path):
   workdir = str(tmp_path / "run")
   argv = ["main", f"--config={REPO}/configs/toy2d.py:{variant}", f"--workdir={workdir}",
           "--config.run=train", "--config.total_steps=3", "--config.batch_size=16",
           "--config.fake_score_update_freq=2", "--config.toy.width=32", "--config.toy.depth=2",
           "--config.toy.fit_steps=20", "--config.disc.resolutions=(0,1)",
-          "--config.disc.channels=16", "--config.log_every=1", "--config.checkpoint_every=0"]
+          "--config.disc.channels=16", "--config.log_every=1", "--config.checkpoint_every=0"
+          ] + extra
   with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv):
     flags.FLAGS.unparse_flags()
     flags.FLAGS(argv)        # config_flags reads --config.* overrides from sys.argv
