@@ -1,5 +1,7 @@
 """Launch scripts: every command they issue parses with main's flags into the intended run.
 
+Also: the benchmark's numpy-drawn random teacher is a drop-in for the models' one.
+
 The scripts are run for real with `bash`; `gcloud` and `srun` are replaced by
 stubs on PATH that record their arguments, so nothing leaves the machine. The
 expected rows (dataset x divergence, two ablations per dataset) are written
@@ -13,11 +15,14 @@ import stat
 import subprocess
 
 from absl import flags
+import jax
 from ml_collections import config_flags
 import pytest
 
-from configs import common
+from benchmarks import train_step
+from configs import common, tiny
 from fdistill_jax import main as main_lib
+from fdistill_jax import models
 from fdistill_jax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,3 +189,14 @@ def test_toy_sweep_calls_the_toy_demo(tmp_path):
   env, log = _stub(tmp_path, "fakepython")
   _bash("toy_sweep.sh", env={**env, "PYTHON": "fakepython", "WORKDIR": "/w", "SEEDS": "3,4"})
   assert _calls(log) == [["-m", "fdistill_jax.toy_demo", "--workdir=/w", "--seeds=3,4"]]
+
+
+def test_benchmark_teacher_is_a_drop_in_for_the_random_loader():
+  """benchmarks/train_step.py's numpy teacher has the shapes models.TEACHERS['random'] makes."""
+  config = tiny.get_config()
+  module, variables, student, params, spec = train_step._numpy_random_teacher(config)
+  want = jax.eval_shape(lambda: models.TEACHERS["random"](config)[1])   # traced, not compiled
+  shapes = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), t)
+  assert shapes(variables) == shapes(want)
+  assert params is variables["params"] and student is module
+  assert spec == ((8, 8, 3), 4)        # configs/tiny.py: 8x8 RGB, label_dim 4
