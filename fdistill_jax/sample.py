@@ -362,14 +362,18 @@ def sample_all(batch_fn, variables, num, *, seed=0, batch=256, devices=None,
   fn = jax.jit(run, in_shardings=(repl, repl, repl), out_shardings=(data, data))
   variables = jax.device_put(variables, repl)
   xs, labels, t0 = [], [], time.time()
-  for start in range(0, num, batch):
-    x, y = fn(variables, jnp.int32(seed), jnp.int32(start))
+  starts = list(range(0, num, batch))
+  pending = fn(variables, jnp.int32(seed), jnp.int32(0))
+  for i, start in enumerate(starts):
+    x, y = pending
+    if i + 1 < len(starts):      # dispatch the next batch before fetching this one
+      pending = fn(variables, jnp.int32(seed), jnp.int32(starts[i + 1]))
     n = min(batch, num - start)
     x = np.asarray(jax.device_get(x))[:n]
     xs.append(postprocess(x) if postprocess else x)
     labels.append(np.asarray(jax.device_get(y))[:n])
     _LOG.info("sampled %d / %d (%.1f samples/s)", start + n, num,
-                 (start + n) / max(time.time() - t0, 1e-9))
+              (start + n) / max(time.time() - t0, 1e-9))
   return np.concatenate(xs), np.concatenate(labels)
 
 
@@ -406,38 +410,39 @@ def teacher_samples(module, variables, num, *, sampler_kwargs, seed=0, batch=256
 # Output files.
 
 
-def save_npz(path, **arrays):
-  """np.savez to a temporary file, then rename: the npz appears only complete."""
+def _atomic_write(path, write):
+  """write(tmp_path), then rename onto `path`: the file appears only complete."""
   path = os.path.abspath(path)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
   try:
-    with open(tmp, "wb") as f:
-      np.savez(f, **arrays)
+    write(tmp)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
   return path
+
+
+def save_npz(path, **arrays):
+  """np.savez written atomically (no '.npz' is appended to `path`)."""
+  def write(tmp):
+    with open(tmp, "wb") as f:
+      np.savez(f, **arrays)
+  return _atomic_write(path, write)
 
 
 def save_grid(path, x, max_images=64):
   """PNG of the first images (uint8 NHWC) or, for the toy, the samples over the mixture."""
   from fdistill_jax import plots  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(path)
-  tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-  try:
-    if x.ndim == 4:
-      images = (x[:max_images].astype(np.float32) - 127.5) / 127.5
-      plots.save_image_grid(images, tmp, ncols=int(math.ceil(math.sqrt(len(images)))))
-    else:
-      from fdistill_jax import toy  # pylint: disable=g-import-not-at-top
-      plots.plot_toy(tmp, toy.default_mixture(), x, title=f"one-step samples (n={len(x)})")
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return path
+  from fdistill_jax import toy  # pylint: disable=g-import-not-at-top
+  if x.ndim == 4:
+    images = (x[:max_images].astype(np.float32) - 127.5) / 127.5
+    ncols = int(math.ceil(math.sqrt(len(images))))
+    return _atomic_write(path, lambda tmp: plots.save_image_grid(images, tmp, ncols))
+  title = f"one-step samples (n={len(x)})"
+  return _atomic_write(path, lambda tmp: plots.plot_toy(tmp, toy.default_mixture(), x,
+                                                        title=title))
 
 
 def write_samples(out, x, labels, grid=None):

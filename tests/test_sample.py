@@ -28,7 +28,20 @@ from fdistill_jax import sample
 from fdistill_jax import state as state_lib
 from fdistill_jax import steps
 from fdistill_jax import train
-from tests.test_train import memory_source, small_toy
+from tests.test_train import small_toy
+
+
+def random_teacher(seed=0):
+  """The tiny config's 8x8 DDPM++ with numpy random weights (fast; no jitted init)."""
+  arch = tiny.get_config("js").teacher.arch.to_dict()
+  rng = np.random.default_rng(seed)
+  def draw(path, leaf):
+    if len(leaf.shape) >= 2:
+      return rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+    return rng.normal(0, 0.05, size=leaf.shape)
+  variables = jax.tree_util.tree_map_with_path(
+      lambda p, l: jnp.asarray(draw(p, l), jnp.float32), networks.variable_shapes(arch))
+  return arch, networks.build_edm(arch), variables
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +78,10 @@ def image_run(tmp_path_factory):
 
 
 def reference_noise(seed, n, shape):
-  """The documented derivation, one sample at a time: z_i = N(fold_in(fold_in(PRNGKey(seed), i), 0))."""
+  """The documented derivation, one sample at a time.
+
+  z_i = normal(fold_in(fold_in(PRNGKey(seed), i), 0), shape).
+  """
   base = jax.random.PRNGKey(seed)
   return np.stack([np.asarray(jax.random.normal(
       jax.random.fold_in(jax.random.fold_in(base, i), 0), shape)) for i in range(n)])
@@ -227,19 +243,6 @@ def test_image_generator_cli(image_run, tmp_path):
   assert sample.main([f"--workdir={workdir}", "--num=2", f"--out={tmp_path / 'bad.npz'}",
                       "--labels=-1"]) == 1
   assert not (tmp_path / "bad.npz").exists()
-
-
-def random_teacher(seed=0):
-  """The tiny config's 8x8 DDPM++ with numpy random weights (fast; no jitted init)."""
-  arch = tiny.get_config("js").teacher.arch.to_dict()
-  rng = np.random.default_rng(seed)
-  def draw(path, leaf):
-    if len(leaf.shape) >= 2:
-      return rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-    return rng.normal(0, 0.05, size=leaf.shape)
-  variables = jax.tree_util.tree_map_with_path(
-      lambda p, l: jnp.asarray(draw(p, l), jnp.float32), networks.variable_shapes(arch))
-  return arch, networks.build_edm(arch), variables
 
 
 def test_teacher_heun_path_matches_the_batched_sampler(tmp_path):
