@@ -1,0 +1,336 @@
+r"""Speed of the full f-distill update cycle (Algorithm 1), as JSON.
+
+  python -m benchmarks.train_step --config=tiny --per_device_batch=2 --cycles=3 \
+      --out=/tmp/train_step_tiny.json
+  python -m benchmarks.train_step --config=cifar10 --per_device_batch=64 \
+      --dtype=float32,bfloat16 --cycles=10 --out=train_step_c10.json
+
+Run from the repository root. One cycle is what the training loop does per
+generator update: `Trainer.iteration` for `fake_score_update_freq` steps, i.e.
+one generator step and `fake_score_update_freq` critic (fake score +
+discriminator) steps, on the Trainer's own jitted, sharded steps fed by its
+own prefetcher. The image configs run full-size networks with random teacher
+weights (speed does not depend on them), drawn in numpy because compiling
+`module.init` for a full U-Net is slow on CPU. Per dtype it reports:
+
+  compile_s           gen / critic: `.lower(...).compile()` wall time;
+  step_ms             gen / critic: one step alone (steady state, blocked);
+  cycle_ms            one cycle including input, mean over --cycles after
+                      --warmup cycles (cycle_ms_min: the fastest one);
+  gen_images_per_s    global_batch / cycle time (generator samples updated);
+  critic_images_per_s freq * global_batch / cycle time (real images consumed);
+  flops               gen / critic / cycle per device, XLA cost analysis of the
+                      partitioned program;
+  flops_per_s_per_device, mfu   cycle flops / cycle time (/ peak; null when the
+                      peak is unknown, e.g. on CPU; see PEAK_TFLOPS);
+  memory              peak bytes: device memory_stats() where available (the
+                      largest local device, and the sum), else the process's
+                      max RSS (host); xla_memory: XLA's per-step argument /
+                      output / temp bytes per device;
+  input               images/s of `source.batch` alone and of the Trainer's
+                      prefetcher (batch + transfer to the devices).
+
+With several dtypes each runs in its own process, so peak memory is per dtype.
+"""
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from unittest import mock
+
+import jax
+import ml_collections
+import numpy as np
+
+from configs import cifar10, imagenet64, tiny, toy2d
+from fdistill_jax import data as data_lib
+from fdistill_jax import models as models_lib
+from fdistill_jax import networks
+from fdistill_jax import train
+
+CONFIGS = {"cifar10": cifar10, "imagenet64": imagenet64, "tiny": tiny, "toy2d": toy2d}
+FULL_ARCHS = {"cifar10": networks.CIFAR10_ARCH, "imagenet64": networks.IMAGENET64_ARCH}
+
+# Dense peak TFLOP/s per JAX device from the vendors' spec sheets, keyed by a
+# substring of `device.device_kind`; first match wins. GPU float32 uses the
+# TF32 tensor-core peak; TPU float32 matmuls run as bfloat16 passes at default
+# precision. TPU v2/v3 list a chip's peak halved: each core is one JAX device.
+PEAK_TFLOPS = (
+    ("H100 PCIe", {"bfloat16": 756.0, "float32": 378.0}),
+    ("H100", {"bfloat16": 989.0, "float32": 494.0}),
+    ("H200", {"bfloat16": 989.0, "float32": 494.0}),
+    ("A100", {"bfloat16": 312.0, "float32": 156.0}),
+    ("TPU v6", {"bfloat16": 918.0, "float32": 918.0}),
+    ("TPU v5 lite", {"bfloat16": 197.0, "float32": 197.0}),
+    ("TPU v5e", {"bfloat16": 197.0, "float32": 197.0}),
+    ("TPU v5", {"bfloat16": 459.0, "float32": 459.0}),
+    ("TPU v4", {"bfloat16": 275.0, "float32": 275.0}),
+    ("TPU v3", {"bfloat16": 61.5, "float32": 61.5}),
+)
+
+
+def peak_tflops(device_kind, dtype, override=None):
+  """Peak TFLOP/s of one device for `dtype`: `override`, else PEAK_TFLOPS, else None."""
+  if override:
+    return float(override)
+  for key, peaks in PEAK_TFLOPS:
+    if key.lower() in device_kind.lower():
+      return peaks[dtype]
+  return None
+
+
+def _numpy_random_teacher(config):
+  """models.TEACHERS['random'] with numpy-drawn weights (no jitted init to compile).
+
+  Weights ~ N(0, 1 / fan_in), biases ~ N(0, 0.05^2), norm scales ~ 1 + N(0,
+  0.05^2), so activations stay O(1) and the losses stay finite.
+  """
+  arch = config.teacher.arch.to_dict()
+  module = networks.build_edm(arch, dtype=models_lib.DTYPES[config.compute_dtype])
+  rng = np.random.default_rng(config.seed + 1)
+
+  def draw(path, leaf):
+    name = ".".join(str(getattr(p, "key", p)) for p in path)
+    if len(leaf.shape) >= 2:
+      return rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+    base = 1.0 if ".norm" in name and name.endswith("weight") else 0.0
+    return base + rng.normal(0.0, 0.05, leaf.shape)
+
+  variables = jax.tree_util.tree_map_with_path(
+      lambda p, l: jax.numpy.asarray(draw(p, l), np.float32), networks.variable_shapes(module))
+  spec = ((module.img_resolution,) * 2 + (module.img_channels,), int(module.label_dim))
+  return module, variables, module, variables["params"], spec
+
+
+def make_config(name, dtype, per_device_batch, variant=None, fsdp=1):
+  """The named config at full size, random teacher, global batch = per-device x devices."""
+  module = CONFIGS[name]
+  c = module.get_config(variant) if variant else module.get_config()
+  c.batch_size = per_device_batch * jax.device_count()
+  c.compute_dtype = dtype
+  c.mesh.fsdp = fsdp
+  if name in FULL_ARCHS:
+    c.teacher.kind = "random"
+    c.teacher.arch = ml_collections.ConfigDict(FULL_ARCHS[name])
+  return c
+
+
+def make_source(config, kind):
+  """In-memory uint8 images of the config's resolution, or the config's own source."""
+  if kind == "config" or config.data.kind == "toy":
+    return train.make_source(config)
+  d = config.data
+  n = max(1024, 2 * config.batch_size)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (n, d.resolution, d.resolution, d.channels), np.uint8)
+  labels = rng.integers(0, max(d.num_classes, 1), n)
+  return data_lib.make_source(ml_collections.ConfigDict(dict(
+      kind="memory", images=images, labels=labels, resolution=d.resolution,
+      channels=d.channels, num_classes=d.num_classes)))
+
+
+def _compile(jitted, *args):
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def _flops(compiled):
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def _xla_memory(compiled):
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  return {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp")}
+
+
+def _time_step(trainer, name, args, reps):
+  """Mean seconds of `reps` blocked calls of one compiled step on the live state."""
+  fn = getattr(trainer, name)
+  start = time.perf_counter()
+  for _ in range(reps):
+    trainer.state, metrics = fn(trainer.state, *args)
+    jax.block_until_ready(trainer.state)
+  return (time.perf_counter() - start) / reps, metrics
+
+
+def _time_cycles(trainer, batches, start_step, cycles):
+  """Seconds of each full cycle (Trainer.iteration x freq, input included)."""
+  freq, step, times, metrics = trainer.config.fake_score_update_freq, start_step, [], {}
+  for _ in range(cycles):
+    start = time.perf_counter()
+    for _ in range(freq):
+      metrics = trainer.iteration(step, next(batches))
+      step += 1
+    jax.block_until_ready(trainer.state)
+    times.append(time.perf_counter() - start)
+  return times, metrics, step
+
+
+def input_throughput(trainer, steps):
+  """images/s of `source.batch` alone and of the Trainer's prefetcher (to devices)."""
+  b = trainer.config.batch_size
+  trainer.source.batch(10_000, global_batch_size=b)          # warm-up
+  start = time.perf_counter()
+  for i in range(steps):
+    trainer.source.batch(10_001 + i, global_batch_size=b)
+  source_rate = b * steps / (time.perf_counter() - start)
+  with contextlib.closing(trainer.batches(20_000)) as prefetch:
+    jax.block_until_ready(next(prefetch))
+    start = time.perf_counter()
+    for _ in range(steps):
+      jax.block_until_ready(next(prefetch))
+    prefetch_rate = b * steps / (time.perf_counter() - start)
+  return {"source_images_per_s": source_rate, "prefetcher_images_per_s": prefetch_rate}
+
+
+def peak_memory():
+  """Device peak_bytes_in_use (largest device, and summed), else the host's max RSS."""
+  stats = [d.memory_stats() for d in jax.local_devices()]
+  if all(s and "peak_bytes_in_use" in s for s in stats):
+    peaks = [int(s["peak_bytes_in_use"]) for s in stats]
+    return {"peak_bytes": max(peaks), "peak_bytes_all_local_devices": sum(peaks),
+            "from": "device_peak_bytes_in_use"}
+  return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+          "from": "host_max_rss"}
+
+
+def build(args, dtype):
+  config = make_config(args.config, dtype, args.per_device_batch, args.variant, args.fsdp)
+  with mock.patch.dict(models_lib.TEACHERS, {"random": _numpy_random_teacher}):
+    start = time.perf_counter()
+    trainer = train.build_trainer(config, make_source(config, args.data))
+    jax.block_until_ready(trainer.state)
+  return trainer, time.perf_counter() - start
+
+
+def benchmark(args, dtype):
+  """All numbers for one dtype (see the module docstring)."""
+  trainer, setup_s = build(args, dtype)
+  c, tv = trainer.config, trainer.teacher_vars
+  batches = trainer.batches(0)
+  try:
+    batch = next(batches)
+    gen, gen_compile = _compile(trainer.gen_step, trainer.state, tv)
+    critic, critic_compile = _compile(trainer.critic_step, trainer.state, tv, batch)
+    trainer.gen_step, trainer.critic_step = gen, critic    # Trainer.iteration runs these
+    _, _, step = _time_cycles(trainer, itertools.chain([batch], batches), 0, args.warmup)
+    cycle_times, metrics, step = _time_cycles(trainer, batches, step, args.cycles)
+  finally:
+    batches.close()
+  gen_s, gen_metrics = _time_step(trainer, "gen_step", (tv,), args.cycles)
+  critic_s, _ = _time_step(trainer, "critic_step", (tv, batch), args.cycles)
+  flops = {"gen": _flops(gen), "critic": _flops(critic)}
+  return _report(trainer, dtype, args, dict(
+      setup_s=setup_s, compile_s={"gen": gen_compile, "critic": critic_compile},
+      step_ms={"gen": 1e3 * gen_s, "critic": 1e3 * critic_s}, cycle_s=float(np.mean(cycle_times)),
+      cycle_ms_min=1e3 * min(cycle_times), flops=flops,
+      xla_memory={"gen": _xla_memory(gen), "critic": _xla_memory(critic)},
+      finite=_finite({**metrics, **gen_metrics}),
+      input=input_throughput(trainer, max(4, args.cycles * c.fake_score_update_freq))))
+
+
+def _finite(metrics):
+  return bool(all(np.all(np.isfinite(np.asarray(v))) for v in jax.device_get(metrics).values()))
+
+
+def _report(trainer, dtype, args, r):
+  c = trainer.config
+  freq, b, cycle_s = c.fake_score_update_freq, c.batch_size, r.pop("cycle_s")
+  flops = r["flops"]
+  if None not in flops.values():
+    flops["cycle"] = flops["gen"] + freq * flops["critic"]
+  per_s = flops["cycle"] / cycle_s if "cycle" in flops else None
+  peak = peak_tflops(jax.devices()[0].device_kind, dtype, args.peak_tflops)
+  return dict(
+      dtype=dtype, global_batch=b, fake_score_update_freq=freq, cycle_ms=1e3 * cycle_s,
+      gen_images_per_s=b / cycle_s, critic_images_per_s=freq * b / cycle_s, **r,
+      flops_per_s_per_device=per_s, peak_tflops=peak,
+      mfu=per_s / (peak * 1e12) if per_s and peak else None,
+      memory=peak_memory(),
+      params={"student": models_lib.count(trainer.initial_params),
+              "disc": models_lib.count(trainer.state.disc)})
+
+
+def _run_isolated(argv, dtype):
+  """This script for one dtype in a child process (peak memory per dtype); its results."""
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "r.json")
+    subprocess.run([sys.executable, "-m", "benchmarks.train_step", *argv, f"--dtype={dtype}",
+                    f"--out={out}"], check=True,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(out) as f:
+      return json.load(f)["results"]
+
+
+def _child_argv(args):
+  keep = ("config", "variant", "per_device_batch", "cycles", "warmup", "data", "fsdp",
+          "peak_tflops")
+  return [f"--{k}={getattr(args, k)}" for k in keep if getattr(args, k) is not None]
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+  p.add_argument("--variant", default=None, help="Config variant, e.g. 'js' (default: the "
+                 "config's own divergence).")
+  p.add_argument("--per_device_batch", type=int, default=1)
+  p.add_argument("--dtype", default="float32,bfloat16",
+                 help="Comma-separated compute dtypes: float32, bfloat16.")
+  p.add_argument("--cycles", type=int, default=3, help="Timed cycles.")
+  p.add_argument("--warmup", type=int, default=1, help="Untimed cycles before them.")
+  p.add_argument("--data", choices=("memory", "config"), default="memory",
+                 help="memory: random uint8 images of the right size; config: the "
+                 "config's data source (must be prepared).")
+  p.add_argument("--fsdp", type=int, default=1, help="config.mesh.fsdp.")
+  p.add_argument("--peak_tflops", type=float, default=None,
+                 help="Peak TFLOP/s per device for MFU (default: PEAK_TFLOPS by device kind).")
+  p.add_argument("--out", default=None, help="JSON output file.")
+  args = p.parse_args(argv)
+  args.dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+  bad = [d for d in args.dtypes if d not in models_lib.DTYPES]
+  if bad or not args.dtypes:
+    p.error(f"--dtype={args.dtype!r}: expected a comma-separated subset of "
+            f"{sorted(models_lib.DTYPES)}.")
+  return args
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else argv
+  args = parse_args(argv)
+  device = jax.devices()[0]
+  report = dict(device_kind=device.device_kind, platform=device.platform,
+                num_devices=jax.device_count(), num_processes=jax.process_count(),
+                jax=jax.__version__, host=platform.node(), cpu_count=os.cpu_count(),
+                load_average_start=os.getloadavg(), config=args.config,
+                variant=args.variant, per_device_batch=args.per_device_batch,
+                cycles=args.cycles, data=args.data, results=[])
+  if len(args.dtypes) > 1:
+    for dtype in args.dtypes:
+      report["results"] += _run_isolated(_child_argv(args), dtype)
+  else:
+    report["results"].append(benchmark(args, args.dtypes[0]))
+    print(json.dumps(report["results"][-1]), flush=True)
+  report["load_average_end"] = os.getloadavg()
+  text = json.dumps(report, indent=2)
+  print(text)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  main()
