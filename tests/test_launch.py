@@ -10,6 +10,7 @@ out here independently of the scripts.
 
 import json
 import os
+import re
 import shlex
 import stat
 import subprocess
@@ -185,10 +186,17 @@ def test_slurm_runs_one_process_per_gpu(tmp_path):
       "fkl", 1024, "/t/c10.pkl", "/d/c10.zip")
 
 
-def test_toy_sweep_calls_the_toy_demo(tmp_path):
+def test_toy_sweep_calls_the_sweep_module_with_its_flags(tmp_path):
   env, log = _stub(tmp_path, "fakepython")
-  _bash("toy_sweep.sh", env={**env, "PYTHON": "fakepython", "WORKDIR": "/w", "SEEDS": "3,4"})
-  assert _calls(log) == [["-m", "fdistill_jax.toy_demo", "--workdir=/w", "--seeds=3,4"]]
+  _bash("toy_sweep.sh", "--total_steps=7",
+        env={**env, "PYTHON": "fakepython", "WORKDIR": "/w", "SEEDS": "3,4"})
+  (call,) = _calls(log)
+  assert call == ["-m", "fdistill_jax.toy_sweep", "--workdir=/w", "--seeds=3,4", "--total_steps=7"]
+  # The module's flags, read from its source: importing it next to main would define
+  # --workdir twice in absl's global FLAGS.
+  with open(os.path.join(REPO, "fdistill_jax", "toy_sweep.py")) as f:
+    defined = set(re.findall(r'DEFINE_\w+\(\s*"(\w+)"', f.read()))
+  assert {a[2:].split("=")[0] for a in call[2:]} <= defined, defined
 
 
 def test_benchmark_teacher_is_a_drop_in_for_the_random_loader():
