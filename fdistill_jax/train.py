@@ -11,14 +11,12 @@ process: each process feeds its share of the global batch.
 import functools
 import json
 import logging
-import math
 import os
 import signal
 
 from clu import metric_writers
 from clu import periodic_actions
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P

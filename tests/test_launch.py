@@ -16,14 +16,11 @@ import stat
 import subprocess
 
 from absl import flags
-import jax
 from ml_collections import config_flags
 import pytest
 
-from benchmarks import train_step
-from configs import common, tiny
+from configs import common
 from fdistill_jax import main as main_lib
-from fdistill_jax import models
 from fdistill_jax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,14 +194,3 @@ def test_toy_sweep_calls_the_sweep_module_with_its_flags(tmp_path):
   with open(os.path.join(REPO, "fdistill_jax", "toy_sweep.py")) as f:
     defined = set(re.findall(r'DEFINE_\w+\(\s*"(\w+)"', f.read()))
   assert {a[2:].split("=")[0] for a in call[2:]} <= defined, defined
-
-
-def test_benchmark_teacher_is_a_drop_in_for_the_random_loader():
-  """benchmarks/train_step.py's numpy teacher has the shapes models.TEACHERS['random'] makes."""
-  config = tiny.get_config()
-  module, variables, student, params, spec = train_step._numpy_random_teacher(config)
-  want = jax.eval_shape(lambda: models.TEACHERS["random"](config)[1])   # traced, not compiled
-  shapes = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), t)
-  assert shapes(variables) == shapes(want)
-  assert params is variables["params"] and student is module
-  assert spec == ((8, 8, 3), 4)        # configs/tiny.py: 8x8 RGB, label_dim 4

@@ -1,6 +1,5 @@
 """Tests for the toy teacher, its MLPs, metrics and plots (fdistill_jax.toy, networks.mlp, plots)."""
 
-import io
 import json
 import math
 
