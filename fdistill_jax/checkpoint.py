@@ -15,8 +15,9 @@ import jax
 import orbax.checkpoint as ocp
 
 # Config fields that must match to resume: they change what the state means.
-COMPATIBLE_KEYS = ("divergence", "teacher.kind", "teacher.arch", "disc.resolutions",
-                   "disc.channels", "disc.features_from", "ema_decays", "compute_dtype")
+COMPATIBLE_KEYS = ("divergence", "teacher.kind", "teacher.arch", "toy.width", "toy.depth",
+                   "disc.resolutions", "disc.channels", "disc.features_from", "ema_decays",
+                   "compute_dtype")
 
 
 def manager(workdir, config):
@@ -68,6 +69,7 @@ def restore_latest(mngr, abstract_state, config):
       logging.warning("Skipping unreadable checkpoint at step %d: %s", step, e)
       continue
     check_compatible(saved_config, config)
+    _check_shapes(mngr, step, abstract_state)
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state)))
@@ -76,6 +78,46 @@ def restore_latest(mngr, abstract_state, config):
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("Skipping unreadable checkpoint at step %d: %s", step, e)
   return None
+
+
+def _saved_shapes(mngr, step):
+  """{path: shape} of the saved state, from its metadata; None if unreadable."""
+  path = os.path.join(str(mngr.directory), str(step), "state")
+  try:
+    tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return _shapes(tree)
+
+
+def _shapes(tree):
+  """{'gen/model/enc/...': shape}, the same for dataclass, dict and list nodes."""
+  def name(entry):
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        return str(getattr(entry, attr))
+    return str(entry)
+  return {"/".join(name(e) for e in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_shapes(mngr, step, abstract_state):
+  """Refuses a checkpoint whose arrays do not fit the current networks.
+
+  Without this a mismatch (e.g. a teacher of another size at the same path)
+  would look like an unreadable checkpoint, the run would start afresh, and
+  keep-last-K would delete the good checkpoints.
+  """
+  saved = _saved_shapes(mngr, step)
+  if saved is None:
+    return                        # unreadable: restore_latest skips it
+  want = _shapes(abstract_state)
+  diffs = [f"  {k}: checkpoint {saved.get(k)}, run {want.get(k)}"
+           for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
+  if diffs:
+    raise ValueError(f"The checkpoint at step {step} does not fit this run's networks "
+                     f"({len(diffs)} arrays differ), first:\n" + "\n".join(diffs[:8]) +
+                     "\nUse a new --workdir, or the teacher and sizes the run was made with.")
 
 
 def abstract(state):

@@ -176,3 +176,19 @@ def test_two_processes_train_like_one_process(tmp_path):
   a, b = saved_state(single, total), saved_state(multi, total)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_of_other_network_sizes_is_refused_not_skipped(tmp_path):
+  """A size change the config check cannot see (here the heads' input width via the
+  toy trunk) must stop the run, not silently start afresh over good checkpoints."""
+  run_in_process(tmp_path, **toy_overrides(2, 2))
+  config = ml_collections.FrozenConfigDict(small_toy("js", **toy_overrides(4, 2)))
+  trainer = train.Trainer(config)
+  abstract = ckpt_lib.abstract(trainer.state)
+  bigger = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[:-1] + (a.shape[-1] + 1,)
+                                                       if a.ndim else a.shape, a.dtype,
+                                                       sharding=a.sharding), abstract)
+  mngr = ckpt_lib.manager(str(tmp_path), config)
+  with pytest.raises(ValueError, match="does not fit this run's networks"):
+    ckpt_lib.restore_latest(mngr, bigger, config)
+  assert saved_steps(tmp_path) == [2]
