@@ -253,7 +253,8 @@ def run(trainer, workdir):
   if restored is not None:
     trainer.state = restored
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
+  report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
+                                           every_secs=10.0)
   viz = visualize.Visualizer(trainer, workdir)
   fid = visualize.PeriodicFID(trainer) if config.eval.fid_every > 0 else None
   step = trainer.step
