@@ -60,6 +60,11 @@ class PeriodicFID:
     self._evaluate = evaluate
 
   def __call__(self):
+    return float(self._evaluate.fid_from_samples(self.samples(), self.ref["mu"],
+                                                 self.ref["sigma"], self.feature_fn))
+
+  def samples(self):
+    """The `num_samples` images FID is computed on (same noise at every evaluation)."""
     t = self.trainer
     st = t.state
     params = st.ema[0] if st.ema else st.gen
@@ -72,6 +77,4 @@ class PeriodicFID:
       c = steps.random_labels(jax.random.fold_in(rng, 1), batch, t.models.num_classes)
       z, c = jax.device_put((z, c), NamedSharding(t.mesh, P()))
       images.append(np.asarray(multihost_utils.process_allgather(gen(params, z, c), tiled=True)))
-    images = np.concatenate(images)[:self.num]
-    return float(self._evaluate.fid_from_samples(images, self.ref["mu"], self.ref["sigma"],
-                                                 self.feature_fn))
+    return np.concatenate(images)[:self.num]
