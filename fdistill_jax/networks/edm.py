@@ -71,6 +71,24 @@ ARCHS = {"cifar10": CIFAR10_ARCH, "imagenet64": IMAGENET64_ARCH,
          "songunet_tiny": SONGUNET_TINY_ARCH, "dhariwal_tiny": DHARIWAL_TINY_ARCH}
 
 
+def edm_precond_coefficients(sigma, sigma_data):
+  """EDM preconditioning (Karras et al. 2022, Table 1, Eq. 7).
+
+  Args:
+    sigma: noise levels, any shape.
+    sigma_data: standard deviation of the data.
+
+  Returns:
+    (c_skip, c_out, c_in, c_noise), each with the shape of `sigma`.
+  """
+  sigma_data2 = sigma_data**2
+  c_skip = sigma_data2 / (sigma**2 + sigma_data2)
+  c_out = sigma * sigma_data / jnp.sqrt(sigma**2 + sigma_data2)
+  c_in = 1.0 / jnp.sqrt(sigma_data2 + sigma**2)
+  c_noise = jnp.log(sigma) / 4.0
+  return c_skip, c_out, c_in, c_noise
+
+
 class EDMPrecond(nn.Module):
   """EDM's preconditioned denoiser D(x; sigma) around a U-Net `model`.
 
@@ -112,12 +130,8 @@ class EDMPrecond(nn.Module):
     if getattr(self.model, "augment_dim", 0):
       aug = (jnp.zeros((b, self.model.augment_dim), jnp.float32) if augment_labels is None
              else jnp.asarray(augment_labels, jnp.float32).reshape(b, -1))
-    s = sigma[:, None, None, None]
-    sd2 = self.sigma_data ** 2
-    c_skip = sd2 / (s ** 2 + sd2)
-    c_out = s * self.sigma_data / jnp.sqrt(s ** 2 + sd2)
-    c_in = 1 / jnp.sqrt(sd2 + s ** 2)
-    c_noise = jnp.log(sigma) / 4
+    c_skip, c_out, c_in, c_noise = edm_precond_coefficients(sigma, self.sigma_data)
+    c_skip, c_out, c_in = (c[:, None, None, None] for c in (c_skip, c_out, c_in))
     out = self.model(c_in * x, c_noise, labels, aug, train=train,
                      feature_resolutions=feature_resolutions)
     f_x, feats = out if feature_resolutions is not None else (out, None)

@@ -25,23 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-
-def edm_precond_coefficients(sigma, sigma_data):
-  """EDM preconditioning (Karras et al. 2022, Table 1, Eq. 7).
-
-  Args:
-    sigma: noise levels, any shape.
-    sigma_data: standard deviation of the data.
-
-  Returns:
-    (c_skip, c_out, c_in, c_noise), each with the shape of `sigma`.
-  """
-  sigma_data2 = sigma_data**2
-  c_skip = sigma_data2 / (sigma**2 + sigma_data2)
-  c_out = sigma * sigma_data / jnp.sqrt(sigma**2 + sigma_data2)
-  c_in = 1.0 / jnp.sqrt(sigma_data2 + sigma**2)
-  c_noise = jnp.log(sigma) / 4.0
-  return c_skip, c_out, c_in, c_noise
+from fdistill_jax.networks.edm import edm_precond_coefficients
 
 
 def sinusoidal_embedding(t, dim, max_frequency=64.0):
