@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fdistill_jax import losses
 from fdistill_jax.networks import mlp
 
 
@@ -136,21 +137,17 @@ def default_mixture():
   return GaussianMixture(means=means, weights=np.array(weights), std=0.08)
 
 
-def _edm_sigmas(rng, n, p_mean, p_std):
-  return jnp.exp(p_mean + p_std * jax.random.normal(rng, (n,)))
-
-
 def _noised_batch(mixture, rng, batch, p_mean, p_std):
   rng_x, rng_s, rng_n = jax.random.split(rng, 3)
   x0, _ = mixture.sample(rng_x, batch)
-  sigma = _edm_sigmas(rng_s, batch, p_mean, p_std)
+  sigma = losses.sample_sigma_lognormal(rng_s, (batch,), p_mean, p_std)
   return x0 + sigma[:, None] * jax.random.normal(rng_n, x0.shape), sigma
 
 
 def _weighted_error(model, params, mixture, x, sigma):
   """Per-example EDM-weighted error lambda(sigma) |D_theta - D_exact|^2 (EDM Eq. 8)."""
   sd = model.sigma_data
-  weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
+  weight = losses.edm_loss_weight(sigma, sd)
   diff = model.apply({"params": params}, x, sigma) - mixture.denoise(x, sigma)
   return weight * jnp.sum(diff**2, axis=-1)
 
@@ -202,8 +199,8 @@ def denoiser_error(model, variables, mixture, rng, *, n=8192, p_mean=-1.2, p_std
   x, sigma = _noised_batch(mixture, rng, n, p_mean, p_std)
   err = _weighted_error(model, variables["params"], mixture, x, sigma)
   sd = model.sigma_data
-  c_skip = sd**2 / (sigma**2 + sd**2)
-  weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
+  c_skip = mlp.edm_precond_coefficients(sigma, sd)[0]
+  weight = losses.edm_loss_weight(sigma, sd)
   base = weight * jnp.sum((c_skip[:, None] * x - mixture.denoise(x, sigma)) ** 2, axis=-1)
   return float(jnp.mean(err) / jnp.mean(base))
 
