@@ -243,51 +243,60 @@ def build_trainer(config, source=None):
 
 
 def run(trainer, workdir):
-  """The training loop: resume, iterate, log, sample, checkpoint, stop on SIGTERM."""
-  config = trainer.config
+  """The training loop: resume, iterate, log, sample, checkpoint; SIGTERM saves and stops."""
+  with _Preemption() as preempt:      # first, so a SIGTERM during start-up still saves
+    mngr = _resume(trainer, workdir)
+    writer = metric_writers.create_default_writer(workdir,
+                                                  just_logging=jax.process_index() > 0)
+    try:
+      _loop(trainer, workdir, mngr, writer, preempt)
+    finally:
+      mngr.wait_until_finished()
+      mngr.close()
+      writer.flush()
+  return trainer.state
+
+
+def _resume(trainer, workdir):
+  """Records the generator's architecture and restores the newest readable checkpoint."""
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, "generator_spec.json"), models_lib.student_spec(config))
-  mngr = ckpt_lib.manager(workdir, config)
-  restored = ckpt_lib.restore_latest(mngr, ckpt_lib.abstract(trainer.state), config)
+    _write_json(os.path.join(workdir, "generator_spec.json"),
+                models_lib.student_spec(trainer.config))
+  mngr = ckpt_lib.manager(workdir, trainer.config)
+  restored = ckpt_lib.restore_latest(mngr, ckpt_lib.abstract(trainer.state), trainer.config)
   if restored is not None:
     trainer.state = restored
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  return mngr
+
+
+def _loop(trainer, workdir, mngr, writer, preempt):
+  config, step = trainer.config, trainer.step
   report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
                                            every_secs=10.0)
   viz = visualize.Visualizer(trainer, workdir)
   fid = visualize.PeriodicFID(trainer) if config.eval.fid_every > 0 else None
-  step = trainer.step
   if step == 0:
     writer.write_hparams(_scalars_config(config))
-  prefetch = trainer.batches(step)
-  try:
-    with _Preemption() as preempt:
-      pending = None
-      while step < config.total_steps:
-        metrics = trainer.iteration(step, next(prefetch))
-        if pending is not None:   # check the previous step while this one runs
-          check_finite(jax.device_get(pending), step)
-        pending = metrics
-        step += 1
-        report(step)
-        if itstime(step, config.log_every, config.total_steps):
-          _log(writer, trainer, metrics, step)
-        if itstime(step, config.sample_every, config.total_steps):
-          viz(step)
-        if fid is not None and itstime(step, config.eval.fid_every, config.total_steps):
-          writer.write_scalars(step, {"eval/fid": fid()})
-        if itstime(step, config.checkpoint_every, config.total_steps) or preempt.requested:
-          check_finite(jax.device_get(metrics), step)
-          ckpt_lib.save(mngr, step, trainer.state, config)
-        if preempt.requested:
-          break
-  finally:
-    prefetch.close()
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.flush()
-  return trainer.state
+  with trainer.batches(step) as batches:
+    pending = None
+    while step < config.total_steps:
+      metrics = trainer.iteration(step, next(batches))
+      if pending is not None:         # check the previous step while this one runs
+        check_finite(jax.device_get(pending), step)
+      pending, step = metrics, step + 1
+      report(step)
+      if itstime(step, config.log_every, config.total_steps):
+        _log(writer, trainer, metrics, step)
+      if itstime(step, config.sample_every, config.total_steps):
+        viz(step)
+      if fid is not None and itstime(step, config.eval.fid_every, config.total_steps):
+        writer.write_scalars(step, {"eval/fid": fid()})
+      if itstime(step, config.checkpoint_every, config.total_steps) or preempt.requested:
+        check_finite(jax.device_get(metrics), step)
+        ckpt_lib.save(mngr, step, trainer.state, config)
+      if preempt.requested:
+        break
 
 
 def _write_json(path, obj):
