@@ -53,7 +53,17 @@ def _dtype(config):
 def _load_edm_teacher(config):
   from fdistill_jax import convert  # pylint: disable=g-import-not-at-top
   module, variables = convert.load_edm(config.teacher.path, dtype=_dtype(config))
+  _check_params_only(variables, config.teacher.path)
   return module, variables, module, variables["params"], _image_spec(module)
+
+
+def _check_params_only(variables, where):
+  """The students carry parameters only; NCSN++'s Fourier `buffers` are not carried yet."""
+  extra = sorted(set(variables) - {"params"})
+  if extra:
+    raise ValueError(f"{where}: the teacher has variable collections {extra} besides 'params' "
+                     "(NCSN++ with Fourier embeddings); distilling such a teacher is not "
+                     "supported yet. DDPM++ (SongUNet, positional) and ADM teachers are.")
 
 
 def _random_edm_teacher(config):
@@ -62,6 +72,7 @@ def _random_edm_teacher(config):
   arch = config.teacher.arch.to_dict()
   module = networks.build_edm(arch, dtype=_dtype(config))
   variables = networks.random_variables(module, seed=config.seed + 1)
+  _check_params_only(variables, "teacher.arch")
   return module, variables, module, variables["params"], _image_spec(module)
 
 
