@@ -222,3 +222,11 @@ def test_periodic_fid(tmp_path):
   d_same = fid()
   # Identical statistics: 0 up to float64 round-off of a 2048-d covariance (1e-6 of d_other).
   assert abs(d_same) < 1e-6 * d_other and d_other > 1.0, (d_same, d_other)
+
+
+def test_ncsnpp_teacher_with_fourier_buffers_is_refused_clearly():
+  c = tiny.get_config("js")
+  c.teacher.arch.update(embedding_type="fourier", encoder_type="residual",
+                        decoder_type="skip", channel_mult_noise=2, resample_filter=[1, 3, 3, 1])
+  with pytest.raises(ValueError, match="not supported yet"):
+    train.build_trainer(c, memory_source())
