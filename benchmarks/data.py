@@ -1,6 +1,6 @@
 """Input throughput (images/s) of the data sources, as JSON.
 
-  python benchmarks/data.py --out=/tmp/data_bench.json
+  python -m benchmarks.data --out=/tmp/data_bench.json
 
 Measures `source.batch` for a few steps after one warm-up step, single
 process, on:
@@ -25,6 +25,7 @@ import zipfile
 import numpy as np
 import PIL.Image
 
+from benchmarks.report import write_report
 from fdistill_jax import data
 
 
@@ -96,11 +97,7 @@ def main():
                 batch_size=args.batch_size, steps=args.steps,
                 num_threads=args.num_threads, cpu_count=os.cpu_count(),
                 machine=platform.machine(), python=platform.python_version())
-  text = json.dumps(report, indent=2)
-  print(text)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
+  write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 r"""Throughput (images/s) of the Inception feature pipeline, as JSON.
 
-  python benchmarks/evaluate.py --batch_size=8 --iters=3 --out=/tmp/eval_bench.json
-  python benchmarks/evaluate.py --inception=pt_inception-2015-12-05-6726825d.pth \
+  python -m benchmarks.evaluate --batch_size=8 --iters=3 --out=/tmp/eval_bench.json
+  python -m benchmarks.evaluate --inception=pt_inception-2015-12-05-6726825d.pth \
       --batch_size=500 --iters=20            # on a GPU / TPU host
 
 Times `evaluate.extract_features` (uint8 NHWC -> resize to 299 -> Inception-v3
@@ -11,13 +11,13 @@ speed is the same). Also times `frechet_distance` at D=2048 with --fid.
 """
 
 import argparse
-import json
 import platform
 import time
 
 import jax
 import numpy as np
 
+from benchmarks.report import write_report
 from fdistill_jax import evaluate, inception
 
 
@@ -58,10 +58,7 @@ def main():
   }
   if args.fid:
     result.update({f"fid_{m}_s": _time_fid(m) for m in ("eigh", "sqrtm")})
-  print(json.dumps(result, indent=2))
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2)
+  write_report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Throughput of the full-size EDM teachers (forward, forward+backward), as JSON.
 
-  python benchmarks/teacher.py --arch cifar10 --batch 4 --iters 2 --out /tmp/teacher.json
-  python benchmarks/teacher.py --batch 256 --out teacher_gpu.json   # all archs x dtypes
+  python -m benchmarks.teacher --arch cifar10 --batch 4 --iters 2 --out /tmp/teacher.json
+  python -m benchmarks.teacher --batch 256 --out teacher_gpu.json   # all archs x dtypes
 
 For each (arch, dtype) it times, on jax.devices()[0]:
   forward:           D(x; sigma, y) of EDMPrecond (eval mode, no dropout);
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.report import write_report
 from fdistill_jax import networks
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -103,10 +104,7 @@ def main():
     for dtype_name in args.dtype or sorted(DTYPES, reverse=True):
       batch = args.batch or DEFAULT_BATCH[arch_name]
       report["results"].append(benchmark(arch_name, dtype_name, batch, args.warmup, args.iters))
-  print(json.dumps(report, indent=2))
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=2)
+  write_report(report, args.out)
 
 
 if __name__ == "__main__":

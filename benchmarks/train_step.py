@@ -50,6 +50,7 @@ import ml_collections
 import numpy as np
 
 from configs import cifar10, imagenet64, tiny, toy2d
+from benchmarks.report import write_report
 from fdistill_jax import data as data_lib
 from fdistill_jax import models as models_lib
 from fdistill_jax import networks
@@ -300,11 +301,7 @@ def main(argv=None):
     report["results"].append(benchmark(args, args.dtypes[0]))
     print(json.dumps(report["results"][-1]), flush=True)
   report["load_average_end"] = os.getloadavg()
-  text = json.dumps(report, indent=2)
-  print(text)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
+  write_report(report, args.out)
 
 
 if __name__ == "__main__":
