@@ -145,15 +145,17 @@ class Trainer:
     self.state_sharding = tree_sharding(self.mesh, shapes)
     self.state = jax.jit(init, out_shardings=self.state_sharding)(student_params, heads_params)
 
+  def to_global(self, local):
+    """This process's rows of a batch -> global jax.Arrays sharded over the mesh."""
+    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(
+        self.batch_sharding, np.asarray(a)), local)
+
   def batches(self, start):
     """Prefetched global batches from `start` on; each process reads its own rows."""
-    def to_global(local):
-      return jax.tree.map(lambda a: jax.make_array_from_process_local_data(
-          self.batch_sharding, np.asarray(a)), local)
     return data_lib.Prefetcher(
         self.source, start, global_batch_size=self.config.batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        buffer_size=self.config.data.prefetch, transform=to_global)
+        buffer_size=self.config.data.prefetch, transform=self.to_global)
 
   def iteration(self, step, batch):
     """Iteration `step` of Algorithm 1; returns its metrics (device arrays, not synced)."""

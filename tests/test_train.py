@@ -72,17 +72,12 @@ def test_every_variant_runs_through_main(variant, extra, tmp_path):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
 
 
-def trainer_batch(trainer, step):
-  local = trainer.source.batch(step, global_batch_size=trainer.config.batch_size)
-  return jax.tree.map(lambda a: jax.make_array_from_process_local_data(
-      trainer.batch_sharding, np.asarray(a)), local)
-
-
 def run_on(config, devices, source=None):
   config = ml_collections.FrozenConfigDict(config)
   trainer = train.Trainer(config, source, devices=devices)
   for step in range(config.total_steps):
-    trainer.iteration(step, trainer_batch(trainer, step))
+    local = trainer.source.batch(step, global_batch_size=config.batch_size)
+    trainer.iteration(step, trainer.to_global(local))
   return trainer, jax.device_get(trainer.state)
 
 
