@@ -8,12 +8,12 @@ Teacher: edm-cifar10-32x32-cond-vp.pkl (or its converted directory).
 Variants: any divergence, plus 'no_gan' / 'gan_only' ablations and 'runlocal'.
 """
 
-from configs import common
+from fdistill_jax import config_lib
 
 
 def get_config(arg="fkl"):
-  divergence, flags = common.parse_arg(arg, default_divergence="fkl")
-  c = common.base_config()
+  divergence, flags = config_lib.parse_arg(arg, default_divergence="fkl")
+  c = config_lib.base_config()
   c.total_steps = 60_000
   c.batch_size = 2048
   c.fake_score_update_freq = 5
@@ -30,7 +30,7 @@ def get_config(arg="fkl"):
   c.checkpoint_every = 2000
   if "runlocal" in flags:
     _runlocal(c)
-  return common.apply_variant(c, divergence, flags)
+  return config_lib.apply_variant(c, divergence, flags)
 
 
 def _runlocal(c):

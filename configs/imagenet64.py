@@ -9,12 +9,12 @@ Variants: any divergence, plus 'no_gan' / 'gan_only' ablations and 'runlocal'.
 Learning rate 2e-6, dropping to 5e-7 after 200k steps (two-stage schedule).
 """
 
-from configs import common
+from fdistill_jax import config_lib
 
 
 def get_config(arg="js"):
-  divergence, flags = common.parse_arg(arg, default_divergence="js")
-  c = common.base_config()
+  divergence, flags = config_lib.parse_arg(arg, default_divergence="js")
+  c = config_lib.base_config()
   c.total_steps = 380_000
   c.batch_size = 512
   c.fake_score_update_freq = 5
@@ -40,4 +40,4 @@ def get_config(arg="js"):
     c.sample_every = 10
     c.checkpoint_every = 10
     c.num_sample_images = 4
-  return common.apply_variant(c, divergence, flags)
+  return config_lib.apply_variant(c, divergence, flags)

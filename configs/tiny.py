@@ -7,12 +7,12 @@ The tests feed it an in-memory source. Same engine, losses and steps as the
 CIFAR-10 and ImageNet-64 runs; only the sizes differ.
 """
 
-from configs import common
+from fdistill_jax import config_lib
 
 
 def get_config(arg="js"):
-  divergence, flags = common.parse_arg(arg, default_divergence="js")
-  c = common.base_config()
+  divergence, flags = config_lib.parse_arg(arg, default_divergence="js")
+  c = config_lib.base_config()
   c.total_steps = 4
   c.batch_size = 8
   c.fake_score_update_freq = 2
@@ -38,4 +38,4 @@ def get_config(arg="js"):
   c.num_sample_images = 4
   c.checkpoint_every = 2
   c.keep_checkpoints = 2
-  return common.apply_variant(c, divergence, flags)
+  return config_lib.apply_variant(c, divergence, flags)

@@ -1,7 +1,9 @@
-"""Pieces shared by the experiment configs.
+"""The config schema: defaults, variant tokens, and the one validator.
 
-Every config is `get_config(arg)` with `arg` a comma-separated list of
-variant tokens, e.g. "js", "fkl,runlocal", "js,no_gan". Tokens:
+Experiment files in `configs/` import this module from the installed package
+(so `--config=/any/path/configs/toy2d.py` works from any directory). Every
+config is `get_config(arg)` with `arg` a comma-separated list of variant
+tokens, e.g. "js", "fkl,runlocal", "js,no_gan". Tokens:
 
   rkl | softened_rkl | js | squared_hellinger | fkl | jeffreys   the divergence
   no_gan     ablation: GAN loss off (f-distill loss only)
@@ -9,9 +11,13 @@ variant tokens, e.g. "js", "fkl,runlocal", "js,no_gan". Tokens:
   runlocal   shrink the run to fit a laptop CPU
 """
 
+from flax import traverse_util
 import ml_collections
 
-DIVERGENCES = ("rkl", "softened_rkl", "js", "squared_hellinger", "fkl", "jeffreys")
+from fdistill_jax import divergences
+from fdistill_jax import losses
+
+DIVERGENCES = tuple(divergences.DIVERGENCES)
 ABLATIONS = ("no_gan", "gan_only")
 
 
@@ -96,6 +102,7 @@ def base_config():
   c.data.num_classes = 10
   c.data.seed = 0
   c.data.prefetch = 2
+  c.data.cache = False                # tfds / edm: decode the whole dataset into memory once
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.fsdp = 1                     # >1: shard params/opt states over this many devices
@@ -106,6 +113,7 @@ def base_config():
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.eval = ml_collections.ConfigDict()
+  c.eval.evaluators = ("grid", "fid")  # fdistill_jax.eval.evaluators.EVALUATORS keys
   c.eval.fid_every = 0                # >0: periodic FID (needs eval.inception and eval.ref)
   c.eval.num_samples = 10000
   c.eval.inception = ""
@@ -121,3 +129,51 @@ def apply_variant(c, divergence, flags):
   if "gan_only" in flags:
     c.loss.fdistill_weight = 0.0
   return c
+
+
+def _check(ok, msg):
+  if not ok:
+    raise ValueError(msg)
+
+
+def validate(config, num_devices, process_count=1):
+  """Fails before any teacher is loaded or anything compiles, saying what to change."""
+  b = config.batch_size
+  _check(b > 0 and b % num_devices == 0,
+         f"batch_size={b} does not divide the {num_devices} devices; set "
+         f"--config.batch_size to a multiple of {num_devices}.")
+  _check(b % process_count == 0,
+         f"batch_size={b} does not divide the {process_count} processes.")
+  _check(config.mesh.fsdp >= 1 and num_devices % config.mesh.fsdp == 0,
+         f"mesh.fsdp={config.mesh.fsdp} must be >= 1 and divide the {num_devices} devices.")
+  divergences.get_divergence(config.divergence)   # ValueError listing the names
+  _check(config.total_steps > 0, f"total_steps={config.total_steps} must be positive.")
+  _check(config.fake_score_update_freq >= 1,
+         f"fake_score_update_freq={config.fake_score_update_freq} must be >= 1.")
+  for name in ("gen_lr", "fake_lr", "disc_lr"):
+    _check(config.optim[name] > 0, f"optim.{name}={config.optim[name]} must be positive.")
+  _check(config.optim.weight_decay >= 0, "optim.weight_decay must be >= 0.")
+  lc = config.loss
+  for name in ("fdistill_weight", "gan_weight", "r1_gamma"):
+    _check(lc[name] >= 0, f"loss.{name}={lc[name]} must be >= 0.")
+  _check(lc.fdistill_weight > 0 or lc.gan_weight > 0,
+         "loss.fdistill_weight and loss.gan_weight are both 0: nothing would train.")
+  losses.check_sigma_indices(lc.num_sigmas, lc.min_index, lc.max_index)
+  _check(0 < lc.sigma_min < lc.sigma_max, "need 0 < loss.sigma_min < loss.sigma_max.")
+  _check(lc.time_weighting in ("dmd", "none"),
+         f"loss.time_weighting={lc.time_weighting!r}; expected 'dmd' or 'none'.")
+  _check(config.disc.features_from in ("teacher", "fake_score"),
+         f"disc.features_from={config.disc.features_from!r}; expected 'teacher' or 'fake_score'.")
+  _check(len(config.disc.resolutions) > 0, "disc.resolutions is empty.")
+  _check(config.eval.fid_every <= 0 or (config.eval.inception and config.eval.ref),
+         "eval.fid_every > 0 needs eval.inception (Inception weights) and eval.ref "
+         "(reference statistics .npz); set both or set eval.fid_every=0.")
+  _check(all(0 <= d < 1 for d in config.ema_decays),
+         f"ema_decays={tuple(config.ema_decays)} must each lie in [0, 1).")
+
+
+def flat_scalars(config):
+  """{'loss.gan_weight': 0.001, ...}: the config's scalar fields, flattened (hparams)."""
+  flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
+  return {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool))}
+

@@ -432,6 +432,14 @@ def karras_sigmas(num: int = 1000, sigma_min: float = 0.002,
   return (lo + ramp * (hi - lo))**rho
 
 
+def check_sigma_indices(num: int, min_index: int, max_index: int) -> None:
+  """Raises unless 0 <= min_index <= max_index < num (indices into `karras_sigmas`)."""
+  if not (num >= 2 and 0 <= min_index <= max_index < num):
+    raise ValueError(
+        f"Need num >= 2 and 0 <= min_index <= max_index < num (indices into the {num}-level "
+        f"Karras schedule), got min_index={min_index}, max_index={max_index}, num={num}.")
+
+
 def sample_sigma_karras(rng: Array, shape: Sequence[int], *, num: int = 1000,
                         min_index: int = 0, max_index: Optional[int] = None,
                         sigma_min: float = 0.002, sigma_max: float = 80.0,
@@ -445,9 +453,6 @@ def sample_sigma_karras(rng: Array, shape: Sequence[int], *, num: int = 1000,
     float32 noise levels of the given shape.
   """
   max_index = num - 1 if max_index is None else max_index
-  if not 0 <= min_index <= max_index < num:
-    raise ValueError(
-        f"Need 0 <= min_index <= max_index < num, got min_index={min_index}, "
-        f"max_index={max_index}, num={num}.")
+  check_sigma_indices(num, min_index, max_index)
   idx = jax.random.randint(rng, shape, min_index, max_index + 1)
   return karras_sigmas(num, sigma_min, sigma_max, rho)[idx]

@@ -1,4 +1,4 @@
-r"""Runs an f-distill distillation job.
+r"""Runs an f-distill job: flags -> `train.loop.train_and_evaluate(config, workdir)`.
 
   python -m fdistill_jax.main --config=configs/toy2d.py:js --workdir=/tmp/toy_js
   python -m fdistill_jax.main --config=configs/imagenet64.py:js --workdir=DIR \
@@ -6,16 +6,24 @@ r"""Runs an f-distill distillation job.
 
 Any config field can be overridden with --config.FIELD=VALUE. On a multi-host
 cluster (TPU pod slice, SLURM) pass --multihost to call
-jax.distributed.initialize() first; see launch/.
+jax.distributed.initialize() first; see launch/. A run stopped by SIGTERM saves
+its state and exits with code 143; rerunning the same command resumes it.
 """
 
-from absl import app
-from absl import flags
-from absl import logging
-import jax
-from ml_collections import config_flags
+import os
+import sys
 
-from fdistill_jax import train
+# TensorFlow is imported only to write TensorBoard summaries (clu); without this its
+# oneDNN notice is printed on every start.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import jax  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from fdistill_jax.train import console  # noqa: E402
+from fdistill_jax.train import loop  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config (path[:variant]).",
@@ -46,17 +54,17 @@ def _cpu_only():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  console.quiet_console()
   if FLAGS.multihost:
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  logging.info("JAX process %d / %d, %d local / %d global devices.", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
-  config = FLAGS.config
-  run = getattr(config, "run", "train")
-  if run == "toy_demo":
-    from fdistill_jax import toy_demo  # pylint: disable=g-import-not-at-top
-    toy_demo.run(config, FLAGS.workdir)
-  else:
-    train.train_and_evaluate(config, FLAGS.workdir)
+  console.say("JAX process %d / %d, %d local / %d global devices (%s).", jax.process_index(),
+              jax.process_count(), jax.local_device_count(), jax.device_count(),
+              jax.devices()[0].platform)
+  try:
+    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except loop.Preempted as e:
+    console.say("%s", e)
+    sys.exit(loop.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@ seen. The example order is a fresh permutation of the dataset per epoch, drawn
 from (seed, epoch); global batch `step` takes positions
 [step * B, (step + 1) * B) of the concatenated epochs (`example_indices`).
 
-Sources are built from `config.data` by `make_source`, which dispatches on
-`kind` through the `SOURCES` registry (the training code adds `'toy'`).
+Sources are built from `config.data` by `fdistill_jax.data.registry.make_source`,
+which dispatches on `kind` through the `SOURCES` registry ('tfds', 'edm',
+'memory', 'toy'). This module holds what every source shares: the example
+order, the checks, `IndexedSource`, the in-memory source and `Prefetcher`.
 
 Config fields (`config.data`):
-  kind: str, required. A key of `SOURCES`: 'tfds', 'edm', 'memory'.
+  kind: str, required. A key of `registry.SOURCES`: 'tfds', 'edm', 'memory', 'toy'.
   resolution: int, required. Image height and width; data of another size is
     refused.
   channels: int, default 3. Image channels; data with others is refused.
@@ -43,36 +45,20 @@ Example:
     for batch in batches: ...
 """
 
+
 from __future__ import annotations
 
 import concurrent.futures
 import functools
-import io
-import json
-import os
 import queue
 import threading
-import zipfile
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
-import PIL.Image
+
+from fdistill_jax.data import pixels
 
 _REQUIRED = object()
-_TFDS_BUILD_HINT = (
-    "Prepare it once (needs network; tfds 4.9.10 on Python >= 3.9 also needs "
-    "`pip install importlib_resources`) with\n"
-    "  tfds build {name} --data_dir={data_dir} --file_format=array_record\n"
-    "or in Python\n"
-    "  tfds.builder('{name}', data_dir='{data_dir}', "
-    "file_format='array_record').download_and_prepare()\n"
-    "and point config.data.data_dir at that directory.")
-_EDM_BUILD_HINT = (
-    "Create it with EDM's dataset_tool.py, e.g.\n"
-    "  python dataset_tool.py "
-    "--source=downloads/cifar10/cifar-10-python.tar.gz "
-    "--dest=datasets/cifar10-32x32.zip\n"
-    "and point config.data.path at the zip file or folder it writes.")
 
 
 class Source(Protocol):
@@ -139,7 +125,7 @@ def example_indices(seed: int, step: int, *, global_batch_size: int,
 # Checks shared by all sources.
 
 
-def _check_image(image: np.ndarray, image_shape: tuple[int, int, int],
+def check_image(image: np.ndarray, image_shape: tuple[int, int, int],
                  where: str) -> np.ndarray:
   """Adds a channel axis to grayscale images, refuses other shapes."""
   if image.ndim == 2:
@@ -153,7 +139,7 @@ def _check_image(image: np.ndarray, image_shape: tuple[int, int, int],
   return image
 
 
-def _check_labels(labels: np.ndarray, num_classes: int, where: str):
+def check_labels(labels: np.ndarray, num_classes: int, where: str):
   """Refuses labels that are not integers in [0, num_classes)."""
   labels = np.asarray(labels)
   if labels.size and not np.issubdtype(labels.dtype, np.integer):
@@ -166,17 +152,10 @@ def _check_labels(labels: np.ndarray, num_classes: int, where: str):
         "num_classes to the dataset's class count (0 = unconditional).")
 
 
-def _one_hot(labels, num_classes: int, n: int) -> np.ndarray:
+def one_hot(labels, num_classes: int, n: int) -> np.ndarray:
   if num_classes == 0:
     return np.zeros((n, 0), np.float32)
   return np.eye(num_classes, dtype=np.float32)[np.asarray(labels)]
-
-
-def _to_unit_range(images: np.ndarray) -> np.ndarray:
-  """uint8 -> float32 in [-1, 1] (EDM: x / 127.5 - 1); floats pass through."""
-  if images.dtype == np.uint8:
-    return images.astype(np.float32) / 127.5 - 1.0
-  return images.astype(np.float32, copy=False)
 
 
 # ----------------------------------------------------------------------------
@@ -221,12 +200,12 @@ class IndexedSource:
         process_count=process_count)
     images, labels = self._read(idx)
     if self.num_classes:
-      _check_labels(labels, self.num_classes, f"{self.name} step {step}")
-    return {"images": _to_unit_range(np.asarray(images)),
-            "labels": _one_hot(labels, self.num_classes, len(idx))}
+      check_labels(labels, self.num_classes, f"{self.name} step {step}")
+    return {"images": pixels.to_unit_range(np.asarray(images)),
+            "labels": one_hot(labels, self.num_classes, len(idx))}
 
 
-def _batch_reader(read_one: Callable[[int], tuple[np.ndarray, int]],
+def batch_reader(read_one: Callable[[int], tuple[np.ndarray, int]],
                   num_examples: int, config):
   """Batch reader from a per-example reader, run in chunks on a thread pool.
 
@@ -234,7 +213,7 @@ def _batch_reader(read_one: Callable[[int], tuple[np.ndarray, int]],
   construction. With `data.cache`, decodes the whole dataset once into memory
   (as EDM's `cache=True`; CIFAR-10 takes 150 MB).
   """
-  num_threads = int(_field(config, "num_threads", 8))
+  num_threads = int(field(config, "num_threads", 8))
   pool = concurrent.futures.ThreadPoolExecutor(
       num_threads, thread_name_prefix="fdistill-data")
 
@@ -247,171 +226,32 @@ def _batch_reader(read_one: Callable[[int], tuple[np.ndarray, int]],
     return np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs])
 
   read(np.zeros(1, np.int64))
-  if not _field(config, "cache", False):
+  if not field(config, "cache", False):
     return read
   images, labels = read(np.arange(num_examples))
   pool.shutdown()
   return lambda indices: (images[indices], labels[indices])
 
 
-def _field(config, key: str, default=_REQUIRED):
+def field(config, key: str, default=_REQUIRED):
   value = config.get(key, default)
   if value is _REQUIRED:
     raise ValueError(f"config.data.{key} is required for data.kind="
-                     f"{config.get('kind')!r} (see fdistill_jax/data.py).")
+                     f"{config.get('kind')!r} (see fdistill_jax/data/sources.py).")
   return value
 
 
-def _common(config) -> dict:
+def common_fields(config) -> dict:
   """The fields shared by every source, checked."""
-  res = int(_field(config, "resolution"))
-  ch = int(_field(config, "channels", 3))
-  num_classes = int(_field(config, "num_classes"))
+  res = int(field(config, "resolution"))
+  ch = int(field(config, "channels", 3))
+  num_classes = int(field(config, "num_classes"))
   if res < 1 or ch < 1 or num_classes < 0:
     raise ValueError(f"Bad data config: resolution={res}, channels={ch}, "
                      f"num_classes={num_classes}; need positive sizes and "
                      "num_classes >= 0.")
   return dict(image_shape=(res, res, ch), num_classes=num_classes,
-              seed=int(_field(config, "seed", 0)))
-
-
-# ----------------------------------------------------------------------------
-# TFDS (random access through tfds.data_source, no TensorFlow needed).
-
-
-def _open_tfds(name: str, split: str, data_dir):
-  """The tfds random-access source, or an error saying how to prepare it."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  hint = _TFDS_BUILD_HINT.format(name=name,
-                                 data_dir=data_dir or "~/tensorflow_datasets")
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    raise FileNotFoundError(f"TFDS dataset {name!r} is unknown to tfds "
-                            f"{tfds.__version__}. Check data.name.") from e
-  try:
-    return builder, builder.as_data_source(split=split)
-  except Exception as e:  # tfds raises several types for "not prepared".
-    said = (str(e).splitlines() or [""])[0]
-    raise FileNotFoundError(
-        f"TFDS dataset {name!r} split {split!r} is not prepared in the "
-        f"array_record format under data_dir={data_dir!r} (tfds said: "
-        f"{type(e).__name__}: {said}).\n{hint}") from e
-
-
-def tfds_source(config) -> IndexedSource:
-  """Source over a TFDS dataset, e.g. 'cifar10', 'imagenet_resized/64x64'."""
-  common = _common(config)
-  name, split = _field(config, "name"), _field(config, "split", "train")
-  image_key = _field(config, "image_key", "image")
-  label_key = _field(config, "label_key", "label")
-  data_dir = _field(config, "data_dir", None) or None
-  builder, ds = _open_tfds(name, split, data_dir)
-  where = f"tfds {name}[{split}]"
-  shape = builder.info.features[image_key].shape
-  if None not in shape:
-    _check_image(np.zeros(shape, np.uint8), common["image_shape"], where)
-  if common["num_classes"]:
-    have = builder.info.features[label_key].num_classes
-    if have != common["num_classes"]:
-      raise ValueError(
-          f"{where}: labels lie in [0, {have}) but data.num_classes="
-          f"{common['num_classes']}; set num_classes={have} (or 0 for "
-          "unconditional training).")
-
-  def read_one(i):
-    example = ds[i]
-    image = _check_image(np.asarray(example[image_key]),
-                         common["image_shape"], f"{where} example {i}")
-    return image, int(example[label_key]) if common["num_classes"] else 0
-
-  read = _batch_reader(read_one, len(ds), config)
-  return IndexedSource(read, num_examples=len(ds), name=where, **common)
-
-
-# ----------------------------------------------------------------------------
-# EDM dataset_tool.py output: zip or folder of images plus dataset.json.
-
-
-class _EdmFiles:
-  """Random access to the files of an EDM dataset (zip or folder)."""
-
-  def __init__(self, path: str):
-    self.path = path
-    self._local = threading.local()
-    if os.path.isdir(path):
-      names = [os.path.relpath(os.path.join(root, f), path).replace("\\", "/")
-               for root, _, files in os.walk(path) for f in files]
-    elif zipfile.is_zipfile(path):
-      names = self._zip().namelist()
-    else:
-      raise FileNotFoundError(
-          f"EDM dataset not found: {path!r} is neither a folder nor a zip "
-          f"file.\n{_EDM_BUILD_HINT}")
-    exts = set(PIL.Image.registered_extensions())
-    self.names = set(names)
-    self.images = sorted(n for n in names
-                         if os.path.splitext(n)[1].lower() in exts)
-
-  def _zip(self) -> zipfile.ZipFile:
-    if getattr(self._local, "zip", None) is None:  # One handle per thread.
-      self._local.zip = zipfile.ZipFile(self.path)
-    return self._local.zip
-
-  def read(self, name: str) -> bytes:
-    if os.path.isdir(self.path):
-      with open(os.path.join(self.path, name), "rb") as f:
-        return f.read()
-    return self._zip().read(name)
-
-
-def _edm_labels(files: _EdmFiles, num_classes: int) -> np.ndarray:
-  """Integer labels in file order from dataset.json, checked."""
-  where = f"EDM dataset {files.path}"
-  raw = (json.loads(files.read("dataset.json")).get("labels")
-         if "dataset.json" in files.names else None)
-  if raw is None:
-    raise ValueError(
-        f"{where} has no labels (dataset.json missing or labels null) but "
-        f"data.num_classes={num_classes}. Set num_classes=0 for unconditional "
-        "training, or rebuild the dataset from labelled data.")
-  table = {str(k).replace("\\", "/"): v for k, v in raw}
-  missing = [n for n in files.images if n not in table]
-  if missing:
-    raise ValueError(f"{where}: dataset.json has no label for {missing[:3]} "
-                     f"({len(missing)} files). Rebuild it with "
-                     "dataset_tool.py.")
-  labels = np.array([table[n] for n in files.images])
-  if labels.ndim != 1:
-    raise ValueError(f"{where}: labels must be integer classes, got label "
-                     f"vectors of shape {labels.shape[1:]}.")
-  _check_labels(labels, num_classes, where)
-  return labels.astype(np.int64)
-
-
-def edm_source(config) -> IndexedSource:
-  """Source over EDM's dataset format (see the module docstring)."""
-  common = _common(config)
-  path = os.path.expanduser(str(_field(config, "path") or ""))
-  if not path or not os.path.exists(path):
-    raise FileNotFoundError(f"EDM dataset not found at {path!r}.\n"
-                            f"{_EDM_BUILD_HINT}")
-  files = _EdmFiles(path)
-  if not files.images:
-    raise FileNotFoundError(f"No image files in {path!r}.\n{_EDM_BUILD_HINT}")
-  labels = (_edm_labels(files, common["num_classes"])
-            if common["num_classes"] else np.zeros(len(files.images), np.int64))
-
-  def read_one(i):
-    name = files.images[i]
-    with PIL.Image.open(io.BytesIO(files.read(name))) as im:
-      image = np.asarray(im)
-    image = _check_image(image, common["image_shape"], f"{path}/{name}")
-    return image, labels[i]
-
-  read = _batch_reader(read_one, len(files.images), config)
-  return IndexedSource(read, num_examples=len(files.images),
-                       name=f"EDM dataset {path}", **common)
+              seed=int(field(config, "seed", 0)))
 
 
 # ----------------------------------------------------------------------------
@@ -420,9 +260,9 @@ def edm_source(config) -> IndexedSource:
 
 def memory_source(config) -> IndexedSource:
   """Source over arrays: images uint8 or float in [-1, 1], integer labels."""
-  common = _common(config)
-  images = np.asarray(_field(config, "images"))
-  labels = _field(config, "labels", None)
+  common = common_fields(config)
+  images = np.asarray(field(config, "images"))
+  labels = field(config, "labels", None)
   where = "memory source"
   if images.ndim != 4 or images.shape[1:] != common["image_shape"]:
     raise ValueError(
@@ -441,7 +281,7 @@ def memory_source(config) -> IndexedSource:
       raise ValueError(f"{where}: data.num_classes={common['num_classes']} "
                        f"needs labels of shape [{len(images)}], got "
                        f"{None if labels is None else np.shape(labels)}.")
-    _check_labels(labels, common["num_classes"], where)
+    check_labels(labels, common["num_classes"], where)
     labels = np.asarray(labels, np.int64)
   else:
     labels = np.zeros(len(images), np.int64)
@@ -449,22 +289,6 @@ def memory_source(config) -> IndexedSource:
   def read(indices):
     return images[indices], labels[indices]
   return IndexedSource(read, num_examples=len(images), name=where, **common)
-
-
-SOURCES: dict[str, Callable[[Any], Source]] = {
-    "tfds": tfds_source,
-    "edm": edm_source,
-    "memory": memory_source,
-}
-
-
-def make_source(config) -> Source:
-  """The source that `config.data.kind` names, from `SOURCES`."""
-  kind = _field(config, "kind")
-  if kind not in SOURCES:
-    raise ValueError(f"Unknown data.kind={kind!r}; known kinds: "
-                     f"{sorted(SOURCES)}.")
-  return SOURCES[kind](config)
 
 
 # ----------------------------------------------------------------------------

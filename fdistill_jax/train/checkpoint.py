@@ -1,38 +1,100 @@
-"""Durable runs: orbax checkpoints, automatic resume, config compatibility, export.
+"""The workdir: its layout, orbax checkpoints, resume, and the generator's export.
 
-A checkpoint holds the TrainState and the config it was made with (JSON).
-The frozen teacher is never in it. Saves are asynchronous; orbax writes each
-step into a temporary directory and renames it when complete, so a run killed
-mid-save leaves only complete checkpoints visible. A latest checkpoint that
-cannot be read is skipped with a warning and the previous one is used.
+This module is the only one that names files in a run's workdir:
+
+  WORKDIR/
+    checkpoints/<step>/{state,config}   orbax, asynchronous, last K kept
+    generator_spec.json                 the generator's architecture (no teacher needed)
+    config.json                         the resolved config of the run
+    status.json                         {"state": "running"|"finished"|"preempted"|"failed", ...}
+    log.txt                             the full log (the console shows progress only)
+    samples/step_NNNNNNN.png            one-step sample grids
+    events.out.tfevents.*               TensorBoard scalars and images (clu writer)
+
+A checkpoint holds the TrainState and the config it was made with; the frozen
+teacher is never in it. Orbax writes each step into a temporary directory and
+renames it when complete, so a run killed mid-save leaves only complete
+checkpoints visible; a latest checkpoint that cannot be read is skipped with a
+warning and the previous one is used (`newest_readable`).
+
+An exported generator (`export_generator`) is a directory with
+generator_spec.json, export.json and params/ (orbax), loadable without the
+training workdir: `load_generator(path) -> (module, params, info)`.
 """
 
 import json
 import logging
 import os
+from typing import Any, Callable, Optional
 
+from etils import epath
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from fdistill_jax.io import atomic
+
+CHECKPOINTS = "checkpoints"
+GENERATOR_SPEC = "generator_spec.json"
+CONFIG_FILE = "config.json"
+STATUS_FILE = "status.json"
+LOG_FILE = "log.txt"
+SAMPLES = "samples"
+PARAMS_DIR = "params"                 # exported generator
+EXPORT_FILE = "export.json"           # exported generator
+DEFAULT_SIGMA_INIT = 80.0
 
 # Config fields that must match to resume: they change what the state means.
 COMPATIBLE_KEYS = ("divergence", "teacher.kind", "teacher.arch", "toy.width", "toy.depth",
                    "disc.resolutions", "disc.channels", "disc.features_from", "ema_decays",
                    "compute_dtype")
 
+_LOG = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+  """A workdir, checkpoint or export directory is missing or unusable."""
+
+
+def path(workdir, name):
+  """Absolute path of `name` (one of this module's constants) in `workdir`."""
+  return os.path.join(os.path.abspath(workdir), name)
+
+
+def write_status(workdir, state, step, **extra):
+  """Records the run's state in status.json (atomic write)."""
+  atomic.write_json(path(workdir, STATUS_FILE), {"state": state, "step": int(step), **extra})
+
+
+# ----------------------------------------------------------------------------
+# Training checkpoints.
+
 
 def manager(workdir, config):
-  """An orbax CheckpointManager under workdir/checkpoints (async, keep last K)."""
+  """An orbax CheckpointManager under workdir/checkpoints.
+
+  Orbax decides when `save` writes: every `config.checkpoint_every`
+  iterations (0: never by interval), at the last iteration, and at a
+  multi-host preemption sync point (`reached_preemption`, the step every
+  process agrees on after any of them got SIGTERM). Saves are asynchronous;
+  the last `config.keep_checkpoints` are kept.
+  """
+  policies = [ocp.checkpoint_managers.SpecificStepsPolicy({int(config.total_steps)}),
+              ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]
+  if config.checkpoint_every > 0:
+    policies.append(ocp.checkpoint_managers.FixedIntervalPolicy(int(config.checkpoint_every)))
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.keep_checkpoints, create=True, enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options, item_names=("state", "config"))
+      max_to_keep=config.keep_checkpoints, create=True, enable_async_checkpointing=True,
+      save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies))
+  return ocp.CheckpointManager(path(workdir, CHECKPOINTS), options=options,
+                               item_names=("state", "config"))
 
 
-def save(mngr, step, state, config):
-  """Starts an asynchronous save of `state` and the config at `step`."""
-  mngr.save(int(step), args=ocp.args.Composite(
+def save(mngr, step, state, config, force=False):
+  """Saves `state` and the config at `step` if due (or `force`); True if it started."""
+  return mngr.save(int(step), args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
-      config=ocp.args.JsonSave(json.loads(config.to_json()))), force=True)
+      config=ocp.args.JsonSave(json.loads(config.to_json()))), force=force)
 
 
 def _lookup(cfg, dotted):
@@ -55,36 +117,62 @@ def check_compatible(saved, config):
                      f"{lines}\nUse a new --workdir, or run with the checkpoint's settings.")
 
 
+def newest_readable(steps, read: Callable[[int], Any]):
+  """(step, read(step)) for the newest step whose read succeeds; None if none.
+
+  Steps are tried newest first; one that raises anything but `CheckpointError`
+  or `ValueError` (a truncated or corrupt file) is skipped with a warning.
+  """
+  for step in sorted(steps, reverse=True):
+    try:
+      return step, read(step)
+    except (CheckpointError, ValueError):
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (corrupt / truncated files)
+      _LOG.warning("Skipping unreadable checkpoint at step %d: %s", step, e)
+  return None
+
+
+def _read_config(mngr, step):
+  return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
+def saved_config(workdir):
+  """The config dict of the newest readable checkpoint of `workdir`, or None."""
+  if not os.path.isdir(path(workdir, CHECKPOINTS)):
+    return None
+  mngr = _reader(workdir)
+  try:
+    found = newest_readable(mngr.all_steps(), lambda s: _read_config(mngr, s))
+  finally:
+    mngr.close()
+  return None if found is None else found[1]
+
+
 def restore_latest(mngr, abstract_state, config):
   """Restores the newest readable checkpoint; returns the state or None.
 
   Checkpoints that fail to load (truncated or corrupt files) are skipped with a
-  warning, newest first. A checkpoint made with an incompatible config raises.
+  warning, newest first. A checkpoint made with an incompatible config, or
+  whose arrays do not fit the run's networks, raises.
   """
-  for step in sorted(mngr.all_steps(), reverse=True):
-    try:
-      saved_config = mngr.restore(step, args=ocp.args.Composite(
-          config=ocp.args.JsonRestore()))["config"]
-    except Exception as e:  # pylint: disable=broad-except
-      logging.warning("Skipping unreadable checkpoint at step %d: %s", step, e)
-      continue
-    check_compatible(saved_config, config)
+  def read(step):
+    check_compatible(_read_config(mngr, step), config)
     _check_shapes(mngr, step, abstract_state)
-    try:
-      restored = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))
-      logging.info("Resumed from checkpoint at step %d.", step)
-      return restored["state"]
-    except Exception as e:  # pylint: disable=broad-except
-      logging.warning("Skipping unreadable checkpoint at step %d: %s", step, e)
-  return None
+    return mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))["state"]
+  found = newest_readable(mngr.all_steps(), read)
+  if found is None:
+    return None
+  _LOG.info("Resumed from checkpoint at step %d.", found[0])
+  return found[1]
 
 
 def _saved_shapes(mngr, step):
   """{path: shape} of the saved state, from its metadata; None if unreadable."""
-  path = os.path.join(str(mngr.directory), str(step), "state")
+  state_dir = os.path.join(str(mngr.directory), str(step), "state")
   try:
-    tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    tree = ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree
   except Exception:  # pylint: disable=broad-except
     return None
   return _shapes(tree)
@@ -97,8 +185,8 @@ def _shapes(tree):
       if hasattr(entry, attr):
         return str(getattr(entry, attr))
     return str(entry)
-  return {"/".join(name(e) for e in path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {"/".join(name(e) for e in p): tuple(leaf.shape)
+          for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _check_shapes(mngr, step, abstract_state):
@@ -110,7 +198,7 @@ def _check_shapes(mngr, step, abstract_state):
   """
   saved = _saved_shapes(mngr, step)
   if saved is None:
-    return                        # unreadable: restore_latest skips it
+    return                        # unreadable: newest_readable skips it
   want = _shapes(abstract_state)
   diffs = [f"  {k}: checkpoint {saved.get(k)}, run {want.get(k)}"
            for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
@@ -123,3 +211,150 @@ def _check_shapes(mngr, step, abstract_state):
 def abstract(state):
   """ShapeDtypeStructs (with shardings) describing `state`, for restoring into."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+
+# ----------------------------------------------------------------------------
+# The generator alone: reading it from a workdir, exporting it, loading it.
+
+
+def _read_json(file, what):
+  if not os.path.isfile(file):
+    raise CheckpointError(f"{what} not found: looked for {file}.")
+  with open(file) as f:
+    return json.load(f)
+
+
+def _reader(workdir):
+  directory = path(workdir, CHECKPOINTS)
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"No checkpoints in {workdir!r}: looked for {directory}/<step>/state. "
+                          "Point --workdir at a training workdir (or an exported generator).")
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
+                               item_names=("state", "config"))
+
+
+def parse_which(which, num_ema):
+  """'ema' | 'ema:K' | 'raw' -> ('ema', K) or ('raw', None), checked against num_ema."""
+  if which == "raw":
+    return "raw", None
+  k = 0
+  if which.startswith("ema:") and which[4:].isdigit():
+    k = int(which[4:])
+  elif which != "ema":
+    raise CheckpointError(f"which={which!r}; expected 'ema', 'ema:K' or 'raw'.")
+  if not num_ema:
+    raise CheckpointError(f"which={which!r} but the run keeps no EMA copies (ema_decays is "
+                          "empty); use which='raw' (--which=raw).")
+  if k >= num_ema:
+    raise CheckpointError(f"which={which!r} but the run keeps {num_ema} EMA copies "
+                          f"(ema_decays); use 'ema:0'..'ema:{num_ema - 1}' or 'raw'.")
+  return "ema", k
+
+
+def _restore_subtree(state_dir, key):
+  """Restores state[key] (and step) as numpy arrays, whatever the saving topology."""
+  state_path = epath.Path(state_dir)
+  tree = ocp.PyTreeCheckpointHandler().metadata(state_path).tree
+  item = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype),
+                      {"step": tree["step"], key: tree[key]})
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  return ocp.PyTreeCheckpointer().restore(state_path, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args, partial_restore=True))
+
+
+def _generator_at(mngr, step, which):
+  """(params, config dict, step, (kind, k)) from one checkpoint."""
+  config = _read_config(mngr, step)
+  kind, k = parse_which(which, len(config.get("ema_decays", ())))
+  state_dir = os.path.join(str(mngr.directory), str(step), "state")
+  restored = _restore_subtree(state_dir, "gen" if kind == "raw" else "ema")
+  params = restored["gen"] if kind == "raw" else restored["ema"][k]
+  return params, config, int(restored["step"]), (kind, k)
+
+
+def restore_generator_params(workdir, which="ema", step=None):
+  """Generator parameters of a training workdir, without the teacher.
+
+  Args:
+    workdir: a training workdir (checkpoints/<step>/{state,config}).
+    which: 'ema' (the first EMA copy), 'ema:K' or 'raw'.
+    step: checkpoint step; default the newest readable one.
+
+  Returns:
+    (params as numpy arrays, info dict: step, which, ema_decay, divergence,
+    sigma_init, source).
+  """
+  mngr = _reader(workdir)
+  try:
+    available = list(mngr.all_steps())
+    if step is not None and int(step) not in available:
+      raise CheckpointError(f"No checkpoint at step {step} under {mngr.directory}; "
+                            f"available steps: {sorted(available)}.")
+    found = newest_readable([int(step)] if step is not None else available,
+                            lambda s: _generator_at(mngr, s, which))
+  finally:
+    mngr.close()
+  if found is None:
+    raise CheckpointError(f"No readable checkpoint under {path(workdir, CHECKPOINTS)}; train "
+                          "longer or wait for the first checkpoint to finish.")
+  params, config, saved_step, (kind, k) = found[1]
+  info = {"step": saved_step, "which": "raw" if kind == "raw" else f"ema:{k}",
+          "ema_decay": None if kind == "raw" else float(config["ema_decays"][k]),
+          "divergence": config.get("divergence"),
+          "sigma_init": float(config.get("loss", {}).get("sigma_init", DEFAULT_SIGMA_INIT)),
+          "source": os.path.abspath(workdir)}
+  return params, info
+
+
+def is_export(directory):
+  return os.path.isfile(os.path.join(directory, EXPORT_FILE))
+
+
+def load_generator(directory, *, which="ema", step=None, student_from_spec=None):
+  """(module, params, info) from an exported directory or a training workdir.
+
+  `which` and `step` select the weights of a training workdir; an exported
+  directory holds one set and ignores them. `info` has the export.json fields
+  plus 'spec', 'sample_shape' and 'num_classes'. `student_from_spec` builds
+  the module (default: `fdistill_jax.teachers.registry.student_from_spec`).
+  """
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"Generator directory {directory!r} does not exist: expected a "
+                          f"training workdir ({GENERATOR_SPEC}, {CHECKPOINTS}/) or an exported "
+                          f"generator ({GENERATOR_SPEC}, {PARAMS_DIR}/, {EXPORT_FILE}).")
+  if student_from_spec is None:
+    from fdistill_jax.teachers import registry  # pylint: disable=g-import-not-at-top
+    student_from_spec = registry.student_from_spec
+  spec = _read_json(os.path.join(directory, GENERATOR_SPEC), "Generator architecture")
+  if is_export(directory):
+    info = _read_json(os.path.join(directory, EXPORT_FILE), "Export record")
+    params = ocp.StandardCheckpointer().restore(path(directory, PARAMS_DIR))
+  else:
+    params, info = restore_generator_params(directory, which, step)
+  module, sample_shape, num_classes = student_from_spec(spec)
+  info = dict(info, spec=spec, sample_shape=list(sample_shape), num_classes=int(num_classes))
+  return module, params, info
+
+
+def export_generator(workdir, out_dir, *, which="ema", step=None, overwrite=False):
+  """Writes the generator alone: generator_spec.json, params/ (orbax), export.json.
+
+  The directory appears complete or not at all (`io.atomic.write_dir`). EMA
+  weights by default (`which` as in `restore_generator_params`).
+
+  Returns:
+    The absolute path of `out_dir`.
+  """
+  spec = _read_json(path(workdir, GENERATOR_SPEC), "Generator architecture")
+  atomic.check_output_dir(os.path.abspath(out_dir), overwrite, "export")
+  params, info = restore_generator_params(workdir, which, step)
+
+  def fill(tmp):
+    atomic.write_json(os.path.join(tmp, GENERATOR_SPEC), spec)
+    atomic.write_json(os.path.join(tmp, EXPORT_FILE), info)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(epath.Path(tmp) / PARAMS_DIR, params)
+    checkpointer.wait_until_finished()
+  return atomic.write_dir(out_dir, fill, overwrite=overwrite, tool="fdistill_jax.tools.sample",
+                          what="export")
+

@@ -1,11 +1,13 @@
 """Mesh, sharded initialisation, jitted steps and the training loop.
 
-`train_and_evaluate(config, workdir)` is the whole job: it checks the config,
-loads the frozen teacher, builds (or resumes) the TrainState sharded over a
-`jax.sharding.Mesh` of all devices, and runs Algorithm 1 of the paper: a
-critic step (fake score + discriminator) every iteration and a generator step
-every `fake_score_update_freq` iterations. Nothing in a step assumes a single
-process: each process feeds its share of the global batch.
+`train_and_evaluate(config, workdir)` is the whole job: it checks the config
+and the workdir, loads the frozen teacher from the registry, builds (or
+resumes) the TrainState sharded over a `jax.sharding.Mesh` of all devices,
+and runs Algorithm 1 of the paper: a critic step (fake score +
+discriminator) every iteration and a generator step every
+`fake_score_update_freq` iterations. Nothing in a step assumes a single
+process: each process feeds its share of the global batch. The loop knows no
+problem by name: teacher, data and evaluators come from registries.
 """
 
 import functools
@@ -21,15 +23,30 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fdistill_jax import checkpoint as ckpt_lib
-from fdistill_jax import data as data_lib
-from fdistill_jax import divergences
-from fdistill_jax import models as models_lib
-from fdistill_jax import state as state_lib
-from fdistill_jax import steps
-from fdistill_jax import visualize
+from fdistill_jax import config_lib
+from fdistill_jax.data import registry as data_registry
+from fdistill_jax.data import sources as data_sources
+from fdistill_jax.eval import evaluators as evaluators_lib
+from fdistill_jax.io import atomic
+from fdistill_jax.teachers import registry as teacher_registry
+from fdistill_jax.train import checkpoint as ckpt_lib
+from fdistill_jax.train import console
+from fdistill_jax.train import models as models_lib
+from fdistill_jax.train import state as state_lib
+from fdistill_jax.train import steps
 
 BATCH_AXES = ("data", "fsdp")
+PREEMPTED_EXIT_CODE = 143     # 128 + SIGTERM: "stopped on request", state saved
+_LOG = logging.getLogger(__name__)
+
+
+class Preempted(Exception):
+  """The run was asked to stop (SIGTERM), saved its state and stopped early."""
+
+  def __init__(self, step):
+    super().__init__(f"Preempted at step {step}: the state is saved in the workdir; run the "
+                     "same command again to resume.")
+    self.step = step
 
 
 def make_mesh(config, devices=None):
@@ -44,8 +61,7 @@ def param_sharding(mesh, leaf):
   shape = getattr(leaf, "shape", ())
   if n == 1 or not shape:
     return NamedSharding(mesh, P())
-  axes = sorted(range(len(shape)), key=lambda i: -shape[i])
-  for i in axes:
+  for i in sorted(range(len(shape)), key=lambda i: -shape[i]):
     if shape[i] % n == 0:
       spec = [None] * len(shape)
       spec[i] = "fsdp"
@@ -57,72 +73,26 @@ def tree_sharding(mesh, tree):
   return jax.tree.map(functools.partial(param_sharding, mesh), tree)
 
 
-def itstime(step, every, total, last=True):
-  """True when periodic work is due after `step` completed iterations."""
-  return (every > 0 and step % every == 0) or (last and step == total)
-
-
-def _check(ok, msg):
-  if not ok:
-    raise ValueError(msg)
-
-
-def validate_config(config, num_devices, process_count=1):
-  """Fails before any compilation, saying what to change."""
-  b = config.batch_size
-  _check(b > 0 and b % num_devices == 0,
-         f"batch_size={b} does not divide the {num_devices} devices; set "
-         f"--config.batch_size to a multiple of {num_devices}.")
-  _check(b % process_count == 0,
-         f"batch_size={b} does not divide the {process_count} processes.")
-  _check(config.mesh.fsdp >= 1 and num_devices % config.mesh.fsdp == 0,
-         f"mesh.fsdp={config.mesh.fsdp} must be >= 1 and divide the {num_devices} devices.")
-  divergences.get_divergence(config.divergence)   # ValueError listing the names
-  _check(config.total_steps > 0, f"total_steps={config.total_steps} must be positive.")
-  _check(config.fake_score_update_freq >= 1,
-         f"fake_score_update_freq={config.fake_score_update_freq} must be >= 1.")
-  for name in ("gen_lr", "fake_lr", "disc_lr"):
-    _check(config.optim[name] > 0, f"optim.{name}={config.optim[name]} must be positive.")
-  _check(config.optim.weight_decay >= 0, "optim.weight_decay must be >= 0.")
-  lc = config.loss
-  for name in ("fdistill_weight", "gan_weight", "r1_gamma"):
-    _check(lc[name] >= 0, f"loss.{name}={lc[name]} must be >= 0.")
-  _check(lc.fdistill_weight > 0 or lc.gan_weight > 0,
-         "loss.fdistill_weight and loss.gan_weight are both 0: nothing would train.")
-  _check(0 <= lc.min_index < lc.max_index <= lc.num_sigmas,
-         f"need 0 <= loss.min_index ({lc.min_index}) < loss.max_index ({lc.max_index}) "
-         f"<= loss.num_sigmas ({lc.num_sigmas}).")
-  _check(0 < lc.sigma_min < lc.sigma_max, "need 0 < loss.sigma_min < loss.sigma_max.")
-  _check(lc.time_weighting in ("dmd", "none"),
-         f"loss.time_weighting={lc.time_weighting!r}; expected 'dmd' or 'none'.")
-  _check(config.disc.features_from in ("teacher", "fake_score"),
-         f"disc.features_from={config.disc.features_from!r}; expected 'teacher' or 'fake_score'.")
-  _check(len(config.disc.resolutions) > 0, "disc.resolutions is empty.")
-  _check(config.eval.fid_every <= 0 or (config.eval.inception and config.eval.ref),
-         "eval.fid_every > 0 needs eval.inception (Inception weights) and eval.ref "
-         "(reference statistics .npz); set both or set eval.fid_every=0.")
-  _check(all(0 <= d < 1 for d in config.ema_decays),
-         f"ema_decays={tuple(config.ema_decays)} must each lie in [0, 1).")
-
-
 class Trainer:
-  """Holds the mesh, the jitted steps and the sharded state of one run."""
+  """The mesh, the jitted steps and the sharded state of one run."""
 
-  def __init__(self, config, source=None, devices=None):
+  def __init__(self, config, source=None, devices=None, teacher=None):
     self.config = config
     self.mesh = make_mesh(config, devices)
-    self.models, self.teacher_vars, student_params = models_lib.build(config)
-    self.initial_params = student_params      # generator / fake score start here
+    teacher = teacher if teacher is not None else teacher_registry.build(config)
+    self.models = models_lib.from_teacher(teacher, config.disc)
+    self.spec = teacher.spec
+    self.initial_params = teacher.student_params      # generator / fake score start here
     self.optimizers = state_lib.make_optimizers(config.optim)
-    self.source = source if source is not None else make_source(config)
+    self.source = source if source is not None else data_registry.make_source(config.data)
     _check_source(self.source, self.models)
     self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
-    self.teacher_vars = jax.device_put(self.teacher_vars,
-                                       tree_sharding(self.mesh, self.teacher_vars))
-    self._init_state(student_params)
-    kw = dict(models=self.models, optimizers=self.optimizers, config=config)
+    teacher_sh = tree_sharding(self.mesh, teacher.variables)
+    self.teacher_vars = jax.device_put(teacher.variables, teacher_sh)
+    self._init_state(teacher.student_params)
+    kw = dict(models=self.models, optimizers=self.optimizers, config=config,
+              sharding=self.batch_sharding)
     repl = NamedSharding(self.mesh, P())
-    teacher_sh = tree_sharding(self.mesh, self.teacher_vars)
     self.gen_step = jax.jit(functools.partial(steps.generator_step, **kw),
                             in_shardings=(self.state_sharding, teacher_sh),
                             out_shardings=(self.state_sharding, repl), donate_argnums=0)
@@ -152,7 +122,7 @@ class Trainer:
 
   def batches(self, start):
     """Prefetched global batches from `start` on; each process reads its own rows."""
-    return data_lib.Prefetcher(
+    return data_sources.Prefetcher(
         self.source, start, global_batch_size=self.config.batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(),
         buffer_size=self.config.data.prefetch, transform=self.to_global)
@@ -168,14 +138,6 @@ class Trainer:
   @property
   def step(self):
     return int(jax.device_get(self.state.step))
-
-
-def make_source(config):
-  """The config's data source; the toy teacher brings its own."""
-  if config.data.kind == "toy":
-    from fdistill_jax import toy_demo  # pylint: disable=g-import-not-at-top
-    return toy_demo.make_source(config)
-  return data_lib.make_source(config.data)
 
 
 def _check_source(source, models):
@@ -197,28 +159,115 @@ def check_finite(metrics, step):
         "checkpoint is kept; lower the learning rates or enable loss.logit_clip.")
 
 
-class _Preemption:
-  """Turns SIGTERM (TPU / SLURM preemption) into a flag the loop checks."""
+class _SigtermFlag:
+  """Single-process preemption: SIGTERM sets a flag the loop checks each iteration.
+
+  In a multi-process job JAX's preemption service owns SIGTERM and orbax's
+  `reached_preemption(step)` tells every process the same step to stop at, so
+  no Python handler is installed there.
+  """
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested, self._previous = False, None
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
-    except ValueError:      # not the main thread: no handler
-      self._previous = None
+    if jax.process_count() == 1:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handler)
+      except ValueError:      # not the main thread: no handler
+        self._previous = None
     return self
 
   def _handler(self, signum, frame):
     del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint and exiting.")
+    _LOG.warning("SIGTERM received: saving a checkpoint and stopping.")
     self.requested = True
 
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+def check_workdir(workdir):
+  """Fails at once, before the teacher loads, when the workdir cannot be written."""
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir} exists and is not a directory; pass a directory.")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"--workdir={workdir} cannot be created ({e.strerror}); choose a "
+                     "writable location.") from e
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise ValueError(f"--workdir={workdir} is not writable; choose a writable location.")
+  return workdir
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, source=None,
+                       teacher=None):
+  """Runs (or resumes) a distillation run in `workdir`; returns the final TrainState.
+
+  `source` (a data source) and `teacher` (a `teachers.base.Teacher`) replace
+  the ones the config names, e.g. to share one fitted teacher across a sweep.
+
+  Raises:
+    Preempted: SIGTERM arrived; the state was saved first.
+  """
+  config = ml_collections.FrozenConfigDict(config)
+  config_lib.validate(config, jax.device_count(), jax.process_count())
+  workdir = check_workdir(workdir)
+  log_name = ckpt_lib.LOG_FILE if jax.process_index() == 0 else (
+      f"log_process{jax.process_index()}.txt")
+  with console.log_to_file(os.path.join(workdir, log_name)), _SigtermFlag() as sigterm:
+    console.say("Building the run in %s (teacher: %s) ...", workdir, config.teacher.kind)
+    trainer = Trainer(config, source, teacher=teacher)
+    return _run(trainer, workdir, sigterm)
+
+
+def _run(trainer, workdir, sigterm):
+  config = trainer.config
+  mngr = ckpt_lib.manager(workdir, config)
+  try:
+    restored = ckpt_lib.restore_latest(mngr, ckpt_lib.abstract(trainer.state), config)
+    if restored is not None:
+      trainer.state = restored
+    _write_run_files(trainer, workdir)
+    writer = metric_writers.create_default_writer(workdir,
+                                                  just_logging=jax.process_index() > 0)
+    with metric_writers.ensure_flushes(writer):
+      _loop(trainer, workdir, mngr, writer, sigterm)
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+  return trainer.state
+
+
+def _write_run_files(trainer, workdir):
+  """generator_spec.json, config.json and status.json, after the resume checks passed."""
+  if jax.process_index() != 0:
+    return
+  atomic.write_json(ckpt_lib.path(workdir, ckpt_lib.GENERATOR_SPEC), trainer.spec)
+  atomic.write_json(ckpt_lib.path(workdir, ckpt_lib.CONFIG_FILE),
+                    json.loads(trainer.config.to_json()))
+  ckpt_lib.write_status(workdir, "running", trainer.step)
+
+
+class _Averages:
+  """Means of each metric since the last report (a metric appears when it was computed)."""
+
+  def __init__(self):
+    self.sums, self.counts = {}, {}
+
+  def add(self, metrics):
+    for k, v in metrics.items():
+      self.sums[k] = self.sums[k] + v if k in self.sums else v
+      self.counts[k] = self.counts.get(k, 0) + 1
+
+  def pop(self):
+    values = jax.device_get(self.sums)
+    out = {k: np.asarray(v) / self.counts[k] for k, v in values.items()}
+    self.sums, self.counts = {}, {}
+    return out
 
 
 def _scalars(metrics):
@@ -232,54 +281,40 @@ def _scalars(metrics):
   return out
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, source=None):
-  """Runs (or resumes) a distillation run in `workdir`; returns the final TrainState."""
-  return run(build_trainer(config, source), workdir)
+def _evaluator_actions(trainer, workdir, writer):
+  """Each evaluator wrapped in a clu PeriodicCallback at its period and the last step."""
+  config = trainer.config
+  ctx = evaluators_lib.EvalContext(
+      config=config, workdir=workdir, models=trainer.models, teacher_vars=trainer.teacher_vars,
+      devices=tuple(trainer.mesh.devices.flat), writer=writer,
+      initial_params=trainer.initial_params,
+      samples_dir=ckpt_lib.path(workdir, ckpt_lib.SAMPLES))
+  actions = []
+  for ev in evaluators_lib.build(config.eval.evaluators, ctx):
+    def run(step, t, ev=ev):
+      del t
+      scalars = ev(evaluators_lib.as_params(trainer.state), step)
+      if scalars:
+        writer.write_scalars(step, scalars)
+    actions.append(periodic_actions.PeriodicCallback(
+        every_steps=ev.every or None, on_steps=[config.total_steps] if ev.at_end else [],
+        callback_fn=run))
+  return actions
 
 
-def build_trainer(config, source=None):
-  """Checks the config (before any compilation) and builds the Trainer."""
-  config = ml_collections.FrozenConfigDict(config)
-  validate_config(config, jax.device_count(), jax.process_count())
-  return Trainer(config, source)
-
-
-def run(trainer, workdir):
-  """The training loop: resume, iterate, log, sample, checkpoint; SIGTERM saves and stops."""
-  with _Preemption() as preempt:      # first, so a SIGTERM during start-up still saves
-    mngr = _resume(trainer, workdir)
-    writer = metric_writers.create_default_writer(workdir,
-                                                  just_logging=jax.process_index() > 0)
-    try:
-      _loop(trainer, workdir, mngr, writer, preempt)
-    finally:
-      mngr.wait_until_finished()
-      mngr.close()
-      writer.flush()
-  return trainer.state
-
-
-def _resume(trainer, workdir):
-  """Records the generator's architecture and restores the newest readable checkpoint."""
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, "generator_spec.json"),
-                models_lib.student_spec(trainer.config))
-  mngr = ckpt_lib.manager(workdir, trainer.config)
-  restored = ckpt_lib.restore_latest(mngr, ckpt_lib.abstract(trainer.state), trainer.config)
-  if restored is not None:
-    trainer.state = restored
-  return mngr
-
-
-def _loop(trainer, workdir, mngr, writer, preempt):
+def _loop(trainer, workdir, mngr, writer, sigterm):
   config, step = trainer.config, trainer.step
+  averages, start = _Averages(), step
+  progress = console.Progress(config.total_steps, step)
   report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
-                                           every_secs=10.0)
-  viz = visualize.Visualizer(trainer, workdir)
-  fid = visualize.PeriodicFID(trainer) if config.eval.fid_every > 0 else None
+                                           every_secs=60.0)
+  log_action = periodic_actions.PeriodicCallback(
+      every_steps=config.log_every, on_steps=[config.total_steps],
+      callback_fn=lambda step, t: writer.write_scalars(step, _scalars(averages.pop())))
+  evaluators = _evaluator_actions(trainer, workdir, writer)
   if step == 0:
-    writer.write_hparams(_scalars_config(config))
+    writer.write_hparams(config_lib.flat_scalars(config))
+  console.say("Compiling and running from step %d of %d ...", step, config.total_steps)
   with trainer.batches(step) as batches:
     pending = None
     while step < config.total_steps:
@@ -287,45 +322,25 @@ def _loop(trainer, workdir, mngr, writer, preempt):
       if pending is not None:         # check the previous step while this one runs
         check_finite(jax.device_get(pending), step)
       pending, step = metrics, step + 1
+      averages.add(metrics)
+      if step == start + 1:
+        console.say("First iteration done (compilation included).")
       report(step)
-      if itstime(step, config.log_every, config.total_steps):
-        _log(writer, trainer, metrics, step)
-      if itstime(step, config.sample_every, config.total_steps):
-        viz(step)
-      if fid is not None and itstime(step, config.eval.fid_every, config.total_steps):
-        writer.write_scalars(step, {"eval/fid": fid()})
-      if itstime(step, config.checkpoint_every, config.total_steps) or preempt.requested:
+      log_action(step)
+      progress(step, lambda m=metrics: _scalars(jax.device_get(
+          {k: v for k, v in m.items() if k in console.Progress.KEYS})))
+      for action in evaluators:
+        action(step)
+      preempted = sigterm.requested or mngr.reached_preemption(step)
+      if preempted or mngr.should_save(step):
         check_finite(jax.device_get(metrics), step)
-        ckpt_lib.save(mngr, step, trainer.state, config)
-      if preempt.requested:
-        break
-
-
-def _write_json(path, obj):
-  """Writes JSON atomically (temporary file, then rename)."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
-
-
-def _log(writer, trainer, metrics, step):
-  metrics = jax.device_get(metrics)
-  check_finite(metrics, step)
-  scalars = _scalars(metrics)
-  optim = trainer.config.optim
-  for name in ("gen_lr", "fake_lr", "disc_lr"):
-    scalars[f"lr/{name}"] = float(state_lib.learning_rate_schedule(optim[name], optim)(step))
-  writer.write_scalars(step, scalars)
-
-
-def _scalars_config(config):
-  flat = {}
-  def visit(prefix, node):
-    for k, v in node.items():
-      if isinstance(v, (dict, ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
-        visit(f"{prefix}{k}.", v)
-      elif isinstance(v, (int, float, str, bool)):
-        flat[f"{prefix}{k}"] = v
-  visit("", config)
-  return flat
+        ckpt_lib.save(mngr, step, trainer.state, config, force=True)
+      if preempted:
+        mngr.wait_until_finished()
+        if jax.process_index() == 0:
+          ckpt_lib.write_status(workdir, "preempted", step)
+        raise Preempted(step)
+  progress(step, force=True)
+  mngr.wait_until_finished()
+  if jax.process_index() == 0:
+    ckpt_lib.write_status(workdir, "finished", step)

@@ -57,13 +57,32 @@ def learning_rate_schedule(base_lr, optim_config):
 
 
 def make_optimizer(base_lr, optim_config):
-  """AdamW with decoupled weight decay and optional global-norm clipping."""
-  adamw = optax.adamw(learning_rate_schedule(base_lr, optim_config),
-                      b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
-                      weight_decay=optim_config.weight_decay)
+  """AdamW with decoupled weight decay and optional global-norm clipping.
+
+  The AdamW hyperparameters are injected (`optax.inject_hyperparams`), so the
+  optimiser state records the learning rate each update actually used
+  (`learning_rate`).
+  """
+  adamw = optax.inject_hyperparams(optax.adamw)(
+      learning_rate=learning_rate_schedule(base_lr, optim_config),
+      b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
+      weight_decay=optim_config.weight_decay)
   if optim_config.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(optim_config.grad_clip), adamw)
   return adamw
+
+
+def learning_rate(opt_state):
+  """The learning rate of the last update, read from an `inject_hyperparams` state."""
+  found = [s.hyperparams["learning_rate"]
+           for s in jax.tree.leaves(opt_state, is_leaf=_is_injected) if _is_injected(s)]
+  if len(found) != 1:
+    raise ValueError(f"expected one inject_hyperparams state, found {len(found)}.")
+  return found[0]
+
+
+def _is_injected(node):
+  return isinstance(node, optax.InjectHyperparamsState)
 
 
 def make_optimizers(optim_config):
@@ -85,6 +104,5 @@ def create_state(rng, gen_params, fake_params, disc_params, optimizers, num_ema)
 
 def update_ema(ema, params, decays):
   """ema_k <- decay_k * ema_k + (1 - decay_k) * params, for each copy k."""
-  return tuple(
-      jax.tree.map(lambda e, p, d=d: d * e + (1.0 - d) * p, e_k, params)
-      for e_k, d in zip(ema, decays))
+  return tuple(optax.incremental_update(params, e_k, step_size=1.0 - d)
+               for e_k, d in zip(ema, decays))

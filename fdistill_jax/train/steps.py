@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import optax
 
 from fdistill_jax import losses
-from fdistill_jax import state as state_lib
+from fdistill_jax.eval import sampling
+from fdistill_jax.train import state as state_lib
 
 GEN, CRITIC = 0, 1          # fold_in tags separating the two steps' randomness
 
@@ -28,17 +29,20 @@ def _labels_or_none(labels):
   return labels if labels is not None and labels.shape[-1] else None
 
 
-def random_labels(rng, batch, num_classes):
-  """Uniform one-hot class labels, or None for an unconditional model."""
-  if not num_classes:
-    return None
-  return jax.nn.one_hot(jax.random.randint(rng, (batch,), 0, num_classes), num_classes)
+def generator_samples(models, gen_params, key, batch, sigma_init, sharding=None):
+  """One-step samples of a training batch and their one-hot labels.
 
-
-def generate(models, gen_params, noise, labels, sigma_init):
-  """One-step generation x = G(sigma_init * z, sigma_init, c)."""
-  sigma = jnp.full((noise.shape[0],), sigma_init, noise.dtype)
-  return models.student.apply({"params": gen_params}, sigma_init * noise, sigma, labels)
+  Noise and labels are drawn per example (`eval.sampling`: sample i uses
+  fold_in(key, i)), from indices constrained to the batch sharding, so each
+  device draws and generates only its own rows.
+  """
+  indices = jnp.arange(batch, dtype=jnp.int32)
+  if sharding is not None:
+    indices = jax.lax.with_sharding_constraint(indices, sharding)
+  noise = sampling.sample_noise(key, indices, models.sample_shape)
+  labels = sampling.one_hot(sampling.sample_labels(key, indices, models.num_classes),
+                            models.num_classes)
+  return sampling.generate(models.student, gen_params, noise, labels, sigma_init), labels
 
 
 def features(models, teacher_vars, fake_params, x_t, sigma, labels, features_from):
@@ -65,13 +69,11 @@ def _karras_sigma(rng, batch, lc):
       min_index=lc.min_index, max_index=lc.max_index)
 
 
-def generator_loss(gen_params, st, teacher_vars, rng, *, models, config):
+def generator_loss(gen_params, st, teacher_vars, rng, *, models, config, sharding=None):
   """Generator objective: f-distill (Eq. 4) + gan_weight * non-saturating GAN."""
   lc, batch = config.loss, config.batch_size
-  k_z, k_c, k_s, k_e = jax.random.split(rng, 4)
-  labels = random_labels(k_c, batch, models.num_classes)
-  noise = jax.random.normal(k_z, (batch,) + models.sample_shape)
-  x = generate(models, gen_params, noise, labels, lc.sigma_init)
+  k_x, k_s, k_e = jax.random.split(rng, 3)
+  x, labels = generator_samples(models, gen_params, k_x, batch, lc.sigma_init, sharding)
   sigma = _karras_sigma(k_s, batch, lc)
   x_t = x + _bcast(sigma, x) * jax.random.normal(k_e, x.shape)
   d_teacher, feats = features(models, teacher_vars, st.fake, x_t, sigma, labels,
@@ -99,15 +101,17 @@ def generator_loss(gen_params, st, teacher_vars, rng, *, models, config):
   return total, metrics
 
 
-def generator_step(st, teacher_vars, *, models, optimizers, config):
+def generator_step(st, teacher_vars, *, models, optimizers, config, sharding=None):
   """One generator update and EMA update; returns (new_state, metrics)."""
   rng = jax.random.fold_in(jax.random.fold_in(st.rng, st.step), GEN)
   grad_fn = jax.value_and_grad(generator_loss, has_aux=True)
-  (_, metrics), grads = grad_fn(st.gen, st, teacher_vars, rng, models=models, config=config)
+  (_, metrics), grads = grad_fn(st.gen, st, teacher_vars, rng, models=models, config=config,
+                                sharding=sharding)
   updates, gen_opt = optimizers.gen.update(grads, st.gen_opt, st.gen)
   gen = optax.apply_updates(st.gen, updates)
   ema = state_lib.update_ema(st.ema, gen, config.ema_decays)
-  metrics["gen/grad_norm"] = optax.global_norm(grads)
+  metrics["gen/grad_norm"] = optax.tree.norm(grads)
+  metrics["lr/gen"] = state_lib.learning_rate(gen_opt)
   return st.replace(gen=gen, gen_opt=gen_opt, ema=ema), metrics
 
 
@@ -145,14 +149,13 @@ def disc_loss(disc_params, models, teacher_vars, fake_params, real_t, fake_t, si
   return loss, metrics
 
 
-def critic_step(st, teacher_vars, batch, *, models, optimizers, config):
+def critic_step(st, teacher_vars, batch, *, models, optimizers, config, sharding=None):
   """One fake-score update and one discriminator update; returns (state, metrics)."""
   lc, bsz = config.loss, config.batch_size
   rng = jax.random.fold_in(jax.random.fold_in(st.rng, st.step), CRITIC)
-  k_z, k_c, k_f, k_s, k_r, k_g = jax.random.split(rng, 6)
-  fake_labels = random_labels(k_c, bsz, models.num_classes)
-  noise = jax.random.normal(k_z, (bsz,) + models.sample_shape)
-  x = jax.lax.stop_gradient(generate(models, st.gen, noise, fake_labels, lc.sigma_init))
+  k_x, k_f, k_s, k_r, k_g = jax.random.split(rng, 5)
+  x, fake_labels = generator_samples(models, st.gen, k_x, bsz, lc.sigma_init, sharding)
+  x = jax.lax.stop_gradient(x)
 
   f_loss, f_grads = jax.value_and_grad(fake_score_loss)(st.fake, models, x, fake_labels, k_f, lc)
   f_updates, fake_opt = optimizers.fake.update(f_grads, st.fake_opt, st.fake)
@@ -166,8 +169,10 @@ def critic_step(st, teacher_vars, batch, *, models, optimizers, config):
       fake_labels, config)
   d_updates, disc_opt = optimizers.disc.update(d_grads, st.disc_opt, st.disc)
 
-  metrics.update({"fake/loss": f_loss, "fake/grad_norm": optax.global_norm(f_grads),
-                  "disc/grad_norm": optax.global_norm(d_grads)})
+  metrics.update({"fake/loss": f_loss, "fake/grad_norm": optax.tree.norm(f_grads),
+                  "disc/grad_norm": optax.tree.norm(d_grads),
+                  "lr/fake": state_lib.learning_rate(fake_opt),
+                  "lr/disc": state_lib.learning_rate(disc_opt)})
   new = st.replace(step=st.step + 1,
                    fake=optax.apply_updates(st.fake, f_updates), fake_opt=fake_opt,
                    disc=optax.apply_updates(st.disc, d_updates), disc_opt=disc_opt)

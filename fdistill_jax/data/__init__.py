@@ -1,0 +1,7 @@
+"""Data sources: deterministic, process-sharded batches of a run's real examples.
+
+`registry.make_source(config.data)` builds the source `config.data.kind`
+names; `sources` holds the shared machinery (example order, checks,
+`IndexedSource`, `Prefetcher`), `tfds` and `edm_dataset` the file formats,
+`pixels` the uint8 <-> [-1, 1] convention.
+"""

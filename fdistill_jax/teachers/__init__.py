@@ -1,0 +1,7 @@
+"""Teachers: what a run distils from, reached through `registry.TEACHERS`.
+
+`registry.build(config)` returns a `base.Teacher` for `config.teacher.kind`:
+'edm' (an EDM snapshot, state dict or converted directory), 'random' (an EDM
+network with random weights) or 'toy' (the exact 2-D mixture teacher). The
+training engine knows teachers only through this record.
+"""

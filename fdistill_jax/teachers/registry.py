@@ -1,0 +1,44 @@
+"""The teacher registry: `config.teacher.kind` -> loader, and spec -> student module."""
+
+from typing import Callable
+
+import jax.numpy as jnp
+
+from fdistill_jax import networks
+from fdistill_jax.teachers import base
+from fdistill_jax.teachers import edm
+from fdistill_jax.toy import problem as toy_problem
+
+# kind -> loader(config) -> base.Teacher
+TEACHERS: dict[str, Callable[..., base.Teacher]] = {
+    "edm": edm.teacher_from_config,
+    "random": edm.random_teacher,
+    "toy": toy_problem.teacher_from_config,
+}
+
+
+def build(config) -> base.Teacher:
+  """The teacher `config.teacher.kind` names."""
+  kind = config.teacher.kind
+  if kind not in TEACHERS:
+    raise ValueError(f"teacher.kind={kind!r}; expected one of {sorted(TEACHERS)}.")
+  return TEACHERS[kind](config)
+
+
+def _edm_student(spec, dtype):
+  module = networks.build_edm(spec["arch"], dtype=dtype)
+  shape = (module.img_resolution, module.img_resolution, module.img_channels)
+  return module, shape, int(module.label_dim)
+
+
+# spec['kind'] -> builder(spec, dtype) -> (module, sample_shape, num_classes)
+STUDENTS = {"edm": _edm_student, "toy": toy_problem.student_from_spec}
+
+
+def student_from_spec(spec, dtype=jnp.float32):
+  """(module, sample_shape, num_classes) of the generator a spec describes."""
+  kind = spec.get("kind") if isinstance(spec, dict) else None
+  if kind not in STUDENTS:
+    raise ValueError(f"Unknown generator kind {kind!r} in the generator spec; expected one "
+                     f"of {sorted(STUDENTS)}.")
+  return STUDENTS[kind](spec, dtype)

@@ -1,0 +1,64 @@
+r"""FID, precision and recall of samples; reference statistics from real images.
+
+  python -m fdistill_jax.tools.evaluate --samples=samples.npz --ref=cifar10-32x32.npz \
+      --inception=pt_inception-2015-12-05-6726825d.pth
+  python -m fdistill_jax.tools.evaluate --ref_from=tfds:cifar10 --ref_out=cifar10-32x32.npz \
+      --inception=inception-2015-12-05.pkl --save_features
+
+It prints and writes JSON (FID; precision and recall when the reference has
+features, i.e. real images or a --save_features npz). See `fdistill_jax.eval.fid`.
+"""
+
+import json
+import pathlib
+
+from absl import flags
+
+from fdistill_jax.eval import fid
+from fdistill_jax.io import atomic
+from fdistill_jax.networks import inception
+from fdistill_jax.tools import cli
+
+flags.DEFINE_string("samples", None, "samples.npz ('images' uint8 NHWC) or a folder of PNGs.")
+flags.DEFINE_string("ref", None, "EDM statistics npz (mu, sigma[, features]) or real images "
+                    "(folder, images npz, tfds:NAME[:SPLIT]); features enable precision/recall.")
+flags.DEFINE_string("inception", None,
+                    f"Inception weights: {inception.SUPPORTED_FORMATS}; 'random' for tests.")
+flags.DEFINE_string("ref_from", None, "Compute reference statistics from a folder, an images "
+                    "npz or tfds:NAME[:SPLIT].")
+flags.DEFINE_string("ref_out", None, "Where --ref_from writes its EDM-format npz.")
+flags.DEFINE_bool("save_features", False, "--ref_from also stores the features.")
+flags.DEFINE_string("out", None, "JSON output (default: next to --samples).")
+flags.DEFINE_enum("preprocessing", "tf", sorted(inception.PREPROCESSING),
+                  "tf: EDM's / the original FID's; pytorch_fid: pytorch-fid's.")
+flags.DEFINE_integer("batch_size", 256, "Images per Inception batch.")
+flags.DEFINE_integer("k", 3, "Neighbourhood size for precision/recall.")
+flags.DEFINE_enum("fid_method", "sqrtm", ["sqrtm", "eigh"],
+                  "sqrtm: EDM / pytorch-fid; eigh: equivalent and faster.")
+flags.DEFINE_integer("num_samples", None, "Use only the first N samples.")
+flags.mark_flag_as_required("inception")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  if FLAGS.ref_from:
+    if not FLAGS.ref_out:
+      raise ValueError("--ref_from needs --ref_out=PATH.npz for the statistics.")
+    feature_fn = fid.load_feature_fn(FLAGS.inception, FLAGS.preprocessing)
+    stats = fid.reference_from_images(FLAGS.ref_from, feature_fn, FLAGS.batch_size,
+                                      FLAGS.ref_out, FLAGS.save_features)
+    print(json.dumps({"ref_out": FLAGS.ref_out, "num_images": len(stats["features"])}))
+    return 0
+  if not (FLAGS.samples and FLAGS.ref):
+    raise ValueError("Give --samples and --ref (or --ref_from and --ref_out); see --help.")
+  result = fid.evaluate(FLAGS.samples, FLAGS.ref, FLAGS.inception, FLAGS.preprocessing,
+                        FLAGS.batch_size, FLAGS.k, FLAGS.num_samples, FLAGS.fid_method)
+  out = FLAGS.out or str(pathlib.Path(FLAGS.samples).with_suffix("")) + "_metrics.json"
+  atomic.write_json(out, result)
+  print(json.dumps(result))
+  return 0
+
+
+if __name__ == "__main__":
+  cli.run(main, "evaluate")

@@ -1,0 +1,141 @@
+r"""One-step samples of a distilled generator, teacher samples, and generator export.
+
+  # 50k samples of the EMA generator of a run (uint8 NHWC 'images' + 'labels')
+  python -m fdistill_jax.tools.sample --workdir=DIR --num=50000 --out=samples.npz \
+      --grid=grid.png
+  # raw weights / the second EMA copy, a fixed checkpoint, chosen classes
+  python -m fdistill_jax.tools.sample --workdir=DIR --which=raw --step=200000 \
+      --labels=0,3,7 --num=64 --out=s.npz
+  # the generator alone (EMA weights): spec + orbax params + export.json
+  python -m fdistill_jax.tools.sample --workdir=DIR --export=generators/cifar10_js
+  python -m fdistill_jax.tools.sample --workdir=generators/cifar10_js --num=50000 --out=s.npz
+  # the EDM teacher with EDM's Heun sampler, same output format
+  python -m fdistill_jax.tools.sample --teacher=teachers/cifar10 --teacher_preset=cifar10 \
+      --num=50000 --out=teacher.npz
+
+Sample i of seed s uses the noise and label of `fdistill_jax.eval.sampling`
+(fold_in(PRNGKey(s), i)): the same images whatever the batch size or device
+count. `--labels=3` gives every sample class 3; `--labels=0,3,7` cycles.
+Unconditional models get label -1. The toy generator writes float32 `samples`
+[N, 2] instead of `images`, and its --grid is a scatter plot.
+"""
+
+import os
+
+from absl import flags
+import numpy as np
+
+from fdistill_jax.data import pixels
+from fdistill_jax.eval import edm_sampler
+from fdistill_jax.eval import figures
+from fdistill_jax.eval import sampling
+from fdistill_jax.io import atomic
+from fdistill_jax.teachers import edm
+from fdistill_jax.tools import cli
+from fdistill_jax.toy import mixture as toy_mixture
+from fdistill_jax.train import checkpoint as ckpt_lib
+from fdistill_jax.train import console
+
+flags.DEFINE_string("workdir", None, "Training workdir or exported generator directory.")
+flags.DEFINE_string("teacher", None, "Sample this EDM teacher (snapshot .pkl or converted "
+                    "directory) with the Heun sampler instead of a generator.")
+flags.DEFINE_string("export", None, "Write the generator alone to this directory and exit.")
+flags.DEFINE_bool("overwrite", False, "--export: replace a directory this tool exported before.")
+flags.DEFINE_integer("num", 50000, "Number of samples.")
+flags.DEFINE_string("out", None, "Output .npz.")
+flags.DEFINE_string("grid", None, "Optional PNG of the first 64 samples (toy: scatter plot).")
+flags.DEFINE_string("which", "ema", "ema (first EMA copy) | ema:K | raw.")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readable one).")
+flags.DEFINE_string("labels", "uniform", "uniform | a class index | e.g. 0,3,7.")
+flags.DEFINE_integer("seed", 0, "Seed of the noise and labels.")
+flags.DEFINE_integer("batch", 256, "Global batch (all devices).")
+flags.DEFINE_enum("teacher_preset", "cifar10", sorted(edm_sampler.EDM_SAMPLER_PRESETS),
+                  "EDM sampler settings for --teacher.")
+flags.DEFINE_integer("num_steps", None, "Override the preset's number of steps.")
+FLAGS = flags.FLAGS
+
+
+def save_npz(path, **arrays):
+  """np.savez written atomically (no '.npz' is appended to `path`)."""
+  def write(tmp):
+    with open(tmp, "wb") as f:
+      np.savez(f, **arrays)
+  return atomic.write_file(path, write)
+
+
+def save_grid(path, x, labels, spec=None, max_images=64):
+  """PNG of the first images (uint8 NHWC) or, for the toy, the samples over the mixture."""
+  if x.ndim == 4:
+    shown = labels[:max_images] if labels is not None and np.all(labels >= 0) else None
+    return figures.save_image_grid(x[:max_images], path, labels=shown,
+                                   title=f"samples 0-{min(len(x), max_images) - 1}")
+  mixture = toy_mixture.get_mixture((spec or {}).get("mixture", "ring10"))
+  return figures.plot_toy(path, mixture, {"one-step samples": x}, title="toy generator")
+
+
+def write_samples(out, x, labels, grid=None, spec=None):
+  """`images` (uint8 NHWC) or `samples` (float32 [N, 2]) plus int `labels` to npz."""
+  key = "images" if x.ndim == 4 else "samples"
+  save_npz(out, **{key: x, "labels": labels.astype(np.int32)})
+  if grid:
+    save_grid(grid, x, labels, spec)
+
+
+def sample_generator(workdir, num, *, which="ema", step=None, labels="uniform", seed=0,
+                     batch=256):
+  """(x, labels, spec) of the generator in a workdir or export directory."""
+  module, params, info = ckpt_lib.load_generator(workdir, which=which, step=step)
+  classes = sampling.parse_labels(labels, info["num_classes"])
+  console.say("Sampling %s weights of step %s (%s).", info["which"], info["step"],
+              info["source"])
+  images = len(info["sample_shape"]) == 3
+  x, y = sampling.generate_samples(
+      module, params, num, sample_shape=info["sample_shape"], num_classes=info["num_classes"],
+      sigma_init=info["sigma_init"], seed=seed, batch=batch, classes=classes,
+      postprocess=pixels.to_uint8 if images else None)
+  return x, y, info["spec"]
+
+
+def sample_teacher(teacher, num, *, preset="cifar10", num_steps=None, labels="uniform",
+                   seed=0, batch=256):
+  """(x, labels) of an EDM teacher with EDM's Heun sampler."""
+  kwargs = sampling.sampler_settings(preset, num_steps)
+  if not os.path.exists(teacher):
+    raise FileNotFoundError(f"Teacher {teacher!r} does not exist: expected an EDM snapshot "
+                            "(.pkl) or a directory written by fdistill_jax.tools.convert.")
+  module, variables = edm.load_edm(teacher)
+  classes = sampling.parse_labels(labels, int(module.label_dim))
+  return sampling.teacher_samples(module, variables, num, sampler_kwargs=kwargs, seed=seed,
+                                  batch=batch, classes=classes, postprocess=pixels.to_uint8)
+
+
+def run(f=FLAGS):
+  """Export, or sample the generator / teacher into --out (checked before any work)."""
+  if bool(f.workdir) == bool(f.teacher):
+    raise ValueError("Give exactly one of --workdir (generator) and --teacher (EDM teacher).")
+  if f.export:
+    if f.teacher:
+      raise ValueError("--export writes a generator: use it with --workdir, not --teacher.")
+    return ckpt_lib.export_generator(f.workdir, f.export, which=f.which, step=f.step,
+                                     overwrite=f.overwrite)
+  if not f.out:
+    raise ValueError("--out=PATH.npz is required (or --export=OUT_DIR).")
+  if f.num <= 0 or f.batch <= 0:
+    raise ValueError(f"--num={f.num} and --batch={f.batch} must both be positive.")
+  common = dict(labels=f.labels, seed=f.seed, batch=f.batch)
+  if f.teacher:
+    (x, y), spec = sample_teacher(f.teacher, f.num, preset=f.teacher_preset,
+                                  num_steps=f.num_steps, **common), None
+  else:
+    x, y, spec = sample_generator(f.workdir, f.num, which=f.which, step=f.step, **common)
+  write_samples(f.out, x, y, f.grid, spec)
+  return os.path.abspath(f.out)
+
+
+def main(argv):
+  del argv
+  print(f"wrote {run()}")
+
+
+if __name__ == "__main__":
+  cli.run(main, "sample")
