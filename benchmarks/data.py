@@ -13,7 +13,6 @@ process, on:
   memory_32: in-memory uint8 arrays (the cost of ordering and scaling alone).
 """
 
-import argparse
 import io
 import json
 import os
@@ -26,7 +25,10 @@ import numpy as np
 import PIL.Image
 
 from benchmarks.report import write_report
-from fdistill_jax import data
+from absl import flags
+
+from fdistill_jax.data import registry
+from fdistill_jax.tools import cli
 
 
 def _write_edm(root, n, res, as_zip):
@@ -60,36 +62,40 @@ def _throughput(source, batch_size, steps):
   return batch_size * steps / (time.perf_counter() - start)
 
 
-def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--out", default=None)
-  parser.add_argument("--batch_size", type=int, default=256)
-  parser.add_argument("--steps", type=int, default=8)
-  parser.add_argument("--num_threads", type=int, default=8)
-  parser.add_argument("--num_examples", type=int, default=4096)
-  args = parser.parse_args()
+FLAGS = cli.new_flags()
+flags.DEFINE_string("out", None, "JSON output file.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 256, "Global batch.", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 8, "Timed batches.", flag_values=FLAGS)
+flags.DEFINE_integer("num_threads", 8, "Reader threads.", flag_values=FLAGS)
+flags.DEFINE_integer("num_examples", 4096, "Examples in each synthetic dataset.",
+                     flag_values=FLAGS)
+
+
+def main(argv):
+  del argv
+  args = FLAGS
   base = dict(resolution=32, num_classes=10, num_threads=args.num_threads)
   results = {}
 
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   with tfds.testing.mock_data(num_examples=args.num_examples):
-    src = data.make_source(dict(kind="tfds", name="cifar10", **base))
+    src = registry.make_source(dict(kind="tfds", name="cifar10", **base))
     results["tfds_mock_cifar10"] = _throughput(src, args.batch_size,
                                                args.steps)
   with tempfile.TemporaryDirectory() as tmp:
     for as_zip in (False, True):
       path = _write_edm(tmp, args.num_examples, 32, as_zip)
-      src = data.make_source(dict(kind="edm", path=path, **base))
+      src = registry.make_source(dict(kind="edm", path=path, **base))
       results["edm_zip_32" if as_zip else "edm_folder_32"] = _throughput(
           src, args.batch_size, args.steps)
     start = time.perf_counter()
-    src = data.make_source(dict(kind="edm", path=path, cache=True, **base))
+    src = registry.make_source(dict(kind="edm", path=path, cache=True, **base))
     results["edm_zip_32_cache_fill"] = args.num_examples / (
         time.perf_counter() - start)
     results["edm_zip_32_cached"] = _throughput(src, args.batch_size,
                                                args.steps)
   images = np.zeros((args.num_examples, 32, 32, 3), np.uint8)
-  src = data.make_source(dict(kind="memory", images=images,
+  src = registry.make_source(dict(kind="memory", images=images,
                               labels=np.arange(args.num_examples) % 10, **base))
   results["memory_32"] = _throughput(src, args.batch_size, args.steps)
 
@@ -101,4 +107,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, "benchmarks.data", FLAGS, __doc__)

@@ -4,13 +4,12 @@ r"""Throughput (images/s) of the Inception feature pipeline, as JSON.
   python -m benchmarks.evaluate --inception=pt_inception-2015-12-05-6726825d.pth \
       --batch_size=500 --iters=20            # on a GPU / TPU host
 
-Times `evaluate.extract_features` (uint8 NHWC -> resize to 299 -> Inception-v3
+Times `fid.extract_features` (uint8 NHWC -> resize to 299 -> Inception-v3
 pool features, batch sharded over all of jax.devices()) after one warm-up
 batch that compiles. Weights are random unless --inception is given (the
 speed is the same). Also times `frechet_distance` at D=2048 with --fid.
 """
 
-import argparse
 import platform
 import time
 
@@ -18,14 +17,19 @@ import jax
 import numpy as np
 
 from benchmarks.report import write_report
-from fdistill_jax import evaluate, inception
+from absl import flags
+
+from fdistill_jax.eval import fid
+from fdistill_jax.eval import metrics
+from fdistill_jax.networks import inception
+from fdistill_jax.tools import cli
 
 
 def _time_features(feature_fn, size, batch_size, iters):
   images = np.random.default_rng(0).integers(0, 256, (batch_size * iters, size, size, 3), np.uint8)
-  evaluate.extract_features(images[:batch_size], feature_fn, batch_size)  # Compile.
+  fid.extract_features(images[:batch_size], feature_fn, batch_size)  # Compile.
   start = time.perf_counter()
-  evaluate.extract_features(images, feature_fn, batch_size)
+  fid.extract_features(images, feature_fn, batch_size)
   return len(images) / (time.perf_counter() - start)
 
 
@@ -34,22 +38,27 @@ def _time_fid(method):
   a, b = rng.normal(size=(2048, 4096)), rng.normal(size=(2048, 4096))
   s1, s2, mu = a @ a.T / 4096, b @ b.T / 4096, np.zeros(2048)
   start = time.perf_counter()
-  evaluate.frechet_distance(mu, s1, mu, s2, method=method)
+  metrics.frechet_distance(mu, s1, mu, s2, method=method)
   return time.perf_counter() - start
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__)
-  p.add_argument("--inception", default=evaluate.RANDOM_INCEPTION)
-  p.add_argument("--preprocessing", default="tf", choices=sorted(inception.PREPROCESSING))
-  p.add_argument("--size", type=int, default=32, help="Input resolution before the resize.")
-  p.add_argument("--batch_size", type=int, default=64)
-  p.add_argument("--iters", type=int, default=5)
-  p.add_argument("--fid", action="store_true", help="Also time frechet_distance at D=2048.")
-  p.add_argument("--out", default=None)
-  args = p.parse_args()
+FLAGS = cli.new_flags()
+flags.DEFINE_string("inception", fid.RANDOM_INCEPTION, "Inception weights (speed does not "
+                    "depend on them).", flag_values=FLAGS)
+flags.DEFINE_enum("preprocessing", "tf", sorted(inception.PREPROCESSING), "Preprocessing.",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("size", 32, "Input resolution before the resize.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 64, "Images per batch.", flag_values=FLAGS)
+flags.DEFINE_integer("iters", 5, "Timed batches.", flag_values=FLAGS)
+flags.DEFINE_bool("fid", False, "Also time frechet_distance at D=2048.", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "JSON output file.", flag_values=FLAGS)
 
-  feature_fn = evaluate.load_feature_fn(args.inception, args.preprocessing)
+
+def main(argv):
+  del argv
+  args = FLAGS
+
+  feature_fn = fid.load_feature_fn(args.inception, args.preprocessing)
   result = {
       "images_per_s": _time_features(feature_fn, args.size, args.batch_size, args.iters),
       "batch_size": args.batch_size, "iters": args.iters, "input_size": args.size,
@@ -62,4 +71,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, "benchmarks.evaluate", FLAGS, __doc__)

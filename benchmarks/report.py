@@ -1,15 +1,12 @@
 """The one way every benchmark records its result: printed, and written as JSON."""
 
 import json
-import os
+
+from fdistill_jax.io import atomic
 
 
 def write_report(report, out=None):
   """Prints `report` as JSON and, if `out` is given, writes it there atomically."""
-  text = json.dumps(report, indent=2)
-  print(text)
+  print(json.dumps(report, indent=2))
   if out:
-    tmp = f"{out}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-      f.write(text + "\n")
-    os.replace(tmp, out)
+    atomic.write_json(out, report)

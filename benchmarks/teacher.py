@@ -13,7 +13,6 @@ Weights are random (speed does not depend on them); parameters are float32,
 `--dtype` is the compute dtype.
 """
 
-import argparse
 import json
 import platform
 import time
@@ -23,7 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.report import write_report
+from absl import flags
+
 from fdistill_jax import networks
+from fdistill_jax.tools import cli
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DEFAULT_BATCH = {"cifar10": 128, "imagenet64": 64}
@@ -81,19 +83,20 @@ def benchmark(arch_name, dtype_name, batch, warmup, iters):
   return result
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--arch", choices=sorted(DEFAULT_BATCH), action="append",
-                 help="Repeatable; default: both.")
-  p.add_argument("--dtype", choices=sorted(DTYPES), action="append",
-                 help="Compute dtype, repeatable; default: both.")
-  p.add_argument("--batch", type=int, default=None,
-                 help=f"Batch size; default {DEFAULT_BATCH}.")
-  p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--iters", type=int, default=10)
-  p.add_argument("--out", default=None, help="JSON output file.")
-  args = p.parse_args()
+FLAGS = cli.new_flags()
+flags.DEFINE_multi_enum("arch", [], sorted(DEFAULT_BATCH), "Repeatable; default: both.",
+                        flag_values=FLAGS)
+flags.DEFINE_multi_enum("dtype", [], sorted(DTYPES), "Compute dtype, repeatable; default: "
+                        "both.", flag_values=FLAGS)
+flags.DEFINE_integer("batch", None, f"Batch size; default {DEFAULT_BATCH}.", flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 2, "Untimed calls (after compilation).", flag_values=FLAGS)
+flags.DEFINE_integer("iters", 10, "Timed calls.", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "JSON output file.", flag_values=FLAGS)
+
+
+def main(argv):
+  del argv
+  args = FLAGS
 
   device = jax.devices()[0]
   report = {"device_kind": device.device_kind, "platform": device.platform,
@@ -108,4 +111,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, "benchmarks.teacher", FLAGS, __doc__)

@@ -33,7 +33,6 @@ weights (speed does not depend on them), drawn in numpy because compiling
 With several dtypes each runs in its own process, so peak memory is per dtype.
 """
 
-import argparse
 import contextlib
 import itertools
 import json
@@ -44,17 +43,22 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
+from absl import flags
+from clu import parameter_overview
 import jax
 import ml_collections
 import numpy as np
 
-from configs import cifar10, imagenet64, tiny, toy2d
 from benchmarks.report import write_report
-from fdistill_jax import data as data_lib
-from fdistill_jax import models as models_lib
+from configs import cifar10, imagenet64, tiny, toy2d
+from fdistill_jax import console
 from fdistill_jax import networks
-from fdistill_jax import train
+from fdistill_jax.data import registry as data_registry
+from fdistill_jax.teachers import base
+from fdistill_jax.tools import cli
+from fdistill_jax.train import loop
 
 CONFIGS = {"cifar10": cifar10, "imagenet64": imagenet64, "tiny": tiny, "toy2d": toy2d}
 FULL_ARCHS = {"cifar10": networks.CIFAR10_ARCH, "imagenet64": networks.IMAGENET64_ARCH}
@@ -103,13 +107,13 @@ def make_config(name, dtype, per_device_batch, variant=None, fsdp=1):
 def make_source(config, kind):
   """In-memory uint8 images of the config's resolution, or the config's own source."""
   if kind == "config" or config.data.kind == "toy":
-    return train.make_source(config)
+    return data_registry.make_source(config.data)
   d = config.data
   n = max(1024, 2 * config.batch_size)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (n, d.resolution, d.resolution, d.channels), np.uint8)
   labels = rng.integers(0, max(d.num_classes, 1), n)
-  return data_lib.make_source(ml_collections.ConfigDict(dict(
+  return data_registry.make_source(ml_collections.ConfigDict(dict(
       kind="memory", images=images, labels=labels, resolution=d.resolution,
       channels=d.channels, num_classes=d.num_classes)))
 
@@ -187,7 +191,7 @@ def peak_memory():
 def build(args, dtype):
   config = make_config(args.config, dtype, args.per_device_batch, args.variant, args.fsdp)
   start = time.perf_counter()     # teacher.kind='random': numpy-drawn weights, no compiled init
-  trainer = train.build_trainer(config, make_source(config, args.data))
+  trainer = loop.build_trainer(config, make_source(config, args.data))
   jax.block_until_ready(trainer.state)
   return trainer, time.perf_counter() - start
 
@@ -236,15 +240,15 @@ def _report(trainer, dtype, args, r):
       flops_per_s_per_device=per_s, peak_tflops=peak,
       mfu=per_s / (peak * 1e12) if per_s and peak else None,
       memory=peak_memory(),
-      params={"student": models_lib.count(trainer.initial_params),
-              "disc": models_lib.count(trainer.state.disc)})
+      params={"student": parameter_overview.count_parameters(trainer.initial_params),
+              "disc": parameter_overview.count_parameters(trainer.state.disc)})
 
 
 def _run_isolated(argv, dtype):
   """This script for one dtype in a child process (peak memory per dtype); its results."""
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "r.json")
-    subprocess.run([sys.executable, "-m", "benchmarks.train_step", *argv, f"--dtype={dtype}",
+    subprocess.run([sys.executable, "-m", "benchmarks.train_step", *argv[1:], f"--dtype={dtype}",
                     f"--out={out}"], check=True,
                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     with open(out) as f:
@@ -254,39 +258,43 @@ def _run_isolated(argv, dtype):
 def _child_argv(args):
   keep = ("config", "variant", "per_device_batch", "cycles", "warmup", "data", "fsdp",
           "peak_tflops")
-  return [f"--{k}={getattr(args, k)}" for k in keep if getattr(args, k) is not None]
+  return ["benchmarks.train_step"] + [f"--{k}={getattr(args, k)}" for k in keep
+                                      if getattr(args, k) is not None]
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
-  p.add_argument("--variant", default=None, help="Config variant, e.g. 'js' (default: the "
-                 "config's own divergence).")
-  p.add_argument("--per_device_batch", type=int, default=1)
-  p.add_argument("--dtype", default="float32,bfloat16",
-                 help="Comma-separated compute dtypes: float32, bfloat16.")
-  p.add_argument("--cycles", type=int, default=3, help="Timed cycles.")
-  p.add_argument("--warmup", type=int, default=1, help="Untimed cycles before them.")
-  p.add_argument("--data", choices=("memory", "config"), default="memory",
-                 help="memory: random uint8 images of the right size; config: the "
-                 "config's data source (must be prepared).")
-  p.add_argument("--fsdp", type=int, default=1, help="config.mesh.fsdp.")
-  p.add_argument("--peak_tflops", type=float, default=None,
-                 help="Peak TFLOP/s per device for MFU (default: PEAK_TFLOPS by device kind).")
-  p.add_argument("--out", default=None, help="JSON output file.")
-  args = p.parse_args(argv)
-  args.dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
-  bad = [d for d in args.dtypes if d not in models_lib.DTYPES]
+FLAGS = cli.new_flags()
+flags.DEFINE_enum("config", "tiny", sorted(CONFIGS), "Config to benchmark.", flag_values=FLAGS)
+flags.DEFINE_string("variant", None, "Config variant, e.g. 'js' (default: the config's own "
+                    "divergence).", flag_values=FLAGS)
+flags.DEFINE_integer("per_device_batch", 1, "Per-device batch.", flag_values=FLAGS)
+flags.DEFINE_list("dtype", ["float32", "bfloat16"], "Compute dtypes (each in its own process "
+                  "when several).", flag_values=FLAGS)
+flags.DEFINE_integer("cycles", 3, "Timed cycles.", flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 1, "Untimed cycles before them.", flag_values=FLAGS)
+flags.DEFINE_enum("data", "memory", ["memory", "config"], "memory: random uint8 images of the "
+                  "right size; config: the config's data source (must be prepared).",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("fsdp", 1, "config.mesh.fsdp.", flag_values=FLAGS)
+flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device for MFU (default: "
+                   "PEAK_TFLOPS by device kind).", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "JSON output file.", flag_values=FLAGS)
+
+
+def parse_args(argv):
+  """The benchmark's settings from `argv` (program name first), checked."""
+  FLAGS.unparse_flags()
+  cli.parse(FLAGS, argv, "benchmarks.train_step", __doc__)
+  args = types.SimpleNamespace(**FLAGS.flag_values_dict())
+  args.dtypes = [d.strip() for d in args.dtype if d.strip()]
+  bad = [d for d in args.dtypes if d not in base.DTYPES]
   if bad or not args.dtypes:
-    p.error(f"--dtype={args.dtype!r}: expected a comma-separated subset of "
-            f"{sorted(models_lib.DTYPES)}.")
+    raise ValueError(f"--dtype={','.join(args.dtype)}: expected a comma-separated subset of "
+                     f"{sorted(base.DTYPES)}.")
   return args
 
 
 def main(argv=None):
-  argv = sys.argv[1:] if argv is None else argv
-  args = parse_args(argv)
+  args = parse_args(sys.argv if argv is None else argv)
   device = jax.devices()[0]
   report = dict(device_kind=device.device_kind, platform=device.platform,
                 num_devices=jax.device_count(), num_processes=jax.process_count(),
@@ -305,4 +313,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  console.quiet_console()
+  sys.exit(cli.call(main, "benchmarks.train_step", sys.argv))

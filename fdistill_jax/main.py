@@ -22,7 +22,7 @@ from absl import flags  # noqa: E402
 import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from fdistill_jax.train import console  # noqa: E402
+from fdistill_jax import console  # noqa: E402
 from fdistill_jax.train import loop  # noqa: E402
 
 FLAGS = flags.FLAGS

@@ -15,7 +15,7 @@ set -euo pipefail
 
 # ---- Set these (environment variables override) -----------------------------
 # EDM teachers: .pkl snapshots, or directories written by
-# `python -m fdistill_jax.convert`. Download from
+# `python -m fdistill_jax.tools.convert`. Download from
 #   https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl
 #   https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-imagenet-64x64-cond-adm.pkl
 C10_TEACHER=${C10_TEACHER:-checkpoints/edm-cifar10-32x32-cond-vp.pkl}

@@ -5,6 +5,7 @@ Runs use the toy config shrunk to 2x32 MLPs (see test_train.small_toy), so a
 step takes milliseconds and compilation dominates.
 """
 
+import json
 import os
 import random
 import signal
@@ -19,11 +20,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from fdistill_jax import checkpoint as ckpt_lib
-from fdistill_jax import train
+from fdistill_jax.train import checkpoint as ckpt_lib
+from fdistill_jax.train import loop as train
 from tests.test_train import REPO, small_toy
 
-TOY_FLAGS = ["--config.run=train", "--config.batch_size=16", "--config.toy.width=32",
+TOY_FLAGS = ["--config.batch_size=16", "--config.toy.width=32",
              "--config.toy.depth=2", "--config.toy.fit_steps=20", "--config.toy.fit_batch=64",
              "--config.sample_every=0",
              "--config.disc.resolutions=(0,1)", "--config.disc.channels=16",
@@ -100,20 +101,33 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path):
   assert_trees_equal(saved_state(reference, total), saved_state(killed, total))
 
 
-def test_sigterm_saves_at_once_and_exits_cleanly(tmp_path):
+def wait_for_steps(workdir, proc, timeout=300):
+  """Waits until the run is past its first checkpoint-free steps (log.txt shows progress)."""
+  deadline = time.time() + timeout
+  log = os.path.join(workdir, "log.txt")
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(log) and "First iteration done" in open(log).read():
+      return
+    time.sleep(0.1)
+  raise AssertionError("the run did not start iterating in time")
+
+
+def test_sigterm_saves_at_once_and_exits_as_preempted(tmp_path):
   workdir = tmp_path / "run"
   proc = subprocess.Popen(main_cmd(workdir, 100000, 1000), env=env(), cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300
-  while not os.path.exists(workdir / "generator_spec.json") and time.time() < deadline:
-    time.sleep(0.1)
-  time.sleep(3.0)       # let it compile and run some steps
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  wait_for_steps(workdir, proc)
+  time.sleep(1.0)
   proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-2000:]
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == train.PREEMPTED_EXIT_CODE, err[-2000:]
   steps = saved_steps(workdir)
   assert len(steps) == 1 and 0 < steps[0] < 100000
-  assert "SIGTERM" in err
+  assert "SIGTERM" in open(workdir / "log.txt").read()
+  assert "Preempted at step" in out and "Traceback" not in err
+  status = json.loads((workdir / "status.json").read_text())
+  assert status == {"state": "preempted", "step": steps[0]}
+  assert not (workdir / "metrics.json").exists()      # the final report is not written
 
 
 def test_corrupt_latest_checkpoint_is_skipped(tmp_path, caplog):
@@ -158,6 +172,15 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def two_processes(workdir, total, every, *extra):
+  port = _free_port()
+  return [subprocess.Popen(
+      main_cmd(workdir, total, every, "--multihost", f"--coordinator_address=127.0.0.1:{port}",
+               "--num_processes=2", f"--process_id={i}", *extra),
+      env=env(devices=4), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in range(2)]
+
+
 def test_two_processes_train_like_one_process(tmp_path):
   """Two processes x 4 CPU devices (jax.distributed on a loopback coordinator)
   reach the same parameters as one process with 8 devices."""
@@ -165,18 +188,33 @@ def test_two_processes_train_like_one_process(tmp_path):
   single = tmp_path / "single"
   run_in_process(single, **toy_overrides(total, total))
   multi = tmp_path / "multi"
-  port = _free_port()
-  procs = [subprocess.Popen(
-      main_cmd(multi, total, total, "--multihost", f"--coordinator_address=127.0.0.1:{port}",
-               "--num_processes=2", f"--process_id={i}"),
-      env=env(devices=4), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-      text=True) for i in range(2)]
+  procs = two_processes(multi, total, total)
   errs = [p.communicate(timeout=600)[1] for p in procs]
   for p, e in zip(procs, errs):
     assert p.returncode == 0, e[-3000:]
   a, b = saved_state(single, total), saved_state(multi, total)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+  """JAX's preemption service turns a SIGTERM to one process into one agreed step:
+  both processes save that step (one checkpoint, written together) and exit as
+  preempted; nobody hangs in a collective the other one left."""
+  workdir = tmp_path / "multi"
+  procs = two_processes(workdir, 100000, 1000)
+  wait_for_steps(workdir, procs[0])
+  time.sleep(2.0)
+  procs[1].send_signal(signal.SIGTERM)
+  results = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, results):
+    assert p.returncode == train.PREEMPTED_EXIT_CODE, err[-3000:]
+  steps = saved_steps(workdir)
+  assert len(steps) == 1 and 0 < steps[0] < 100000, steps
+  assert f"Preempted at step {steps[0]}" in results[0][0]        # process 0's console
+  for log in ("log.txt", "log_process1.txt"):
+    assert f"Preempted at step {steps[0]}" in (workdir / log).read_text(), log
+  assert json.loads((workdir / "status.json").read_text())["state"] == "preempted"
 
 
 def test_checkpoint_of_other_network_sizes_is_refused_not_skipped(tmp_path):

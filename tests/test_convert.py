@@ -1,4 +1,4 @@
-"""Tests for fdistill_jax.convert: EDM snapshots and state dicts -> Flax teacher.
+"""Tests for fdistill_jax.teachers.edm (and tools.convert): EDM snapshots and state dicts -> Flax teacher.
 
 The snapshot is written here the way EDM's training loop writes one
 (`pickle.dump(dict(ema=net, ...))` with persistent-class objects reduced to
@@ -20,7 +20,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fdistill_jax import convert  # noqa: E402
+from fdistill_jax.teachers import edm as convert  # noqa: E402  (the converter)
 from fdistill_jax import networks  # noqa: E402
 
 NAME = "songunet_tiny"
@@ -165,7 +165,10 @@ def test_snapshot_and_converted_dir_reproduce_edm(snapshot, fixture_data, tmp_pa
   path, marker = snapshot
   module, variables = convert.load_edm(path)
   out = tmp_path / "teacher"
-  assert convert.main(["--input", str(path), "--output", str(out)]) == 0
+  result = subprocess.run([sys.executable, "-m", "fdistill_jax.tools.convert",
+                           f"--input={path}", f"--output={out}"],
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
   assert json.loads((out / "arch.json").read_text())["model_type"] == "SongUNet"
   module2, variables2 = convert.load_edm(out)
   assert_same_tree(variables, variables2)
@@ -177,6 +180,7 @@ def test_snapshot_and_converted_dir_reproduce_edm(snapshot, fixture_data, tmp_pa
   np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
   assert not marker.exists()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher"]  # no temp dirs left
+  assert (out / ".fdistill_output").is_file()
 
 
 def test_snapshot_loads_without_torch(snapshot, fixture_data, tmp_path):
@@ -186,7 +190,7 @@ def test_snapshot_loads_without_torch(snapshot, fixture_data, tmp_path):
   code = (
       "import sys, numpy as np\n"
       "sys.modules['torch'] = None  # any 'import torch' now raises ImportError\n"
-      "from fdistill_jax import safe_pickle\n"
+      "from fdistill_jax.io import safe_pickle\n"
       f"obj = safe_pickle.safe_load(open({str(path)!r}, 'rb'))\n"
       "np.savez(sys.argv[1], **safe_pickle.module_state_dict(obj['ema']))\n"
       "assert 'torch_utils' not in sys.modules and sys.modules['torch'] is None\n")
@@ -233,7 +237,7 @@ def test_state_dict_formats_match(tmp_path, fixture_data, arch_json, npz_variabl
   assert arch == {**config, "use_fp16": False}  # recorded _init_kwargs
   assert_same_weights(state_dict, weights)
   out = tmp_path / "from_pt"
-  assert convert.main(["--input", str(pt), "--arch", str(arch_json), "--output", str(out)]) == 0
+  convert.convert(pt, out, arch=arch_json)
   assert_same_tree(convert.load_edm(out)[1], npz_variables)
 
 
@@ -282,25 +286,31 @@ def test_bad_inputs_raise_and_write_nothing(tmp_path, snapshot, fixture_data):
     assert sorted(p.name for p in tmp_path.iterdir()) == before, name
 
 
-def test_output_dir_refused_unless_overwrite(tmp_path, snapshot):
+def test_output_dir_refused_unless_overwrite_and_written_by_us(tmp_path, snapshot):
   out = tmp_path / "out"
   out.mkdir()
   (out / "keep.txt").write_text("mine")
   with pytest.raises(convert.ConversionError, match="not empty.*--overwrite"):
     convert.convert(snapshot[0], out)
-  assert convert.main(["--input", str(snapshot[0]), "--output", str(out)]) == 1
+  # --overwrite never replaces a folder this tool did not write.
+  with pytest.raises(convert.ConversionError, match="not written by fdistill_jax"):
+    convert.convert(snapshot[0], out, overwrite=True)
   assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-  assert convert.main(["--input", str(snapshot[0]), "--output", str(out), "--overwrite"]) == 0
-  assert sorted(p.name for p in out.iterdir()) == ["arch.json", "variables"]
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+  ours = tmp_path / "ours"
+  convert.convert(snapshot[0], ours)
+  convert.convert(snapshot[0], ours, overwrite=True)
+  assert sorted(p.name for p in ours.iterdir()) == [".fdistill_output", "arch.json", "variables"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "out"]
 
 
 def test_cli_subprocess_reports_error(tmp_path):
   result = subprocess.run(
-      [sys.executable, "-m", "fdistill_jax.convert", "--input", str(tmp_path / "x.pkl"),
-       "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+      [sys.executable, "-m", "fdistill_jax.tools.convert", f"--input={tmp_path / 'x.pkl'}",
+       f"--output={tmp_path / 'out'}"], capture_output=True, text=True, timeout=120)
   assert result.returncode == 1
+  assert "convert: error: teacher file" in result.stderr
   assert "x.pkl does not exist" in result.stderr
+  assert "Traceback" not in result.stderr
   assert not (tmp_path / "out").exists()
 
 

@@ -17,7 +17,8 @@ import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
-from fdistill_jax import data
+from fdistill_jax.data import registry
+from fdistill_jax.data import sources
 
 ATOL = 1e-6  # float32 rounding of uint8 / 127.5 - 1.
 
@@ -38,7 +39,7 @@ def _decode_index(images):
 
 
 def _memory(n=10, num_classes=3, seed=0):
-  return data.make_source(_cfg(kind="memory", images=_index_images(n),
+  return registry.make_source(_cfg(kind="memory", images=_index_images(n),
                                labels=np.arange(n) % max(num_classes, 1),
                                resolution=2, channels=1,
                                num_classes=num_classes, seed=seed))
@@ -93,7 +94,7 @@ def test_process_shares_concatenate_to_the_global_batch(count):
 
 def test_float_images_pass_through_and_unconditional_labels_are_empty():
   imgs = np.linspace(-1, 1, 5 * 12, dtype=np.float32).reshape(5, 2, 2, 3)
-  src = data.make_source(_cfg(kind="memory", images=imgs, labels=None,
+  src = registry.make_source(_cfg(kind="memory", images=imgs, labels=None,
                               resolution=2, num_classes=0))
   b = src.batch(0, global_batch_size=5)
   np.testing.assert_allclose(np.sort(b["images"].ravel()), imgs.ravel(),
@@ -116,7 +117,7 @@ def test_memory_source_refuses_bad_data_with_the_expected_shape(kw, match):
   if cfg["resolution"] is None:
     del cfg["resolution"]
   with pytest.raises(ValueError, match=match):
-    data.make_source(_cfg(**cfg))
+    registry.make_source(_cfg(**cfg))
 
 
 @pytest.mark.parametrize("bs, p, count", [(6, 0, 4), (0, 0, 1), (8, 2, 2)])
@@ -137,11 +138,11 @@ def test_tfds_batches_are_the_indexed_examples(name, res, classes):
   with tfds.testing.mock_data(num_examples=10):
     cfg = _cfg(kind="tfds", name=name, resolution=res, num_classes=classes,
                seed=3)
-    src, twin = data.make_source(cfg), data.make_source(cfg)
+    src, twin = registry.make_source(cfg), registry.make_source(cfg)
     direct = tfds.data_source(name, split="train")
     for step in (0, 2, 7):  # Step 2 straddles the epoch boundary (N=10).
       b = src.batch(step, global_batch_size=4)
-      idx = data.example_indices(3, step, global_batch_size=4, num_examples=10)
+      idx = sources.example_indices(3, step, global_batch_size=4, num_examples=10)
       want = np.stack([direct[int(i)]["image"] for i in idx]) / 127.5 - 1
       labels = np.eye(classes)[[int(direct[int(i)]["label"]) for i in idx]]
       assert b["images"].shape == (4, res, res, 3)
@@ -160,12 +161,12 @@ def test_tfds_batches_are_the_indexed_examples(name, res, classes):
 def test_tfds_refuses_wrong_resolution_and_class_count():
   with tfds.testing.mock_data(num_examples=10):
     with pytest.raises(ValueError, match=r"expects \(64, 64, 3\)"):
-      data.make_source(_cfg(kind="tfds", name="cifar10", resolution=64,
+      registry.make_source(_cfg(kind="tfds", name="cifar10", resolution=64,
                             num_classes=10))
     with pytest.raises(ValueError, match=r"\[0, 10\).*num_classes=10"):
-      data.make_source(_cfg(kind="tfds", name="cifar10", resolution=32,
+      registry.make_source(_cfg(kind="tfds", name="cifar10", resolution=32,
                             num_classes=1000))
-    uncond = data.make_source(_cfg(kind="tfds", name="cifar10", resolution=32,
+    uncond = registry.make_source(_cfg(kind="tfds", name="cifar10", resolution=32,
                                    num_classes=0))
     assert uncond.batch(0, global_batch_size=2)["labels"].shape == (2, 0)
 
@@ -174,12 +175,12 @@ def test_tfds_unprepared_dataset_says_how_to_prepare_it(tmp_path):
   cfg = _cfg(kind="tfds", name="cifar10", resolution=32, num_classes=10,
              data_dir=str(tmp_path))
   with pytest.raises(FileNotFoundError) as err:
-    data.make_source(cfg)
+    registry.make_source(cfg)
   msg = str(err.value)
   assert f"tfds build cifar10 --data_dir={tmp_path}" in msg
   assert "download_and_prepare()" in msg and "array_record" in msg
   with pytest.raises(FileNotFoundError, match="unknown to tfds"):
-    data.make_source(_cfg(kind="tfds", name="no_such_dataset_xyz",
+    registry.make_source(_cfg(kind="tfds", name="no_such_dataset_xyz",
                           resolution=32, num_classes=0))
 
 
@@ -226,10 +227,10 @@ def test_edm_batches_are_the_written_images(tmp_path, edm_arrays, as_zip,
   path = _write_edm(tmp_path, images, labels, as_zip)
   cfg = _cfg(kind="edm", path=path, resolution=8, num_classes=4, seed=5,
              cache=cache)
-  src, twin = data.make_source(cfg), data.make_source(cfg)
+  src, twin = registry.make_source(cfg), registry.make_source(cfg)
   for step in (0, 2, 9):  # B=5, N=12: steps 2 and 9 straddle epochs.
     b = src.batch(step, global_batch_size=5)
-    idx = data.example_indices(5, step, global_batch_size=5, num_examples=12)
+    idx = sources.example_indices(5, step, global_batch_size=5, num_examples=12)
     np.testing.assert_allclose(b["images"], images[idx] / 127.5 - 1,
                                atol=ATOL)
     np.testing.assert_array_equal(b["labels"], np.eye(4)[labels[idx]])
@@ -244,16 +245,16 @@ def test_edm_batches_are_the_written_images(tmp_path, edm_arrays, as_zip,
 def test_edm_unlabelled_and_grayscale(tmp_path, edm_arrays):
   gray = edm_arrays[0][..., :1]
   path = _write_edm(tmp_path, gray, None, as_zip=True)
-  src = data.make_source(_cfg(kind="edm", path=path, resolution=8,
+  src = registry.make_source(_cfg(kind="edm", path=path, resolution=8,
                               channels=1, num_classes=0))
   b = src.batch(0, global_batch_size=12)
   assert b["labels"].shape == (12, 0) and b["images"].shape == (12, 8, 8, 1)
   np.testing.assert_allclose(np.sort(b["images"].ravel()),
                              np.sort(gray.ravel() / 127.5 - 1), atol=ATOL)
   with pytest.raises(ValueError, match=r"expects \(8, 8, 3\)"):
-    data.make_source(_cfg(kind="edm", path=path, resolution=8, num_classes=0))
+    registry.make_source(_cfg(kind="edm", path=path, resolution=8, num_classes=0))
   with pytest.raises(ValueError, match="has no labels"):
-    data.make_source(_cfg(kind="edm", path=path, resolution=8, channels=1,
+    registry.make_source(_cfg(kind="edm", path=path, resolution=8, channels=1,
                           num_classes=4))
 
 
@@ -261,13 +262,13 @@ def test_edm_refuses_wrong_size_and_labels(tmp_path, edm_arrays):
   images, labels = edm_arrays
   path = _write_edm(tmp_path, images, labels, as_zip=False)
   with pytest.raises(ValueError, match=r"expects \(16, 16, 3\)"):
-    data.make_source(_cfg(kind="edm", path=path, resolution=16,
+    registry.make_source(_cfg(kind="edm", path=path, resolution=16,
                           num_classes=4))
   with pytest.raises(ValueError, match=r"must lie in \[0, 3\)"):
-    data.make_source(_cfg(kind="edm", path=path, resolution=8, num_classes=3))
+    registry.make_source(_cfg(kind="edm", path=path, resolution=8, num_classes=3))
   # One odd-sized image is caught when a batch reaches it, naming the file.
   PIL.Image.new("RGB", (4, 4)).save(tmp_path / "ds/00000/img00000007.png")
-  src = data.make_source(_cfg(kind="edm", path=path, resolution=8,
+  src = registry.make_source(_cfg(kind="edm", path=path, resolution=8,
                               num_classes=4))
   with pytest.raises(ValueError, match=r"img00000007.png.*\(4, 4, 3\)"):
     src.batch(0, global_batch_size=12)
@@ -277,11 +278,11 @@ def test_edm_missing_dataset_says_how_to_prepare_it(tmp_path):
   for path in (str(tmp_path / "cifar.zip"), ""):  # "" = unset in configs.
     with pytest.raises(FileNotFoundError,
                        match=r"(?s)not found.*dataset_tool"):
-      data.make_source(_cfg(kind="edm", path=path, resolution=32,
+      registry.make_source(_cfg(kind="edm", path=path, resolution=32,
                             num_classes=10))
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match=r"(?s)No image.*dataset_tool"):
-    data.make_source(_cfg(kind="edm", path=str(tmp_path / "empty"),
+    registry.make_source(_cfg(kind="edm", path=str(tmp_path / "empty"),
                           resolution=32, num_classes=10))
 
 
@@ -291,7 +292,7 @@ def test_edm_missing_dataset_says_how_to_prepare_it(tmp_path):
 
 def test_prefetcher_yields_the_direct_batches_in_order():
   src = _memory(n=10)
-  with data.Prefetcher(src, 5, global_batch_size=4, process_index=1,
+  with sources.Prefetcher(src, 5, global_batch_size=4, process_index=1,
                        process_count=2, num_steps=4) as it:
     got = list(it)
   assert len(got) == 4
@@ -315,7 +316,7 @@ class _FailsAt:
 
 
 def test_prefetcher_reraises_worker_errors_in_the_consumer():
-  it = data.Prefetcher(_FailsAt(_memory(), 7), 5, global_batch_size=2)
+  it = sources.Prefetcher(_FailsAt(_memory(), 7), 5, global_batch_size=2)
   it.next()
   next(it)
   with pytest.raises(OSError, match="disk gone at step 7"):
@@ -330,7 +331,7 @@ def _prefetch_threads():
 
 def test_prefetcher_close_stops_a_blocked_worker():
   before = len(_prefetch_threads())
-  it = data.Prefetcher(_memory(), 0, global_batch_size=2, buffer_size=1,
+  it = sources.Prefetcher(_memory(), 0, global_batch_size=2, buffer_size=1,
                        transform=lambda b: b["labels"].sum())
   assert next(it) == 2.0  # transform ran in the worker: 2 one-hot rows.
   assert len(_prefetch_threads()) == before + 1  # Blocked on a full queue.

@@ -10,7 +10,6 @@ out here independently of the scripts.
 
 import json
 import os
-import re
 import shlex
 import stat
 import subprocess
@@ -19,9 +18,9 @@ from absl import flags
 from ml_collections import config_flags
 import pytest
 
-from configs import common
+from fdistill_jax import config_lib
 from fdistill_jax import main as main_lib
-from fdistill_jax import train
+from fdistill_jax.tools import sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch")
@@ -89,7 +88,7 @@ def test_paper_tables_cover_every_row():
     key = (dataset, config.divergence if _kind(config) != "gan_only" else None, _kind(config))
     assert key not in seen, f"duplicate row {key}"
     seen[key] = (config, other)
-  expected = {(ds, d, "both") for ds in (C10, IN64) for d in common.DIVERGENCES}
+  expected = {(ds, d, "both") for ds in (C10, IN64) for d in config_lib.DIVERGENCES}
   expected |= {(C10, "fkl", "no_gan"), (IN64, "js", "no_gan"),
                (C10, None, "gan_only"), (IN64, None, "gan_only")}
   assert set(seen) == expected
@@ -108,7 +107,7 @@ def test_paper_tables_pass_teacher_and_data():
         assert config.data.path == ("/d/c10.zip" if c10 else "/d/in64.zip")
       else:
         assert config.data.data_dir == "/d/tfds"
-      train.validate_config(config, num_devices=8)     # batch divides 8 devices, etc.
+      config_lib.validate(config, num_devices=8)     # batch divides 8 devices, etc.
 
 
 def test_paper_tables_rejects_unknown_data():
@@ -185,12 +184,9 @@ def test_slurm_runs_one_process_per_gpu(tmp_path):
 
 def test_toy_sweep_calls_the_sweep_module_with_its_flags(tmp_path):
   env, log = _stub(tmp_path, "fakepython")
-  _bash("toy_sweep.sh", "--total_steps=7",
+  _bash("toy_sweep.sh", "--set=total_steps=7",
         env={**env, "PYTHON": "fakepython", "WORKDIR": "/w", "SEEDS": "3,4"})
   (call,) = _calls(log)
-  assert call == ["-m", "fdistill_jax.toy_sweep", "--workdir=/w", "--seeds=3,4", "--total_steps=7"]
-  # The module's flags, read from its source: importing it next to main would define
-  # --workdir twice in absl's global FLAGS.
-  with open(os.path.join(REPO, "fdistill_jax", "toy_sweep.py")) as f:
-    defined = set(re.findall(r'DEFINE_\w+\(\s*"(\w+)"', f.read()))
-  assert {a[2:].split("=")[0] for a in call[2:]} <= defined, defined
+  assert call == ["-m", "fdistill_jax.tools.sweep", "--config=configs/toy2d.py", "--workdir=/w",
+                  "--seeds=3,4", "--set=total_steps=7"]
+  assert {a[2:].split("=")[0] for a in call[2:]} <= set(sweep.FLAGS), set(sweep.FLAGS)

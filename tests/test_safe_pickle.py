@@ -1,4 +1,4 @@
-"""Tests for fdistill_jax.safe_pickle: allow-listed unpickling, torch archives.
+"""Tests for fdistill_jax.io.safe_pickle: allow-listed unpickling, torch archives.
 
 References are torch itself (the tensors that were saved, `torch.load`) and
 plain pickle round trips; malicious pickles are checked to run nothing by
@@ -20,7 +20,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fdistill_jax import safe_pickle  # noqa: E402
+from fdistill_jax.io import safe_pickle  # noqa: E402
 
 
 class Reduce:
@@ -226,7 +226,7 @@ def test_works_without_torch(tmp_path):
   code = (
       "import sys, numpy as np\n"
       "sys.modules['torch'] = None  # any 'import torch' now raises ImportError\n"
-      "from fdistill_jax import safe_pickle as sp\n"
+      "from fdistill_jax.io import safe_pickle as sp\n"
       "d = sys.argv[1]\n"
       "out = {'z': sp.load_torch(d + '/z.pt'), 'l': sp.load_torch(d + '/l.pt'),\n"
       "       'p': sp.safe_load(open(d + '/p.pkl', 'rb'))}\n"

@@ -18,17 +18,23 @@ import PIL.Image
 import pytest
 
 from configs import tiny
-from fdistill_jax import checkpoint as ckpt_lib
-from fdistill_jax import convert
-from fdistill_jax import edm_sampler
-from fdistill_jax import models as models_lib
 from fdistill_jax import networks
-from fdistill_jax import plots
-from fdistill_jax import sample
-from fdistill_jax import state as state_lib
-from fdistill_jax import steps
-from fdistill_jax import train
+from fdistill_jax.data import pixels
+from fdistill_jax.eval import edm_sampler
+from fdistill_jax.eval import sampling
+from fdistill_jax.teachers import edm
+from fdistill_jax.teachers import registry
+from fdistill_jax.tools import cli
+from fdistill_jax.tools import sample
+from fdistill_jax.train import checkpoint as ckpt_lib
+from fdistill_jax.train import loop
+from fdistill_jax.train import state as state_lib
 from tests.test_train import small_toy
+
+
+def run_sample(args):
+  """`python -m fdistill_jax.tools.sample ARGS` in this process: the exit code."""
+  return cli.invoke(sample.main, "sample", sample.FLAGS, args)
 
 
 def random_teacher(seed=0):
@@ -48,7 +54,7 @@ def random_teacher(seed=0):
 def toy_run(tmp_path_factory):
   """A 2-step toy run checkpointed at the end; returns (workdir, final TrainState)."""
   workdir = str(tmp_path_factory.mktemp("toy_run"))
-  state = train.train_and_evaluate(small_toy("js", total_steps=2), workdir)
+  state = loop.train_and_evaluate(small_toy("js", total_steps=2), workdir)
   return workdir, jax.device_get(state)
 
 
@@ -69,9 +75,9 @@ def image_run(tmp_path_factory):
       c.optim), len(c.ema_decays))
   st = st.replace(step=jnp.int32(1), ema=(jax.tree.map(lambda p: 0.5 * p, gen),))
   with open(os.path.join(workdir, "generator_spec.json"), "w") as f:
-    json.dump(models_lib.student_spec(c), f)
+    json.dump({"kind": "edm", "arch": c.teacher.arch.to_dict()}, f)
   mngr = ckpt_lib.manager(workdir, c)
-  ckpt_lib.save(mngr, 1, st, c)
+  ckpt_lib.save(mngr, 1, st, c, force=True)
   mngr.wait_until_finished()
   mngr.close()
   return workdir, jax.device_get(st)
@@ -88,12 +94,10 @@ def reference_noise(seed, n, shape):
 
 
 def reference_toy_samples(params, seed, n, width=32, depth=2):
-  """x = G(80 z, 80) with steps.generate on a freshly built generator, batch n on one device."""
-  module, shape, _ = models_lib.student_from_spec({"kind": "toy", "width": width, "depth": depth})
-  models = models_lib.Models(teacher=None, student=module, heads=None, feature_keys=(),
-                             sample_shape=shape, num_classes=0)
+  """x = G(80 z, 80) with sampling.generate on a freshly built generator, batch n, one device."""
+  module, shape, _ = registry.student_from_spec({"kind": "toy", "width": width, "depth": depth})
   z = jnp.asarray(reference_noise(seed, n, shape))
-  return np.asarray(steps.generate(models, params, z, None, 80.0))
+  return np.asarray(sampling.generate(module, params, z, None, 80.0))
 
 
 def assert_trees_equal(a, b):
@@ -104,36 +108,37 @@ def assert_trees_equal(a, b):
 
 def test_export_reads_back_the_checkpointed_weights(toy_run, tmp_path):
   workdir, state = toy_run
-  out = sample.export_generator(workdir, str(tmp_path / "gen"))
-  assert sorted(os.listdir(out)) == ["export.json", "generator_spec.json", "params"]
-  module, params, info = sample.load_generator(out)
+  out = ckpt_lib.export_generator(workdir, str(tmp_path / "gen"))
+  assert sorted(os.listdir(out)) == [".fdistill_output", "export.json", "generator_spec.json",
+                                     "params"]
+  module, params, info = ckpt_lib.load_generator(out)
   assert_trees_equal(params, state.ema[0])          # exact: no arithmetic on the way
   assert (info["step"], info["which"], info["ema_decay"]) == (2, "ema:0", 0.99)
   assert info["divergence"] == "js" and info["source"] == os.path.abspath(workdir)
   assert isinstance(module, networks.ToyDenoiser) and info["sample_shape"] == [2]
 
-  _, raw, raw_info = sample.load_generator(workdir, which="raw", step=2)
+  _, raw, raw_info = ckpt_lib.load_generator(workdir, which="raw", step=2)
   assert_trees_equal(raw, state.gen)
   assert raw_info["which"] == "raw" and raw_info["ema_decay"] is None
   # One generator update with decay 0.99: EMA = 0.99 init + 0.01 gen differs from gen.
   assert any(not np.array_equal(a, b) for a, b in
              zip(jax.tree.leaves(raw), jax.tree.leaves(params)))
 
-  with pytest.raises(sample.SampleError, match="not empty"):
-    sample.export_generator(workdir, out, which="raw")
-  sample.export_generator(workdir, out, which="raw", overwrite=True)
-  assert_trees_equal(sample.load_generator(out)[1], state.gen)
-  assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f or ".old-" in f]
+  with pytest.raises(ValueError, match="not empty"):
+    ckpt_lib.export_generator(workdir, out, which="raw")
+  ckpt_lib.export_generator(workdir, out, which="raw", overwrite=True)
+  assert_trees_equal(ckpt_lib.load_generator(out)[1], state.gen)
+  assert os.listdir(tmp_path) == ["gen"]                 # no temporaries left
 
 
 def test_samples_follow_the_documented_noise_and_are_reproducible(toy_run):
   workdir, state = toy_run
-  module, params, info = sample.load_generator(workdir)
+  module, params, info = ckpt_lib.load_generator(workdir)
   kw = dict(sample_shape=(2,), num_classes=0, sigma_init=info["sigma_init"])
-  x8, labels = sample.generate_samples(module, params, 37, seed=5, batch=16, **kw)
-  x1, _ = sample.generate_samples(module, params, 37, seed=5, batch=5,
-                                  devices=jax.devices()[:1], **kw)
-  other, _ = sample.generate_samples(module, params, 37, seed=6, batch=16, **kw)
+  x8, labels = sampling.generate_samples(module, params, 37, seed=5, batch=16, **kw)
+  x1, _ = sampling.generate_samples(module, params, 37, seed=5, batch=5,
+                                    devices=jax.devices()[:1], **kw)
+  other, _ = sampling.generate_samples(module, params, 37, seed=6, batch=16, **kw)
   # Tolerance 1e-6: the same per-sample noise, only the float32 batching differs.
   np.testing.assert_allclose(x8, x1, atol=1e-6, rtol=0)
   np.testing.assert_allclose(x8, reference_toy_samples(state.ema[0], 5, 37), atol=1e-6, rtol=0)
@@ -145,26 +150,26 @@ def test_samples_follow_the_documented_noise_and_are_reproducible(toy_run):
 def test_cli_writes_toy_npz_and_plot(toy_run, tmp_path):
   workdir, state = toy_run
   out, grid = tmp_path / "s.npz", tmp_path / "toy.png"
-  assert sample.main([f"--workdir={workdir}", "--num=20", f"--out={out}", f"--grid={grid}",
-                      "--seed=2", "--batch=16"]) == 0
+  assert run_sample([f"--workdir={workdir}", "--num=20", f"--out={out}", f"--grid={grid}",
+                     "--seed=2", "--batch=16"]) == 0
   with np.load(out) as data:
     assert sorted(data.files) == ["labels", "samples"]
     assert data["samples"].dtype == np.float32 and data["labels"].dtype == np.int32
     np.testing.assert_allclose(data["samples"], reference_toy_samples(state.ema[0], 2, 20),
                                atol=1e-6, rtol=0)
-  size = PIL.Image.open(grid).size           # two 256-pixel panels (plots module layout)
-  assert size == (2 * 256 + 3 * plots.PAD, plots.TITLE_HEIGHT + 256 + plots.PAD)
+  width, height = PIL.Image.open(grid).size         # teacher density | samples
+  assert width > 1.5 * height
   assert sorted(os.listdir(tmp_path)) == ["s.npz", "toy.png"]      # no temporaries left
 
 
 def test_cli_export_then_sample_the_export(toy_run, tmp_path):
   workdir, state = toy_run
   exported = tmp_path / "exported"
-  assert sample.main([f"--workdir={workdir}", f"--export={exported}", "--which=raw"]) == 0
+  assert run_sample([f"--workdir={workdir}", f"--export={exported}", "--which=raw"]) == 0
   assert json.loads((exported / "export.json").read_text())["which"] == "raw"
-  assert sample.main([f"--workdir={workdir}", f"--export={exported}"]) == 1   # not empty
+  assert run_sample([f"--workdir={workdir}", f"--export={exported}"]) == 1   # not empty
   out = tmp_path / "s.npz"
-  assert sample.main([f"--workdir={exported}", "--num=20", f"--out={out}", "--batch=16"]) == 0
+  assert run_sample([f"--workdir={exported}", "--num=20", f"--out={out}", "--batch=16"]) == 0
   with np.load(out) as data:
     np.testing.assert_allclose(data["samples"], reference_toy_samples(state.gen, 0, 20),
                                atol=1e-6, rtol=0)
@@ -188,16 +193,17 @@ def test_bad_input_fails_clearly_and_writes_nothing(toy_run, tmp_path, capsys, a
   (tmp_path / "empty").mkdir()
   out = tmp_path / "s.npz"
   argv = ["--num=4", f"--out={out}"] + [a.format(**paths) for a in args]   # last --num wins
-  assert sample.main(argv) == 1
-  assert re.search(message, capsys.readouterr().err)
+  assert run_sample(argv) == 1
+  err = capsys.readouterr().err
+  assert re.search(message, err) and err.startswith("sample: error: ")
   assert not out.exists()
 
 
 def test_missing_checkpoints_name_the_path(tmp_path):
   (tmp_path / "generator_spec.json").write_text(json.dumps({"kind": "toy", "width": 4,
                                                             "depth": 1}))
-  with pytest.raises(sample.SampleError, match=f"{tmp_path}/checkpoints"):
-    sample.load_generator(str(tmp_path))
+  with pytest.raises(ckpt_lib.CheckpointError, match=f"{tmp_path}/checkpoints"):
+    ckpt_lib.load_generator(str(tmp_path))
 
 
 def test_unreadable_newest_checkpoint_falls_back(toy_run, tmp_path, caplog):
@@ -208,48 +214,49 @@ def test_unreadable_newest_checkpoint_falls_back(toy_run, tmp_path, caplog):
   shutil.copytree(copy / "checkpoints" / "2", copy / "checkpoints" / "3")
   for data_dir in (copy / "checkpoints" / "3" / "state").rglob("d"):
     shutil.rmtree(data_dir)
-  _, params, info = sample.load_generator(str(copy))
+  _, params, info = ckpt_lib.load_generator(str(copy))
   assert info["step"] == 2
   assert_trees_equal(params, state.ema[0])
   assert "Skipping unreadable checkpoint at step 3" in caplog.text
-  with pytest.raises(sample.SampleError, match="Cannot read the checkpoint at step 3"):
-    sample.load_generator(str(copy), step=3)
+  with pytest.raises(ckpt_lib.CheckpointError, match="No readable checkpoint"):
+    ckpt_lib.load_generator(str(copy), step=3)
 
 
 def test_image_generator_cli(image_run, tmp_path):
   workdir, state = image_run
   out, grid = tmp_path / "s.npz", tmp_path / "grid.png"
-  assert sample.main([f"--workdir={workdir}", "--num=10", f"--out={out}", f"--grid={grid}",
-                      "--batch=8", "--labels=0,3"]) == 0
+  assert run_sample([f"--workdir={workdir}", "--num=10", f"--out={out}", f"--grid={grid}",
+                     "--batch=8", "--labels=0,3"]) == 0
   with np.load(out) as data:
     images, labels = data["images"], data["labels"]
   assert images.shape == (10, 8, 8, 3) and images.dtype == np.uint8
   np.testing.assert_array_equal(labels, [0, 3] * 5)
-  assert PIL.Image.open(grid).size == (4 * 8, 3 * 8)      # ceil(sqrt(10)) = 4 columns
+  width, height = PIL.Image.open(grid).size             # ceil(sqrt(10)) = 4 columns, 3 rows
+  assert width > 4 * 8 * 4 and height > 3 * 8 * 4          # tiles enlarged, labelled
 
-  module, params, info = sample.load_generator(workdir)
+  module, params, info = ckpt_lib.load_generator(workdir)
   assert info["num_classes"] == 4 and info["step"] == 1
   assert_trees_equal(params, state.ema[0])
-  x, _ = sample.generate_samples(module, params, 10, sample_shape=(8, 8, 3), num_classes=4,
-                                 sigma_init=80.0, batch=8, classes=(0, 3))
+  x, _ = sampling.generate_samples(module, params, 10, sample_shape=(8, 8, 3), num_classes=4,
+                                   sigma_init=80.0, batch=8, classes=(0, 3))
   # EDM's conversion (generate.py), written out: (x * 127.5 + 128).clip(0, 255) -> uint8.
   np.testing.assert_array_equal(images, np.clip(x * 127.5 + 128, 0, 255).astype(np.uint8))
   keys = [jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), i), 1) for i in range(10)]
-  np.testing.assert_array_equal(sample.sample_labels(0, jnp.arange(10), 4),
+  np.testing.assert_array_equal(sampling.sample_labels(jax.random.PRNGKey(0), jnp.arange(10), 4),
                                 [int(jax.random.randint(k, (), 0, 4)) for k in keys])
 
-  with pytest.raises(sample.SampleError, match=r"outside \[0, 3\]"):
-    sample.parse_labels("1,4", 4)
-  assert sample.main([f"--workdir={workdir}", "--num=2", f"--out={tmp_path / 'bad.npz'}",
-                      "--labels=-1"]) == 1
+  with pytest.raises(sampling.SampleError, match=r"outside \[0, 3\]"):
+    sampling.parse_labels("1,4", 4)
+  assert run_sample([f"--workdir={workdir}", "--num=2", f"--out={tmp_path / 'bad.npz'}",
+                     "--labels=-1"]) == 1
   assert not (tmp_path / "bad.npz").exists()
 
 
 def test_teacher_heun_path_matches_the_batched_sampler(tmp_path):
   arch, module, variables = random_teacher()
-  kwargs = sample.sampler_settings("cifar10", num_steps=2)
-  x, labels = sample.teacher_samples(module, variables, 3, sampler_kwargs=kwargs, seed=1,
-                                     batch=8)
+  kwargs = sampling.sampler_settings("cifar10", num_steps=2)
+  x, labels = sampling.teacher_samples(module, variables, 3, sampler_kwargs=kwargs, seed=1,
+                                       batch=8)
   assert x.shape == (3, 8, 8, 3) and labels.shape == (3,) and labels.min() >= 0
   # Independent: EDM's deterministic Heun sampler on the whole batch with the documented latents.
   latents = jnp.asarray(reference_noise(1, 3, (8, 8, 3)))
@@ -262,10 +269,10 @@ def test_teacher_heun_path_matches_the_batched_sampler(tmp_path):
   # largest value.
   np.testing.assert_allclose(x, expected, atol=1e-4 * np.abs(expected).max(), rtol=0)
 
-  convert.save_converted(tmp_path / "teacher", arch, variables)
+  edm.save_converted(tmp_path / "teacher", arch, variables)
   out = tmp_path / "t.npz"
-  assert sample.main([f"--teacher={tmp_path / 'teacher'}", "--num_steps=2", "--num=3",
-                      "--seed=1", f"--out={out}"]) == 0
+  assert run_sample([f"--teacher={tmp_path / 'teacher'}", "--num_steps=2", "--num=3",
+                     "--seed=1", f"--out={out}"]) == 0
   with np.load(out) as data:
-    np.testing.assert_array_equal(data["images"], sample.to_uint8(x))
+    np.testing.assert_array_equal(data["images"], pixels.to_uint8(x))
     np.testing.assert_array_equal(data["labels"], labels)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,10 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from fdistill_jax import divergences, plots, toy
+from fdistill_jax import divergences
+from fdistill_jax.eval import figures as plots
+from fdistill_jax.toy import metrics as toy_metrics
+from fdistill_jax.toy import mixture as toy
 from fdistill_jax.networks import mlp
 
 N = 4096
@@ -184,7 +188,7 @@ def _registry():
 def test_metrics_on_true_samples(mixture, true_samples):
   n = N // 2  # Precision/recall is O(n^2); half the samples keep the test fast.
   x = true_samples[0][:n]
-  metrics = toy.toy_metrics(mixture, x, jax.random.PRNGKey(1))
+  metrics = toy_metrics.toy_metrics(mixture, x, jax.random.PRNGKey(1))
   json.dumps(metrics)  # Plain Python types only.
   assert metrics["modes_covered"] == mixture.num_components == metrics["num_modes"]
   inside = 1 - math.exp(-4.5)  # P(|x - mu| <= 3 std) for a 2-D Gaussian.
@@ -197,7 +201,7 @@ def test_metrics_on_true_samples(mixture, true_samples):
   # positive, with seed-to-seed spread ~30% of it: accept [0.2, 3] x the predicted bias.
   for name, f in _registry().items():
     f2 = float(jax.grad(jax.grad(f))(1.0))
-    bias = toy.kde_divergence_bias(mixture, n, 0.1, f2)
+    bias = toy_metrics.kde_divergence_bias(mixture, n, 0.1, f2)
     assert 0.2 * bias < metrics[f"f_div/{name}"] < 3 * bias, name
   for name in ("reverse_kl", "forward_kl"):
     assert 0.2 * metrics["kl_estimator_bias"] < metrics[name] < 3 * metrics["kl_estimator_bias"]
@@ -207,12 +211,12 @@ def test_metrics_on_true_samples(mixture, true_samples):
 def test_metrics_with_one_mode_missing(mixture, true_samples):
   x, index = true_samples
   missing = 3
-  cov = toy.mode_coverage(mixture, x[index != missing])
+  cov = toy_metrics.mode_coverage(mixture, x[index != missing])
   assert cov["modes_covered"] == mixture.num_components - 1
   assert not cov["mode_covered"][missing] and sum(cov["mode_covered"]) == 9
   # q = p without mode k, renormalised: KL(q || p) = -log(1 - w_k) exactly (separated modes).
   # Tolerance 0.01: KDE bias (~3e-3) + multinomial noise of the mode masses (~1e-3).
-  div = toy.smoothed_divergences(mixture, x[index != missing], {"rkl": lambda r: -jnp.log(r)})
+  div = toy_metrics.smoothed_divergences(mixture, x[index != missing], {"rkl": lambda r: -jnp.log(r)})
   want = -math.log(1 - mixture.weights[missing])
   assert abs(div["reverse_kl"] - want) < 0.01 and abs(div["f_div/rkl"] - want) < 0.01
   assert div["forward_kl"] > 1.0  # Mass-covering: large for a dropped mode.
@@ -220,7 +224,7 @@ def test_metrics_with_one_mode_missing(mixture, true_samples):
 
 def test_metrics_with_all_mass_in_one_mode(mixture, true_samples):
   x, index = true_samples
-  metrics = toy.toy_metrics(mixture, x[index == 0], jax.random.PRNGKey(2), fs=_registry())
+  metrics = toy_metrics.toy_metrics(mixture, x[index == 0], jax.random.PRNGKey(2), fs=_registry())
   assert metrics["modes_covered"] == 1 and metrics["mode_covered"][0]
   # q = mode 0 alone: KL(q || p) = -log w_0 (same tolerance as above).
   assert abs(metrics["reverse_kl"] - (-math.log(mixture.weights[0]))) < 0.01
@@ -229,10 +233,10 @@ def test_metrics_with_all_mass_in_one_mode(mixture, true_samples):
 
 def test_metrics_count_off_mode_and_nonfinite(mixture):
   samples = np.array([[0.5, 0.5], [3.0, 3.0], [np.nan, 0.0], [1.0, 0.0]])
-  cov = toy.mode_coverage(mixture, samples)
+  cov = toy_metrics.mode_coverage(mixture, samples)
   assert cov["off_mode_fraction"] == 0.75 and cov["nonfinite_fraction"] == 0.25
   assert cov["mode_mass"][0] == 0.25
-  diverged = toy.toy_metrics(mixture, np.full((8, 2), np.nan), jax.random.PRNGKey(0))
+  diverged = toy_metrics.toy_metrics(mixture, np.full((8, 2), np.nan), jax.random.PRNGKey(0))
   assert diverged["modes_covered"] == 0 and diverged["precision"] is None
   json.dumps(diverged)
 
@@ -242,25 +246,35 @@ def test_metrics_count_off_mode_and_nonfinite(mixture):
 
 def test_plot_toy_writes_png(mixture, true_samples, tmp_path):
   path = tmp_path / "sub" / "toy.png"
-  plots.plot_toy(str(path), mixture, true_samples[0][:500], title="rkl step 0",
-                 field=lambda p: np.linalg.norm(p, axis=-1), field_label="|x|", panel_size=96)
+  plots.plot_toy(str(path), mixture, {"samples": true_samples[0][:500]}, title="rkl step 0",
+                 field=lambda p: np.linalg.norm(p, axis=-1), field_label="|x|", size=48)
   with Image.open(path) as image:
     assert image.format == "PNG"
-    assert image.size == (3 * 96 + 4 * plots.PAD, plots.TITLE_HEIGHT + 96 + plots.PAD)
+    width, height = image.size
     image.verify()
+  assert width > 2.5 * height      # three panels side by side
+  assert sorted(os.listdir(tmp_path / "sub")) == ["toy.png"]   # no temporary left
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-def test_save_image_grid(tmp_path, channels):
+def test_image_grid_layout_and_edm_quantisation(channels):
   images = np.random.default_rng(0).uniform(-1, 1, (5, 4, 6, channels)).astype(np.float32)
-  images[0, 0, 0] = -1.0
-  images[1, 0, 0] = 1.0
-  path = tmp_path / "grid.png"
-  plots.save_image_grid(images, str(path), ncols=3)
-  pixels = np.asarray(Image.open(path))
-  assert pixels.shape[:2] == (2 * 4, 3 * 6)
-  pixels = pixels.reshape(8, 18, channels)
-  assert np.all(pixels[0, 0] == 0) and np.all(pixels[0, 6] == 255)
-  # Tile 4 (second row, second column) holds image 4, mapped by round((v + 1) * 127.5).
-  np.testing.assert_array_equal(pixels[4:8, 6:12], np.round((images[4] + 1) * 127.5))
-  assert np.all(pixels[4:8, 12:18] == 0)  # Missing sixth tile is black.
+  images[0, 0, 0], images[1, 0, 0] = -1.0, 1.0
+  grid = plots.image_grid(images, ncols=3, pad=1, pad_value=7)
+  assert grid.shape == (2 * (4 + 1) + 1, 3 * (6 + 1) + 1, channels)
+  # EDM's conversion, written out independently: (x * 127.5 + 128).clip(0, 255) -> uint8.
+  expected = np.clip(images * 127.5 + 128, 0, 255).astype(np.uint8)
+  for i in range(5):
+    r, c = divmod(i, 3)
+    np.testing.assert_array_equal(grid[1 + r * 5:1 + r * 5 + 4, 1 + c * 7:1 + c * 7 + 6],
+                                  expected[i])
+  assert grid[0, 0, 0] == 7 and np.all(grid[6:, 15:] == 7)   # padding and the missing tile
+  assert np.all(grid[1, 1] == 0) and np.all(grid[1, 8] == 255)
+
+
+def test_save_image_grid_writes_png(tmp_path):
+  images = np.random.default_rng(0).uniform(-1, 1, (6, 8, 8, 3)).astype(np.float32)
+  path = plots.save_image_grid(images, str(tmp_path / "g.png"), labels=list(range(6)),
+                               title="t")
+  with Image.open(path) as image:
+    assert image.format == "PNG" and min(image.size) >= 100   # enlarged, not 8x8 tiles

@@ -4,7 +4,10 @@ Networks are tiny (a 2-layer MLP on the toy teacher; an 8x8 DDPM++) so that
 compilation, which dominates, stays short.
 """
 
+import json
 import os
+import re
+import subprocess
 import sys
 from unittest import mock
 
@@ -16,12 +19,16 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import common, tiny, toy2d
-from fdistill_jax import data
+from configs import tiny, toy2d
+from fdistill_jax import config_lib
 from fdistill_jax import losses
 from fdistill_jax import main as main_lib
-from fdistill_jax import steps
-from fdistill_jax import train
+from fdistill_jax.data import registry as data_registry
+from fdistill_jax.eval import evaluators
+from fdistill_jax.eval import fid as fid_lib
+from fdistill_jax.eval import metrics
+from fdistill_jax.train import loop as train
+from fdistill_jax.train import steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,12 +52,12 @@ def small_toy(arg="js", **overrides):
 
 def memory_source(n=32, res=8, classes=4, seed=0):
   rng = np.random.default_rng(seed)
-  return data.make_source(ml_collections.ConfigDict(dict(
+  return data_registry.make_source(ml_collections.ConfigDict(dict(
       kind="memory", images=rng.uniform(-1, 1, (n, res, res, 3)).astype(np.float32),
       labels=rng.integers(0, classes, n), resolution=res, num_classes=classes)))
 
 
-VARIANTS = ([(d, []) for d in common.DIVERGENCES] + [("js,no_gan", []), ("js,gan_only", [])]
+VARIANTS = ([(d, []) for d in config_lib.DIVERGENCES] + [("js,no_gan", []), ("js,gan_only", [])]
             + [("fkl", ["--config.disc.features_from=fake_score"])])   # DMD2's feature choice
 
 
@@ -58,7 +65,7 @@ VARIANTS = ([(d, []) for d in common.DIVERGENCES] + [("js,no_gan", []), ("js,gan
 def test_every_variant_runs_through_main(variant, extra, tmp_path):
   workdir = str(tmp_path / "run")
   argv = ["main", f"--config={REPO}/configs/toy2d.py:{variant}", f"--workdir={workdir}",
-          "--config.run=train", "--config.total_steps=3", "--config.batch_size=16",
+          "--config.total_steps=3", "--config.batch_size=16",
           "--config.fake_score_update_freq=2", "--config.toy.width=32", "--config.toy.depth=2",
           "--config.toy.fit_steps=20", "--config.disc.resolutions=(0,1)",
           "--config.disc.channels=16", "--config.log_every=1", "--config.checkpoint_every=0"
@@ -70,6 +77,60 @@ def test_every_variant_runs_through_main(variant, extra, tmp_path):
   steps_saved = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   assert steps_saved == ["3"], steps_saved       # the final checkpoint
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+
+
+def read_scalars(workdir):
+  """{tag: [(step, value), ...]} from the TensorBoard event files of a workdir."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(str(workdir), size_guidance={"tensors": 0})
+  acc.Reload()
+  out = {}
+  for tag in acc.Tags()["tensors"]:
+    values = [(e.step, tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
+    if all(v.size == 1 and v.dtype.kind == "f" for _, v in values):    # scalars only
+      out[tag] = [(step, float(v)) for step, v in values]
+  return out
+
+
+def test_every_metric_reaches_tensorboard_with_a_sparse_log_period(tmp_path):
+  """The generator step runs every 3rd iteration and the log every 4th: the logged
+  values are means since the last log, so generator and f-distill statistics appear
+  at every logged step (not only when a log step happens to be a generator step)."""
+  c = small_toy("js", total_steps=8, fake_score_update_freq=3, log_every=4)
+  train.train_and_evaluate(c, str(tmp_path))
+  scalars = read_scalars(tmp_path)
+  for tag in ("gen/loss", "gen/fdistill_loss", "gen/grad_norm", "fdistill/h_mean",
+              "fake/loss", "disc/loss", "lr/gen", "lr/fake"):
+    assert [step for step, _ in scalars[tag]] == [4, 8], (tag, scalars.get(tag))
+  np.testing.assert_allclose([v for _, v in scalars["lr/gen"]], c.optim.gen_lr, rtol=1e-6)
+
+
+def test_console_shows_progress_only_and_the_log_file_keeps_the_rest(tmp_path):
+  """A healthy toy run prints a handful of progress lines and no warnings; the library
+  chatter (orbax, clu, JAX backend probes) goes to the workdir's log.txt."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir}
+  env.pop("TF_ENABLE_ONEDNN_OPTS", None)                 # main sets what it needs itself
+  result = subprocess.run(
+      [sys.executable, "-m", "fdistill_jax.main", f"--config={REPO}/configs/toy2d.py:js",
+       f"--workdir={tmp_path}", "--config.total_steps=30", "--config.batch_size=16",
+       "--config.toy.width=32", "--config.toy.depth=2", "--config.toy.fit_steps=20",
+       "--config.disc.resolutions=(0,1)", "--config.disc.channels=16",
+       "--config.checkpoint_every=10"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stderr == "", result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  pattern = re.compile(r"(JAX process |Building the run |Compiling and running |First iteration "
+                       r"|step \d+/30 \(\d+%\) \| |Evaluating 'toy' at step 30|  toy/forward_kl |"
+                       r"Finished at step 30)")
+  assert 6 <= len(lines) <= 12 and all(pattern.match(line) for line in lines), lines
+  log = (tmp_path / "log.txt").read_text()
+  assert "Saving checkpoint" in log or "orbax" in log          # orbax's INFO lines live here
+  assert "First iteration done" in log
+  assert json.loads((tmp_path / "status.json").read_text()) == {"state": "finished", "step": 30}
 
 
 def run_on(config, devices, source=None):
@@ -142,9 +203,9 @@ def test_generator_gradient_flows_only_through_x():
 
   # Independent: recompute x and the (constant) targets, differentiate the loss in x
   # alone, then pull back through the generator with a VJP.
-  k_z, k_c, k_s, k_e = jax.random.split(rng, 4)
-  noise = jax.random.normal(k_z, (c.batch_size,) + m.sample_shape)
-  x, vjp = jax.vjp(lambda p: steps.generate(m, p, noise, None, c.loss.sigma_init), st.gen)
+  k_x, k_s, k_e = jax.random.split(rng, 3)
+  x, vjp = jax.vjp(lambda p: steps.generator_samples(m, p, k_x, c.batch_size,
+                                                     c.loss.sigma_init)[0], st.gen)
   sigma = steps._karras_sigma(k_s, c.batch_size, c.loss)
   x_t = x + sigma[:, None] * jax.random.normal(k_e, x.shape)
   d_t, feats = m.teacher.apply(tv, x_t, sigma, None, feature_resolutions=m.feature_keys)
@@ -194,29 +255,34 @@ def test_config_variants_and_unknown_keys(tmp_path):
 
 def test_periodic_fid(tmp_path):
   """eval.fid_every runs inside the loop; FID against statistics of the very same
-  samples (computed through evaluate's own pipeline) is ~0, against another set it
+  samples (computed through eval.fid's own pipeline) is ~0, against another set it
   is not. Random-weight Inception (tests only)."""
-  from fdistill_jax import evaluate, visualize   # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   other = tmp_path / "other.npz"
-  evaluate.save_reference_stats(other, *evaluate.feature_statistics(
-      rng.normal(size=(64, 2048))))
+  metrics.save_reference_stats(other, *metrics.feature_statistics(rng.normal(size=(64, 2048))))
   c = tiny.get_config("js")
   c.total_steps, c.checkpoint_every, c.loss.r1_gamma = 1, 0, 0.0
   c.eval.update(fid_every=1, num_samples=16, inception="random", ref=str(other))
   trainer = train.build_trainer(c, memory_source())
   train.run(trainer, str(tmp_path / "run"))               # logs eval/fid at step 1
-  fid = visualize.PeriodicFID(trainer)
-  images = fid.samples()
-  assert images.shape == (16, 8, 8, 3)
+  ctx = evaluators.EvalContext(
+      config=trainer.config, workdir=str(tmp_path), models=trainer.models,
+      teacher_vars=trainer.teacher_vars, devices=tuple(jax.devices()), writer=None,
+      initial_params=trainer.initial_params, samples_dir=str(tmp_path))
+  fid = evaluators.PeriodicFID(ctx)
+  params = evaluators.as_params(trainer.state)
+  images = fid.samples(params)
+  assert images.shape == (16, 8, 8, 3) and images.dtype == np.uint8
   same = tmp_path / "same.npz"
-  feats = evaluate.extract_features(images, evaluate.load_feature_fn("random"))
-  evaluate.save_reference_stats(same, *evaluate.feature_statistics(feats))
-  d_other = fid()
-  fid.ref = evaluate.load_reference_stats(same)
-  d_same = fid()
+  feats = fid_lib.extract_features(images, fid_lib.load_feature_fn("random"))
+  metrics.save_reference_stats(same, *metrics.feature_statistics(feats))
+  d_other = fid(params, 1)["eval/fid"]
+  fid.ref = metrics.load_reference_stats(same)
+  d_same = fid(params, 1)["eval/fid"]
   # Identical statistics: 0 up to float64 round-off of a 2048-d covariance (1e-6 of d_other).
   assert abs(d_same) < 1e-6 * d_other and d_other > 1.0, (d_same, d_other)
+  scalars = read_scalars(tmp_path / "run")
+  assert "eval/fid" in scalars
 
 
 def test_ncsnpp_teacher_with_fourier_buffers_is_refused_clearly():

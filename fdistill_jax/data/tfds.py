@@ -26,15 +26,14 @@ BUILD_HINT = (
 class _LoadedSplit:
   """A split prepared as tfrecord, read whole into memory through `tfds.load`."""
 
-  def __init__(self, arrays):
-    self._arrays = arrays
-    self._len = len(next(iter(arrays.values())))
+  def __init__(self, examples):
+    self._examples = examples
 
   def __len__(self):
-    return self._len
+    return len(self._examples)
 
   def __getitem__(self, i):
-    return {k: v[i] for k, v in self._arrays.items()}
+    return self._examples[i]
 
 
 def _load_in_memory(name, split, data_dir, first_error):
@@ -42,7 +41,7 @@ def _load_in_memory(name, split, data_dir, first_error):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   hint = BUILD_HINT.format(name=name, data_dir=data_dir or "~/tensorflow_datasets")
   try:
-    arrays = tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir, batch_size=-1))
+    examples = list(tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir)))
   except Exception as e:  # pylint: disable=broad-except  (not prepared at all)
     said = (str(first_error).splitlines() or [""])[0]
     raise FileNotFoundError(
@@ -51,7 +50,7 @@ def _load_in_memory(name, split, data_dir, first_error):
   logging.warning("TFDS %s[%s] has no array_record files; read it whole into memory "
                   "through tfds.load. Prepare it with --file_format=array_record for "
                   "random access.", name, split)
-  return _LoadedSplit(dict(arrays))
+  return _LoadedSplit(examples)
 
 
 def open_split(name: str, split: str = "train", data_dir=None):

@@ -138,12 +138,13 @@ EVALUATORS: dict[str, Callable[[EvalContext], Optional[Evaluator]]] = {
 
 
 def build(names, ctx: EvalContext) -> list:
-  """The evaluators `names` lists, in order, skipping the ones switched off."""
+  """[(name, evaluator)] for the names listed, in order, skipping the ones switched off."""
   unknown = [n for n in names if n not in EVALUATORS]
   if unknown:
     raise ValueError(f"eval.evaluators has unknown names {unknown}; known: "
                      f"{sorted(EVALUATORS)}.")
-  return [e for e in (EVALUATORS[n](ctx) for n in names) if e is not None]
+  built = [(n, EVALUATORS[n](ctx)) for n in names]
+  return [(n, e) for n, e in built if e is not None]
 
 
 def as_params(state) -> dict:

@@ -19,9 +19,7 @@ import numpy as np
 import PIL.Image
 
 from fdistill_jax.data import tfds as tfds_data
-from fdistill_jax.eval.metrics import (feature_statistics, frechet_distance,
-                                       load_reference_stats, precision_recall,
-                                       save_reference_stats)
+from fdistill_jax.eval import metrics
 from fdistill_jax.networks import inception
 
 
@@ -96,8 +94,8 @@ def fid_from_samples(images, ref_mu, ref_sigma, feature_fn, batch_size=256, meth
   default method="eigh" is the fast equivalent of EDM's sqrtm (see
   `frechet_distance`).
   """
-  mu, sigma = feature_statistics(extract_features(images, feature_fn, batch_size))
-  return frechet_distance(mu, sigma, ref_mu, ref_sigma, method=method)
+  mu, sigma = metrics.feature_statistics(extract_features(images, feature_fn, batch_size))
+  return metrics.frechet_distance(mu, sigma, ref_mu, ref_sigma, method=method)
 
 
 # ----------------------------------------------------------------------------
@@ -156,9 +154,9 @@ def reference_from_images(spec, feature_fn, batch_size=256, out=None, save_featu
   """
   images, _ = load_images(spec)
   features = extract_features(_check_images(images, spec), feature_fn, batch_size)
-  mu, sigma = feature_statistics(features)
+  mu, sigma = metrics.feature_statistics(features)
   if out:
-    save_reference_stats(out, mu, sigma, **({"features": features} if save_features else {}))
+    metrics.save_reference_stats(out, mu, sigma, **({"features": features} if save_features else {}))
   return {"mu": mu, "sigma": sigma, "features": features}
 
 
@@ -168,7 +166,7 @@ def _load_reference(spec, feature_fn, batch_size):
     with np.load(spec, allow_pickle=False) as data:
       is_stats = "mu" in data.files
     if is_stats:
-      return load_reference_stats(spec)
+      return metrics.load_reference_stats(spec)
   return reference_from_images(spec, feature_fn, batch_size)
 
 
@@ -180,13 +178,13 @@ def evaluate(samples, ref, weights, mode="tf", batch_size=256, k=3, num_samples=
   images = _check_images(images[:num_samples], samples)
   features = extract_features(images, feature_fn, batch_size)
   reference = _load_reference(ref, feature_fn, batch_size)
-  mu, sigma = feature_statistics(features)
+  mu, sigma = metrics.feature_statistics(features)
   is_random = weights == RANDOM_INCEPTION
-  result = {"fid": frechet_distance(mu, sigma, reference["mu"], reference["sigma"], method=method),
+  result = {"fid": metrics.frechet_distance(mu, sigma, reference["mu"], reference["sigma"], method=method),
             "num_samples": len(features), "samples": str(samples), "ref": str(ref),
             "inception": "random (tests only, NOT FID)" if is_random else str(weights),
             "preprocessing": mode, "fid_method": method}
   if "features" in reference:
-    result["precision"], result["recall"] = precision_recall(reference["features"], features, k=k)
+    result["precision"], result["recall"] = metrics.precision_recall(reference["features"], features, k=k)
     result["num_ref"], result["k"] = len(reference["features"]), k
   return result

@@ -14,9 +14,7 @@ device count, and a batch's indices can be sharded like the batch itself.
 Unconditional models get label -1 (`sample_labels`) and no one-hot (`one_hot`).
 """
 
-import logging
 import math
-import time
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -25,10 +23,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fdistill_jax import console
 from fdistill_jax.eval import edm_sampler
 
 NOISE, LABEL, CHURN = 0, 1, 2      # fold_in tags of a sample's key
-_LOG = logging.getLogger(__name__)
 
 
 class SampleError(ValueError):
@@ -94,34 +92,6 @@ def teacher_batch_fn(module, sampler_kwargs, classes=None):
   return fn
 
 
-class Progress:
-  """'what: done / total (rate/s, ETA)' lines at most every `every_secs` seconds."""
-
-  def __init__(self, what, total, every_secs=10.0, log=_LOG.info):
-    self.what, self.total, self.every, self.log = what, total, every_secs, log
-    self.start = self.last = time.time()
-
-  def __call__(self, done):
-    now = time.time()
-    if now - self.last < self.every and done < self.total:
-      return
-    self.last = now
-    rate = done / max(now - self.start, 1e-9)
-    eta = (self.total - done) / max(rate, 1e-9)
-    self.log("%s: %d / %d (%.1f/s, ETA %s)", self.what, done, self.total, rate,
-             format_duration(eta))
-
-
-def format_duration(seconds):
-  """'42s', '3m05s', '2h07m'."""
-  seconds = int(round(max(seconds, 0)))
-  if seconds < 60:
-    return f"{seconds}s"
-  if seconds < 3600:
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
 class BatchSampler:
   """Runs batch_fn(variables, key, indices) over indices 0..num-1, compiled once.
 
@@ -159,7 +129,7 @@ class BatchSampler:
       raise SampleError(f"num={num}; the number of samples must be positive.")
     variables = jax.device_put(variables, self._repl)
     key = jax.device_put(jax.random.PRNGKey(seed), self._repl)
-    xs, labels, progress = [], [], Progress(what, num)
+    xs, labels, progress = [], [], console.Counter(what, num)
     starts = list(range(0, num, self.batch))
     pending = self._fn(variables, key, jnp.int32(0))
     for i, start in enumerate(starts):

@@ -353,7 +353,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     except KeyError:
       raise ForbiddenGlobalError(
           f"refusing to load global '{module}.{name}': it is not on the "
-          "allow-list of fdistill_jax.safe_pickle (nothing was executed). If "
+          "allow-list of fdistill_jax.io.safe_pickle (nothing was executed). If "
           "this file is trusted and the global is a plain data container, pass "
           "a stand-in for it via extra_allowed.") from None
 

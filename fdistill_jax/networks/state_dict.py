@@ -10,6 +10,8 @@ buffer goes to the non-trainable 'buffers' collection.
 
 from typing import Any, Mapping, Union
 
+from clu import parameter_overview
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -38,18 +40,14 @@ def variable_shapes(module_or_arch: Union[nn.Module, Mapping[str, Any]]):
 
 def count_params(module_or_arch: Union[nn.Module, Mapping[str, Any]]) -> int:
   """Number of trainable parameters (the 'params' collection; EDM counts no buffers)."""
-  shapes = variable_shapes(module_or_arch)["params"]
-  return int(sum(np.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(shapes)))
+  return int(parameter_overview.count_parameters(variable_shapes(module_or_arch)["params"]))
 
 
 def _flat_expected(shapes):
   """{edm dotted name: (collection, flax path tuple, shape)} for every variable."""
-  out = {}
-  for collection, tree in shapes.items():
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-      keys = tuple(p.key for p in path)
-      out[".".join(keys)] = (collection, keys, tuple(leaf.shape))
-  return out
+  return {".".join(keys): (collection, keys, tuple(leaf.shape))
+          for collection, tree in shapes.items()
+          for keys, leaf in traverse_util.flatten_dict(tree).items()}
 
 
 def _to_flax_layout(value):
@@ -119,17 +117,7 @@ def variables_from_state_dict(arch: Mapping[str, Any], state_dict: Mapping[str, 
     out[(collection,) + path] = value
   if missing or unexpected or wrong:
     raise _mismatch_error(missing, unexpected, wrong)
-  return _unflatten({k: jnp.asarray(v, dtype) for k, v in out.items()})
-
-
-def _unflatten(flat):
-  tree = {}
-  for path, value in flat.items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return tree
+  return traverse_util.unflatten_dict({k: jnp.asarray(v, dtype) for k, v in out.items()})
 
 
 def random_variables(module_or_arch, seed=0):

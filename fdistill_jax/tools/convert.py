@@ -14,13 +14,13 @@ from absl import flags
 from fdistill_jax.teachers import edm
 from fdistill_jax.tools import cli
 
+FLAGS = cli.new_flags()
 flags.DEFINE_string("input", None, "Teacher file: EDM .pkl snapshot, or a state dict "
-                    "(.npz, .pt, .pth, .safetensors) with --arch.")
-flags.DEFINE_string("output", None, "Directory to write.")
-flags.DEFINE_string("arch", None, "Architecture JSON (EDMPrecond kwargs) for state dicts.")
-flags.DEFINE_bool("overwrite", False, "Replace an --output directory this tool wrote earlier.")
-flags.mark_flags_as_required(["input", "output"])
-FLAGS = flags.FLAGS
+                    "(.npz, .pt, .pth, .safetensors) with --arch.", flag_values=FLAGS)
+flags.DEFINE_string("output", None, "Directory to write.", flag_values=FLAGS)
+flags.DEFINE_string("arch", None, "Architecture JSON (EDMPrecond kwargs) for state dicts.", flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "Replace an --output directory this tool wrote earlier.", flag_values=FLAGS)
+flags.mark_flags_as_required(["input", "output"], flag_values=FLAGS)
 
 
 def main(argv):
@@ -30,4 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, "convert")
+  cli.run(main, "convert", FLAGS, __doc__)

@@ -19,25 +19,25 @@ from fdistill_jax.io import atomic
 from fdistill_jax.networks import inception
 from fdistill_jax.tools import cli
 
-flags.DEFINE_string("samples", None, "samples.npz ('images' uint8 NHWC) or a folder of PNGs.")
+FLAGS = cli.new_flags()
+flags.DEFINE_string("samples", None, "samples.npz ('images' uint8 NHWC) or a folder of PNGs.", flag_values=FLAGS)
 flags.DEFINE_string("ref", None, "EDM statistics npz (mu, sigma[, features]) or real images "
-                    "(folder, images npz, tfds:NAME[:SPLIT]); features enable precision/recall.")
+                    "(folder, images npz, tfds:NAME[:SPLIT]); features enable precision/recall.", flag_values=FLAGS)
 flags.DEFINE_string("inception", None,
-                    f"Inception weights: {inception.SUPPORTED_FORMATS}; 'random' for tests.")
+                    f"Inception weights: {inception.SUPPORTED_FORMATS}; 'random' for tests.", flag_values=FLAGS)
 flags.DEFINE_string("ref_from", None, "Compute reference statistics from a folder, an images "
-                    "npz or tfds:NAME[:SPLIT].")
-flags.DEFINE_string("ref_out", None, "Where --ref_from writes its EDM-format npz.")
-flags.DEFINE_bool("save_features", False, "--ref_from also stores the features.")
-flags.DEFINE_string("out", None, "JSON output (default: next to --samples).")
+                    "npz or tfds:NAME[:SPLIT].", flag_values=FLAGS)
+flags.DEFINE_string("ref_out", None, "Where --ref_from writes its EDM-format npz.", flag_values=FLAGS)
+flags.DEFINE_bool("save_features", False, "--ref_from also stores the features.", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "JSON output (default: next to --samples).", flag_values=FLAGS)
 flags.DEFINE_enum("preprocessing", "tf", sorted(inception.PREPROCESSING),
-                  "tf: EDM's / the original FID's; pytorch_fid: pytorch-fid's.")
-flags.DEFINE_integer("batch_size", 256, "Images per Inception batch.")
-flags.DEFINE_integer("k", 3, "Neighbourhood size for precision/recall.")
+                  "tf: EDM's / the original FID's; pytorch_fid: pytorch-fid's.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 256, "Images per Inception batch.", flag_values=FLAGS)
+flags.DEFINE_integer("k", 3, "Neighbourhood size for precision/recall.", flag_values=FLAGS)
 flags.DEFINE_enum("fid_method", "sqrtm", ["sqrtm", "eigh"],
-                  "sqrtm: EDM / pytorch-fid; eigh: equivalent and faster.")
-flags.DEFINE_integer("num_samples", None, "Use only the first N samples.")
-flags.mark_flag_as_required("inception")
-FLAGS = flags.FLAGS
+                  "sqrtm: EDM / pytorch-fid; eigh: equivalent and faster.", flag_values=FLAGS)
+flags.DEFINE_integer("num_samples", None, "Use only the first N samples.", flag_values=FLAGS)
+flags.mark_flag_as_required("inception", flag_values=FLAGS)
 
 
 def main(argv):
@@ -61,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, "evaluate")
+  cli.run(main, "evaluate", FLAGS, __doc__)

@@ -34,25 +34,25 @@ from fdistill_jax.teachers import edm
 from fdistill_jax.tools import cli
 from fdistill_jax.toy import mixture as toy_mixture
 from fdistill_jax.train import checkpoint as ckpt_lib
-from fdistill_jax.train import console
+from fdistill_jax import console
 
-flags.DEFINE_string("workdir", None, "Training workdir or exported generator directory.")
+FLAGS = cli.new_flags()
+flags.DEFINE_string("workdir", None, "Training workdir or exported generator directory.", flag_values=FLAGS)
 flags.DEFINE_string("teacher", None, "Sample this EDM teacher (snapshot .pkl or converted "
-                    "directory) with the Heun sampler instead of a generator.")
-flags.DEFINE_string("export", None, "Write the generator alone to this directory and exit.")
-flags.DEFINE_bool("overwrite", False, "--export: replace a directory this tool exported before.")
-flags.DEFINE_integer("num", 50000, "Number of samples.")
-flags.DEFINE_string("out", None, "Output .npz.")
-flags.DEFINE_string("grid", None, "Optional PNG of the first 64 samples (toy: scatter plot).")
-flags.DEFINE_string("which", "ema", "ema (first EMA copy) | ema:K | raw.")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readable one).")
-flags.DEFINE_string("labels", "uniform", "uniform | a class index | e.g. 0,3,7.")
-flags.DEFINE_integer("seed", 0, "Seed of the noise and labels.")
-flags.DEFINE_integer("batch", 256, "Global batch (all devices).")
+                    "directory) with the Heun sampler instead of a generator.", flag_values=FLAGS)
+flags.DEFINE_string("export", None, "Write the generator alone to this directory and exit.", flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "--export: replace a directory this tool exported before.", flag_values=FLAGS)
+flags.DEFINE_integer("num", 50000, "Number of samples.", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Output .npz.", flag_values=FLAGS)
+flags.DEFINE_string("grid", None, "Optional PNG of the first 64 samples (toy: scatter plot).", flag_values=FLAGS)
+flags.DEFINE_string("which", "ema", "ema (first EMA copy) | ema:K | raw.", flag_values=FLAGS)
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readable one).", flag_values=FLAGS)
+flags.DEFINE_string("labels", "uniform", "uniform | a class index | e.g. 0,3,7.", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Seed of the noise and labels.", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 256, "Global batch (all devices).", flag_values=FLAGS)
 flags.DEFINE_enum("teacher_preset", "cifar10", sorted(edm_sampler.EDM_SAMPLER_PRESETS),
-                  "EDM sampler settings for --teacher.")
-flags.DEFINE_integer("num_steps", None, "Override the preset's number of steps.")
-FLAGS = flags.FLAGS
+                  "EDM sampler settings for --teacher.", flag_values=FLAGS)
+flags.DEFINE_integer("num_steps", None, "Override the preset's number of steps.", flag_values=FLAGS)
 
 
 def save_npz(path, **arrays):
@@ -138,4 +138,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, "sample")
+  cli.run(main, "sample", FLAGS, __doc__)

@@ -27,16 +27,16 @@ from fdistill_jax.io import atomic
 from fdistill_jax.teachers import registry as teacher_registry
 from fdistill_jax.tools import cli
 from fdistill_jax.toy import report as toy_report
-from fdistill_jax.train import console
+from fdistill_jax import console
 from fdistill_jax.train import loop
 
-flags.DEFINE_string("config", None, "Config file path (without ':variant').")
-flags.DEFINE_string("workdir", None, "Sweep directory (one run per variant and seed).")
+FLAGS = cli.new_flags()
+flags.DEFINE_string("config", None, "Config file path (without ':variant').", flag_values=FLAGS)
+flags.DEFINE_string("workdir", None, "Sweep directory (one run per variant and seed).", flag_values=FLAGS)
 flags.DEFINE_list("variants", ["rkl", "softened_rkl", "js", "squared_hellinger", "fkl",
-                               "jeffreys"], "Config variants (e.g. divergences), one row each.")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; each seeds the teacher, data and run.")
-flags.DEFINE_multi_string("set", [], "Config override FIELD=VALUE (Python literal), repeatable.")
-FLAGS = flags.FLAGS
+                               "jeffreys"], "Config variants (e.g. divergences), one row each.", flag_values=FLAGS)
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; each seeds the teacher, data and run.", flag_values=FLAGS)
+flags.DEFINE_multi_string("set", [], "Config override FIELD=VALUE (Python literal), repeatable.", flag_values=FLAGS)
 
 RUN_CONFIG = "sweep_config.json"
 
@@ -161,4 +161,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, "sweep")
+  cli.run(main, "sweep", FLAGS, __doc__)

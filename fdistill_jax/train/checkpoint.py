@@ -44,10 +44,10 @@ PARAMS_DIR = "params"                 # exported generator
 EXPORT_FILE = "export.json"           # exported generator
 DEFAULT_SIGMA_INIT = 80.0
 
-# Config fields that must match to resume: they change what the state means.
-COMPATIBLE_KEYS = ("divergence", "teacher.kind", "teacher.arch", "toy.width", "toy.depth",
-                   "disc.resolutions", "disc.channels", "disc.features_from", "ema_decays",
-                   "compute_dtype")
+# Config fields that must match to resume: they change what the state means. (A change of
+# network sizes that no field here shows is caught by comparing the saved arrays' shapes.)
+COMPATIBLE_KEYS = ("divergence", "teacher.kind", "teacher.arch", "disc.resolutions",
+                   "disc.channels", "disc.features_from", "ema_decays", "compute_dtype")
 
 _LOG = logging.getLogger(__name__)
 
@@ -113,20 +113,21 @@ def check_compatible(saved, config):
            != json.dumps(_lookup(current, k), sort_keys=True)]
   if diffs:
     lines = "\n".join(f"  {k}: checkpoint has {a!r}, config has {b!r}" for k, a, b in diffs)
-    raise ValueError("The checkpoint in the workdir was made with an incompatible config:\n"
+    raise CheckpointError("The checkpoint in the workdir was made with an incompatible config:\n"
                      f"{lines}\nUse a new --workdir, or run with the checkpoint's settings.")
 
 
 def newest_readable(steps, read: Callable[[int], Any]):
   """(step, read(step)) for the newest step whose read succeeds; None if none.
 
-  Steps are tried newest first; one that raises anything but `CheckpointError`
-  or `ValueError` (a truncated or corrupt file) is skipped with a warning.
+  Steps are tried newest first; one whose read raises anything but
+  `CheckpointError` (a truncated or corrupt file) is skipped with a warning;
+  `CheckpointError` (an incompatible checkpoint, a bad request) propagates.
   """
   for step in sorted(steps, reverse=True):
     try:
       return step, read(step)
-    except (CheckpointError, ValueError):
+    except CheckpointError:
       raise
     except Exception as e:  # pylint: disable=broad-except  (corrupt / truncated files)
       _LOG.warning("Skipping unreadable checkpoint at step %d: %s", step, e)
@@ -203,7 +204,7 @@ def _check_shapes(mngr, step, abstract_state):
   diffs = [f"  {k}: checkpoint {saved.get(k)}, run {want.get(k)}"
            for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
   if diffs:
-    raise ValueError(f"The checkpoint at step {step} does not fit this run's networks "
+    raise CheckpointError(f"The checkpoint at step {step} does not fit this run's networks "
                      f"({len(diffs)} arrays differ), first:\n" + "\n".join(diffs[:8]) +
                      "\nUse a new --workdir, or the teacher and sizes the run was made with.")
 
@@ -295,8 +296,9 @@ def restore_generator_params(workdir, which="ema", step=None):
   finally:
     mngr.close()
   if found is None:
-    raise CheckpointError(f"No readable checkpoint under {path(workdir, CHECKPOINTS)}; train "
-                          "longer or wait for the first checkpoint to finish.")
+    what = "readable checkpoint" if available else "complete checkpoint"
+    raise CheckpointError(f"No {what} under {path(workdir, CHECKPOINTS)}; train longer or "
+                          "wait for the first checkpoint to finish.")
   params, config, saved_step, (kind, k) = found[1]
   info = {"step": saved_step, "which": "raw" if kind == "raw" else f"ema:{k}",
           "ema_decay": None if kind == "raw" else float(config["ema_decays"][k]),

@@ -30,7 +30,7 @@ from fdistill_jax.eval import evaluators as evaluators_lib
 from fdistill_jax.io import atomic
 from fdistill_jax.teachers import registry as teacher_registry
 from fdistill_jax.train import checkpoint as ckpt_lib
-from fdistill_jax.train import console
+from fdistill_jax import console
 from fdistill_jax.train import models as models_lib
 from fdistill_jax.train import state as state_lib
 from fdistill_jax.train import steps
@@ -207,21 +207,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, sourc
                        teacher=None):
   """Runs (or resumes) a distillation run in `workdir`; returns the final TrainState.
 
+  The config and the workdir are checked before the teacher is loaded.
   `source` (a data source) and `teacher` (a `teachers.base.Teacher`) replace
   the ones the config names, e.g. to share one fitted teacher across a sweep.
 
   Raises:
     Preempted: SIGTERM arrived; the state was saved first.
   """
-  config = ml_collections.FrozenConfigDict(config)
-  config_lib.validate(config, jax.device_count(), jax.process_count())
+  config = _validated(config)
   workdir = check_workdir(workdir)
-  log_name = ckpt_lib.LOG_FILE if jax.process_index() == 0 else (
-      f"log_process{jax.process_index()}.txt")
-  with console.log_to_file(os.path.join(workdir, log_name)), _SigtermFlag() as sigterm:
+  with console.log_to_file(_log_path(workdir)), _SigtermFlag() as sigterm:
     console.say("Building the run in %s (teacher: %s) ...", workdir, config.teacher.kind)
     trainer = Trainer(config, source, teacher=teacher)
     return _run(trainer, workdir, sigterm)
+
+
+def build_trainer(config, source=None, teacher=None):
+  """Checks the config (before any teacher is loaded) and builds the Trainer."""
+  return Trainer(_validated(config), source, teacher=teacher)
+
+
+def run(trainer, workdir):
+  """The loop of an already built Trainer (see `train_and_evaluate`)."""
+  workdir = check_workdir(workdir)
+  with console.log_to_file(_log_path(workdir)), _SigtermFlag() as sigterm:
+    return _run(trainer, workdir, sigterm)
+
+
+def _validated(config):
+  config = ml_collections.FrozenConfigDict(config)
+  config_lib.validate(config, jax.device_count(), jax.process_count())
+  return config
+
+
+def _log_path(workdir):
+  name = ckpt_lib.LOG_FILE if jax.process_index() == 0 else (
+      f"log_process{jax.process_index()}.txt")
+  return os.path.join(workdir, name)
 
 
 def _run(trainer, workdir, sigterm):
@@ -290,12 +312,14 @@ def _evaluator_actions(trainer, workdir, writer):
       initial_params=trainer.initial_params,
       samples_dir=ckpt_lib.path(workdir, ckpt_lib.SAMPLES))
   actions = []
-  for ev in evaluators_lib.build(config.eval.evaluators, ctx):
-    def run(step, t, ev=ev):
+  for name, ev in evaluators_lib.build(config.eval.evaluators, ctx):
+    def run(step, t, name=name, ev=ev):
       del t
+      console.say("Evaluating '%s' at step %d ...", name, step)
       scalars = ev(evaluators_lib.as_params(trainer.state), step)
       if scalars:
         writer.write_scalars(step, scalars)
+        console.say("  %s", ", ".join(f"{k} {v:.4g}" for k, v in sorted(scalars.items())))
     actions.append(periodic_actions.PeriodicCallback(
         every_steps=ev.every or None, on_steps=[config.total_steps] if ev.at_end else [],
         callback_fn=run))
@@ -324,7 +348,8 @@ def _loop(trainer, workdir, mngr, writer, sigterm):
       pending, step = metrics, step + 1
       averages.add(metrics)
       if step == start + 1:
-        console.say("First iteration done (compilation included).")
+        console.say("First iteration done (compilation included); %d to go.",
+                    config.total_steps - step)
       report(step)
       log_action(step)
       progress(step, lambda m=metrics: _scalars(jax.device_get(
@@ -339,8 +364,10 @@ def _loop(trainer, workdir, mngr, writer, sigterm):
         mngr.wait_until_finished()
         if jax.process_index() == 0:
           ckpt_lib.write_status(workdir, "preempted", step)
-        raise Preempted(step)
-  progress(step, force=True)
+        error = Preempted(step)
+        _LOG.warning("%s", error)
+        raise error
   mngr.wait_until_finished()
   if jax.process_index() == 0:
     ckpt_lib.write_status(workdir, "finished", step)
+  console.say("Finished at step %d; checkpoints, logs and results are in %s.", step, workdir)

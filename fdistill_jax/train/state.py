@@ -82,7 +82,7 @@ def learning_rate(opt_state):
 
 
 def _is_injected(node):
-  return isinstance(node, optax.InjectHyperparamsState)
+  return isinstance(node, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState))
 
 
 def make_optimizers(optim_config):

@@ -1,10 +1,11 @@
-"""What a person sees: one progress line at a time on the console, everything in log.txt.
+"""What a person sees: progress lines on the console, everything else in a log file.
 
 `quiet_console()` keeps the console to warnings and errors (JAX backend probes,
 orbax's and clu's INFO chatter go to the log file only); `log_to_file(path)`
-sends every INFO record to the run's log file; `Progress` prints
-'step 300/1500 (20%) | 12.3 it/s | ETA 1m37s | gen/loss 0.123 ...' lines to
-stdout on process 0 (at most one every `every_secs`) and into the log file.
+sends every INFO record to a run's log file; `say` prints a line for the person
+(stdout on process 0, and the log file); `Progress` prints training lines like
+'step 300/1500 (20%) | 12.3 it/s | ETA 1m37s | gen/loss 0.123 ...' and
+`Counter` the progress of any other long loop (sampling, evaluation).
 """
 
 import contextlib
@@ -13,8 +14,6 @@ import sys
 import time
 
 import jax
-
-from fdistill_jax.eval.sampling import format_duration
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 PROGRESS_LOGGER = "fdistill_jax.progress"
@@ -72,27 +71,62 @@ def say(message, *args):
     logging.getLogger(PROGRESS_LOGGER).info(message, *args)
 
 
+def format_duration(seconds):
+  """'42s', '3m05s', '2h07m'."""
+  seconds = int(round(max(seconds, 0)))
+  if seconds < 60:
+    return f"{seconds}s"
+  if seconds < 3600:
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Counter:
+  """'what: done / total (rate/s, ETA)' lines, at most one every `every_secs` seconds."""
+
+  def __init__(self, what, total, every_secs=10.0):
+    self.what, self.total, self.every = what, total, every_secs
+    self.start = self.last = time.time()
+
+  def __call__(self, done):
+    now = time.time()
+    finished_slowly = done >= self.total and now - self.start >= self.every
+    if now - self.last < self.every and not finished_slowly:
+      return
+    self.last = now
+    rate = done / max(now - self.start, 1e-9)
+    say("%s: %d / %d (%.1f/s, ETA %s)", self.what, done, self.total, rate,
+        format_duration((self.total - done) / max(rate, 1e-9)))
+
+
 class Progress:
-  """Progress lines with rate, ETA and the main losses."""
+  """Training progress lines with rate, ETA and the main losses.
+
+  The rate is measured from the first completed iteration on, so compilation
+  does not distort the ETA.
+  """
 
   KEYS = ("gen/loss", "fake/loss", "disc/loss")
 
   def __init__(self, total, start, every_secs=10.0):
     self.total, self.every = total, every_secs
-    self.start_step, self.start_time = start, time.time()
-    self.last = 0.0
+    self.start_step, self.start_time = None, None
+    self.last_time, self.last_step = 0.0, start
 
   def __call__(self, step, scalars_fn=None, force=False):
     """Prints a line if `every_secs` passed (or `force`); `scalars_fn()` gives the losses."""
     now = time.time()
-    if not force and now - self.last < self.every and step < self.total:
+    if self.start_step is None:
+      self.start_step, self.start_time = step, now
+    due = now - self.last_time >= self.every or step == self.total
+    if step == self.last_step or not (due or force):
       return
-    self.last = now
-    scalars = scalars_fn() if scalars_fn else None
+    self.last_time, self.last_step = now, step
     done = step - self.start_step
-    rate = done / max(now - self.start_time, 1e-9)
-    eta = (self.total - step) / rate if rate > 0 else float("nan")
-    eta_text = format_duration(eta) if eta == eta else "?"
+    rate = done / max(now - self.start_time, 1e-9) if done else float("nan")
+    eta = format_duration((self.total - step) / rate) if done else "?"
+    rate_text = f"{rate:.2f} it/s" if done else "compiled"
+    scalars = scalars_fn() if scalars_fn else None
     losses = " ".join(f"{k} {scalars[k]:.4g}" for k in self.KEYS if scalars and k in scalars)
-    say("step %d/%d (%d%%) | %.2f it/s | ETA %s%s", step, self.total,
-        100 * step // self.total, rate, eta_text, f" | {losses}" if losses else "")
+    say("step %d/%d (%d%%) | %s | ETA %s%s", step, self.total, 100 * step // self.total,
+        rate_text, eta, f" | {losses}" if losses else "")
