@@ -66,10 +66,9 @@ def write_folder(root, models, safe_serialization=True):
   root = pathlib.Path(root)
   for name, model in models.items():
     model.save_pretrained(root / name, safe_serialization=safe_serialization)
-  shutil.copytree(FIXTURES / "tokenizer", root / "tokenizer")
-  shutil.copytree(FIXTURES / "scheduler", root / "scheduler")
-  for path in (root / "tokenizer").iterdir():
-    path.chmod(0o644)
+  for name in ("tokenizer", "scheduler"):   # the fixtures are read-only; the copies are not
+    shutil.copytree(FIXTURES / name, root / name, copy_function=shutil.copyfile)
+    (root / name).chmod(0o755)
   return root
 
 

@@ -1,6 +1,10 @@
 """Full-size SD 1.5 parameter counts from the fixtures' config.json (jax.eval_shape, no weights),
 and config validation."""
 
+import pathlib
+import subprocess
+import sys
+
 import jax
 import pytest
 
@@ -81,3 +85,12 @@ def test_transformers_bookkeeping_keys_are_skipped(sd15):
   """transformers configs carry generic keys (generation settings...) that do not change CLIP."""
   cfg = {**sd15["text_encoder"], "output_hidden_states": False, "do_sample": False}
   assert configs.text_from_config(cfg) == configs.text_from_config(sd15["text_encoder"])
+
+
+def test_core_imports_no_torch_or_transformers():
+  """The SD package and networks import neither torch nor transformers (the tokenizer does, lazily)."""
+  code = ("import sys, fdistill_jax.sd, fdistill_jax.sd.sample, fdistill_jax.networks.sd; "
+          "print(sorted(m for m in ('torch', 'transformers', 'diffusers', 'ftfy') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={"JAX_PLATFORMS": "cpu", "PATH": ""}, cwd=pathlib.Path(__file__).parents[1])
+  assert out.stdout.strip() == "[]", out.stderr[-2000:]

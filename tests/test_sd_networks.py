@@ -28,20 +28,29 @@ def unet(tiny_folder):
   return module, _load(tiny_folder, "unet", module)
 
 
+def _unet_reference(tiny_models, x, t, context):
+  with torch.no_grad():
+    out = tiny_models["unet"](torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(context))
+  return nchw_to_nhwc(out.sample.numpy())
+
+
 def test_unet_matches_diffusers(unet, tiny_models):
-  """Batch 3, non-square 16x12 latents, timesteps 0 to 999 (one fractional), text and zero text."""
+  """Batch 3, non-square 16x12 latents, timesteps 0 to 999 (one fractional), text and zero text;
+  the features for discriminator heads come along."""
   module, variables = unet
   rng = np.random.default_rng(0)
   x = rng.standard_normal((3, 4, 16, 12)).astype(np.float32)
   t = np.array([0.0, 421.5, 999.0], np.float32)
-  fn = jax.jit(lambda v, x, t, c: module.apply(v, x, t, c))
+  fn = jax.jit(lambda v, x, t, c: module.apply(v, x, t, c, feature_resolutions=(16, 8, MID)))
   for context in (rng.standard_normal((3, 7, 32)).astype(np.float32),
                   np.zeros((3, 7, 32), np.float32)):
-    with torch.no_grad():
-      ref = tiny_models["unet"](torch.from_numpy(x), torch.from_numpy(t),
-                                torch.from_numpy(context)).sample.numpy()
-    ours = fn(variables, nchw_to_nhwc(x), t, context)
-    assert rel_err(ours, nchw_to_nhwc(ref)) < TOL
+    ours, feats = fn(variables, nchw_to_nhwc(x), t, context)
+    assert rel_err(ours, _unet_reference(tiny_models, x, t, context)) < TOL
+  assert {k: v.shape for k, v in feats.items()} == {
+      16: (3, 16, 12, 16), 8: (3, 8, 6, 32), MID: (3, 4, 3, 32)}
+  with pytest.raises(ValueError, match=r"includes \[32\].*offers \[0, 4, 8, 16\]"):
+    jax.eval_shape(lambda v: module.apply(v, nchw_to_nhwc(x), t, context,
+                                          feature_resolutions=(32,)), variables)
 
 
 def test_unet_odd_latents_match_diffusers(unet, tiny_models):
@@ -49,37 +58,25 @@ def test_unet_odd_latents_match_diffusers(unet, tiny_models):
   module, variables = unet
   x = np.random.default_rng(1).standard_normal((1, 4, 10, 7)).astype(np.float32)
   context = np.random.default_rng(2).standard_normal((1, 3, 32)).astype(np.float32)
-  with torch.no_grad():
-    ref = tiny_models["unet"](torch.from_numpy(x), 500, torch.from_numpy(context)).sample.numpy()
-  ours = jax.jit(module.apply)(variables, nchw_to_nhwc(x), jnp.float32(500), context)
-  assert rel_err(ours, nchw_to_nhwc(ref)) < TOL
+  t = np.array([500.0], np.float32)
+  ours = jax.jit(module.apply)(variables, nchw_to_nhwc(x), t, context)
+  assert rel_err(ours, _unet_reference(tiny_models, x, t, context)) < TOL
 
 
-def test_unet_features(unet):
-  module, variables = unet
-  x, context = jnp.ones((2, 16, 12, 4)), jnp.ones((2, 5, 32))
-  apply = lambda keys: jax.jit(lambda v: module.apply(v, x, jnp.ones((2,)), context,
-                                                      feature_resolutions=keys))
-  out, feats = apply((16, 8, MID))(variables)
-  assert {k: v.shape for k, v in feats.items()} == {
-      16: (2, 16, 12, 16), 8: (2, 8, 6, 32), MID: (2, 4, 3, 32)}
-  with pytest.raises(ValueError, match=r"includes \[32\].*offers \[0, 4, 8, 16\]"):
-    jax.eval_shape(apply((32,)), variables)
-
-
-def test_unet_bf16_and_remat(unet, tiny_folder):
-  """bf16 compute stays close to float32; remat keeps the parameter tree and the values."""
-  module, variables = unet
+def test_unet_bf16_and_remat(unet, tiny_folder, tiny_models):
+  """bf16 compute stays close to the reference; remat keeps the parameter tree and the values."""
+  _, variables = unet
   cfg = read_config(tiny_folder, "unet")
-  x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 8, 8, 4)), jnp.float32)
-  t, context = jnp.array([10.0, 700.0]), jnp.ones((2, 5, 32)) * 0.3
-  run = lambda m: jax.jit(m.apply)(variables, x, t, context)
-  ref = run(module)
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+  t, context = np.array([10.0, 700.0], np.float32), rng.standard_normal((2, 5, 32)).astype(np.float32)
+  ref = _unet_reference(tiny_models, x, t, context)
+  run = lambda m: jax.jit(m.apply)(variables, nchw_to_nhwc(x), t, context)
   bf16 = run(configs.unet_from_config(cfg, dtype=jnp.bfloat16))
   assert bf16.dtype == jnp.float32 and rel_err(bf16, ref) < 5e-2
   remat = configs.unet_from_config(cfg, remat=True)
   assert jax.tree.structure(names.param_shapes(remat)) == jax.tree.structure(variables["params"])
-  np.testing.assert_allclose(run(remat), ref, rtol=1e-5, atol=1e-6)
+  assert rel_err(run(remat), ref) < TOL
 
 
 def test_text_encoder_remat_gradients(tiny_folder):

@@ -40,7 +40,7 @@ PROMPTS = [
 def _open_clip_tokenizer():
   spec = importlib.util.find_spec("open_clip")
   if spec is None:
-    pytest.skip("open_clip (open-clip-torch) is not installed.")
+    pytest.skip("open_clip is not installed: pip install --no-deps open-clip-torch==3.3.0")
   path = next(iter(spec.submodule_search_locations)) + "/tokenizer.py"
   module_spec = importlib.util.spec_from_file_location("_open_clip_tokenizer", path)
   module = importlib.util.module_from_spec(module_spec)

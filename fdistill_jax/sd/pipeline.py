@@ -113,21 +113,17 @@ class Pipeline:
     return (z - self.shift_factor) * self.scaling_factor
 
 
-def load_variables(module, state_dict, what) -> dict:
-  return names.variables_from_state_dict(module, state_dict, what)
-
-
 def _folder_variables(folder, modules, variant) -> dict:
   out = {}
   for name in COMPONENTS:
     state_dict, path = weights.read_component(folder / name, WEIGHT_STEMS[name], variant)
-    out[name] = load_variables(modules[name], state_dict, f"{name} ({path})")
+    out[name] = names.variables_from_state_dict(modules[name], state_dict, f"{name} ({path})")
   return out
 
 
 def _checkpoint_variables(path, modules, ema) -> dict:
   parts = ldm.split_checkpoint(weights.read_state_dict(path), modules["unet"], modules["vae"], ema)
-  return {name: load_variables(modules[name], parts[name], f"{name} ({path})")
+  return {name: names.variables_from_state_dict(modules[name], parts[name], f"{name} ({path})")
           for name in COMPONENTS}
 
 

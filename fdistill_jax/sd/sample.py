@@ -81,7 +81,16 @@ def _write_text(path, text):
 
 
 def run(argv=None):
+  """Samples and writes the outputs; bad inputs exit with status 1 and the reason on stderr."""
   del argv
+  try:
+    _run()
+  except (ValueError, FileNotFoundError) as e:  # ConversionError is a ValueError.
+    print(f"sample: error: {type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _run():
   if not FLAGS.model:
     raise app.UsageError("--model is required (a diffusers folder or a checkpoint file).")
   if not (FLAGS.out or FLAGS.npz):
