@@ -8,7 +8,6 @@ is Flax's `down_blocks_1/attentions_0/transformer_blocks_0/attn2/to_k/weight`
 (a list index joins its list's name with an underscore).
 """
 
-from typing import Optional
 
 import flax.linen as nn
 import jax
