@@ -1,0 +1,75 @@
+"""Teacher sampling on a tiny random SD folder: prompts, sharding, seeds, the command line."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from fdistill_jax.sd import pipeline, sampling
+from sd_helpers import TOL, rel_err, tiny_folder, tiny_models  # noqa: F401
+
+torch = pytest.importorskip("torch")
+
+PROMPTS = ["a photo of a cat", "Two dogs playing in the snow &amp; sun", "東京の夜景"]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_folder):
+  return pipeline.load_pipeline(tiny_folder)
+
+
+def test_encode_prompts_equals_transformers(pipe, tiny_models):
+  """Tokenizer + Flax text encoder = the same ids through the PyTorch text encoder."""
+  context = pipe.encode_prompts(PROMPTS + [""])
+  ids = torch.from_numpy(pipe.tokenize(PROMPTS + [""]).astype(np.int64))
+  with torch.no_grad():
+    ref = tiny_models["text_encoder"](ids).last_hidden_state.numpy()
+  assert context.shape == (4, 77, 32) and rel_err(context, ref) < TOL
+
+
+def test_samples_do_not_depend_on_batch_or_devices(pipe):
+  kwargs = dict(steps=2, cfg=3.0, height=16, width=16, seed=7, num_per_prompt=2)
+  a, idx_a = sampling.sample(pipe, PROMPTS[:2], batch=4, devices=jax.devices()[:4], **kwargs)
+  b, idx_b = sampling.sample(pipe, PROMPTS[:2], batch=1, devices=jax.devices()[:1], **kwargs)
+  assert a.shape == (4, 16, 16, 3) and a.dtype == np.uint8
+  np.testing.assert_array_equal(idx_a, [0, 0, 1, 1])
+  np.testing.assert_array_equal(idx_b, idx_a)
+  np.testing.assert_allclose(a.astype(int), b.astype(int), atol=1)   # uint8 rounding only
+  assert np.abs(a[0].astype(int) - a[1].astype(int)).max() > 0         # different noise per sample
+  c, _ = sampling.sample(pipe, PROMPTS[:2], batch=4, devices=jax.devices()[:4],
+                         **{**kwargs, "seed": 8})
+  assert np.abs(a.astype(int) - c.astype(int)).max() > 0
+
+
+def test_sample_latents_follow_the_denoiser(pipe):
+  """decode=False returns the Euler/DDIM latents; one step from pure noise is the guided D."""
+  lat, _ = sampling.sample(pipe, PROMPTS[:1], steps=1, cfg=1.0, height=16, width=16, decode=False,
+                           devices=jax.devices()[:1])
+  sigmas = sampling.sampler_sigmas(pipe.schedule, "ddim", 1)
+  noise = np.asarray(jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), (8, 8, 4)))(
+      jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(0), i))(jnp.arange(1))))
+  x = noise * np.sqrt(1 + sigmas[0] ** 2)
+  d = jax.jit(pipe.denoiser())(x, sigmas[0], pipe.encode_prompts(PROMPTS[:1]))
+  expected = (x + (sigmas[1] - sigmas[0]) * (x - d) / sigmas[0]) / np.sqrt(1 + sigmas[1] ** 2)
+  np.testing.assert_allclose(lat, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_command_line(tmp_path, tiny_folder):
+  from fdistill_jax.sd import sample as cli  # pylint: disable=g-import-not-at-top
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a photo of a cat\n\nTwo dogs\n", encoding="utf-8")
+  out, npz = tmp_path / "grid.png", tmp_path / "s.npz"
+  argv = ["sample", f"--model={tiny_folder}", "--prompt=a red apple", f"--prompts_file={prompts}",
+          "--steps=2", "--cfg=2", "--height=16", "--width=16", "--sampler=euler", "--batch=3",
+          f"--out={out}", f"--npz={npz}", "--seed=3"]
+  cli.FLAGS.unparse_flags()
+  cli.FLAGS(argv)
+  cli.run()
+  with np.load(npz) as data:
+    assert data["images"].shape == (3, 16, 16, 3) and data["images"].dtype == np.uint8
+    assert list(data["prompts"]) == ["a red apple", "a photo of a cat", "Two dogs"]
+    np.testing.assert_array_equal(data["prompt_index"], [0, 1, 2])
+    assert int(data["seed"]) == 3
+  assert Image.open(out).size == (32, 32)   # 3 tiles, 2 per row
+  assert "2\tTwo dogs" in (tmp_path / "grid.png.txt").read_text(encoding="utf-8")
