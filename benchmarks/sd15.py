@@ -10,7 +10,7 @@ Parts, all at 64x64 latents (512x512 images), batch `--batch`, on jax.devices()[
   text:          CLIP text encoder on [B, 77] token ids;
   vae_decode:    VAE decoder, latents -> 512x512 images.
 Each runs in float32 and bfloat16 compute (JAX parameters stay float32; PyTorch casts the
-model), with diffusers / transformers on the same device (CPU or CUDA) unless `--no-torch`.
+model), with diffusers / transformers on the same device (CPU or CUDA) unless `--notorch`.
 JAX compile time (lower + compile) is reported apart from the steady state (`--warmup`
 calls, then the mean of `--iters` calls, block_until_ready / synchronize).
 
@@ -25,18 +25,19 @@ for a plain stack of matmuls), so the remat comparison is meaningful on GPUs and
 layers, for machines where the full networks are too slow. Weights are random.
 """
 
-import argparse
 import json
 import os
 import platform
 import time
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.report import write_report
 from fdistill_jax.sd import configs, names
+from fdistill_jax.tools import cli
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PARTS = ("unet_fwd", "unet_fwd_bwd", "text", "vae_decode")
@@ -217,29 +218,28 @@ def run(args):
   write_report(report, args.out)
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--size", choices=sorted(SIZES), default="small")
-  p.add_argument("--parts", default=",".join(PARTS),
-                 help=f"Comma-separated subset of {PARTS}.")
-  p.add_argument("--dtype", choices=sorted(DTYPES), action="append",
-                 help="Compute dtype, repeatable; default: both.")
-  p.add_argument("--batch", type=int, default=1)
-  p.add_argument("--warmup", type=int, default=1)
-  p.add_argument("--iters", type=int, default=2)
-  p.add_argument("--no-torch", dest="torch", action="store_false",
-                 help="Skip the diffusers / transformers PyTorch baseline.")
-  p.add_argument("--no-remat-memory", dest="remat_memory", action="store_false",
-                 help="Skip compiling the remat variant of unet_fwd_bwd.")
-  p.add_argument("--out", default=None, help="JSON output file.")
-  args = p.parse_args()
-  args.parts = [s for s in args.parts.split(",") if s]
-  unknown = [s for s in args.parts if s not in PARTS]
+FLAGS = cli.new_flags()
+flags.DEFINE_enum("size", "small", sorted(SIZES), "Network size.", flag_values=FLAGS)
+flags.DEFINE_list("parts", list(PARTS), f"Subset of {PARTS}.", flag_values=FLAGS)
+flags.DEFINE_multi_enum("dtype", [], sorted(DTYPES), "Compute dtype, repeatable; default: both.",
+                        flag_values=FLAGS)
+flags.DEFINE_integer("batch", 1, "Batch size.", flag_values=FLAGS)
+flags.DEFINE_integer("warmup", 1, "Untimed calls (after compilation).", flag_values=FLAGS)
+flags.DEFINE_integer("iters", 2, "Timed calls.", flag_values=FLAGS)
+flags.DEFINE_bool("torch", True, "Also time the diffusers / transformers PyTorch baseline.",
+                  flag_values=FLAGS)
+flags.DEFINE_bool("remat_memory", True, "Also compile the remat variant of unet_fwd_bwd.",
+                  flag_values=FLAGS)
+flags.DEFINE_string("out", None, "JSON output file.", flag_values=FLAGS)
+
+
+def main(argv):
+  del argv
+  unknown = [s for s in FLAGS.parts if s not in PARTS]
   if unknown:
-    p.error(f"--parts has {unknown}; choose from {PARTS}.")
-  run(args)
+    raise ValueError(f"--parts has {unknown}; choose from {PARTS}.")
+  run(FLAGS)
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, "benchmarks.sd15", FLAGS, __doc__)

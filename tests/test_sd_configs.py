@@ -8,7 +8,7 @@ import sys
 import jax
 import pytest
 
-from fdistill_jax.convert import ConversionError
+from fdistill_jax.teachers.base import ConversionError
 from fdistill_jax.sd import configs, names, pipeline
 from sd_helpers import FIXTURES, require_fixtures
 
@@ -89,7 +89,7 @@ def test_transformers_bookkeeping_keys_are_skipped(sd15):
 
 def test_core_imports_no_torch_or_transformers():
   """The SD package and networks import neither torch nor transformers (the tokenizer does, lazily)."""
-  code = ("import sys, fdistill_jax.sd, fdistill_jax.sd.sample, fdistill_jax.networks.sd; "
+  code = ("import sys, fdistill_jax.sd, fdistill_jax.tools.sample_t2i, fdistill_jax.networks.sd; "
           "print(sorted(m for m in ('torch', 'transformers', 'diffusers', 'ftfy') if m in sys.modules))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        env={"JAX_PLATFORMS": "cpu", "PATH": ""}, cwd=pathlib.Path(__file__).parents[1])

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from fdistill_jax.convert import ConversionError
+from fdistill_jax.teachers.base import ConversionError
 from fdistill_jax.sd import configs, ldm, names, pipeline, weights
 from sd_helpers import FIXTURES, require_fixtures, tiny_folder, tiny_models, write_folder  # noqa: F401
 

@@ -56,20 +56,20 @@ def test_sample_latents_follow_the_denoiser(pipe):
 
 
 def test_command_line(tmp_path, tiny_folder):
-  from fdistill_jax.sd import sample as cli  # pylint: disable=g-import-not-at-top
+  from fdistill_jax.tools import cli  # pylint: disable=g-import-not-at-top
+  from fdistill_jax.tools import sample_t2i  # pylint: disable=g-import-not-at-top
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("a photo of a cat\n\nTwo dogs\n", encoding="utf-8")
   out, npz = tmp_path / "grid.png", tmp_path / "s.npz"
-  argv = ["sample", f"--model={tiny_folder}", "--prompt=a red apple", f"--prompts_file={prompts}",
+  argv = [f"--model={tiny_folder}", "--prompt=a red apple", f"--prompts_file={prompts}",
           "--steps=2", "--cfg=2", "--height=16", "--width=16", "--sampler=euler", "--batch=3",
           f"--out={out}", f"--npz={npz}", "--seed=3"]
-  cli.FLAGS.unparse_flags()
-  cli.FLAGS(argv)
-  cli.run()
+  assert cli.invoke(sample_t2i.main, "sample_t2i", sample_t2i.FLAGS, argv) == 0
   with np.load(npz) as data:
     assert data["images"].shape == (3, 16, 16, 3) and data["images"].dtype == np.uint8
     assert list(data["prompts"]) == ["a red apple", "a photo of a cat", "Two dogs"]
     np.testing.assert_array_equal(data["prompt_index"], [0, 1, 2])
     assert int(data["seed"]) == 3
-  assert Image.open(out).size == (32, 32)   # 3 tiles, 2 per row
+  width, height = Image.open(out).size       # 3 captioned tiles, 2 per row, enlarged
+  assert width > 2 * 100 and height > 2 * 100
   assert "2\tTwo dogs" in (tmp_path / "grid.png.txt").read_text(encoding="utf-8")

@@ -60,6 +60,15 @@ def write_json(path: str, obj: Any) -> str:
   return write_text(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")
 
 
+def write_npz(path: str, **arrays) -> str:
+  """np.savez written atomically (no '.npz' is appended to `path`)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  def write(tmp):
+    with open(tmp, "wb") as f:
+      np.savez(f, **arrays)
+  return write_file(path, write)
+
+
 def is_tool_output(path: str) -> bool:
   """True when `path` is a directory this project wrote (it holds `MARKER`)."""
   return os.path.isfile(os.path.join(path, MARKER))

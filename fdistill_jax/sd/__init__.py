@@ -6,7 +6,7 @@
   denoise = sd.cfg_denoiser(pipe.denoiser(), pipe.encode_prompts([""])[0], 7.5)
   images, prompt_index = sd.sampling.sample(pipe, ["a photo of a cat"], steps=50, cfg=7.5)
 
-Networks: `fdistill_jax.networks.sd`. Command line: `python -m fdistill_jax.sd.sample`.
+Networks: `fdistill_jax.networks.sd`. Command line: `python -m fdistill_jax.tools.sample_t2i`.
 """
 
 from fdistill_jax.sd.denoiser import DiscreteSchedule, cfg_denoiser, eps_denoiser, unet_denoiser

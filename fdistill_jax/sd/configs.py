@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from fdistill_jax.convert import ConversionError
+from fdistill_jax.teachers.base import ConversionError
 from fdistill_jax.networks.sd import clip
 from fdistill_jax.networks.sd.unet import DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, UNet2DConditionModel
 from fdistill_jax.networks.sd.vae import AutoencoderKL

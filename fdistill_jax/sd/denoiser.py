@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from fdistill_jax.convert import ConversionError
+from fdistill_jax.teachers.base import ConversionError
 
 TIMESTEP_MODES = ("interpolate", "nearest")
 

@@ -28,7 +28,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from fdistill_jax.convert import ConversionError
+from fdistill_jax.teachers.base import ConversionError
 from fdistill_jax.networks import sd as sd_nets
 from fdistill_jax.sd import configs, denoiser, ldm, names, weights
 

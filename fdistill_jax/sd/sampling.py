@@ -3,7 +3,7 @@ r"""Stable Diffusion teacher sampling: DDIM or Euler in sigma space, sharded, se
   pipe = pipeline.load_pipeline(DIR)
   images, prompt_index = sampling.sample(pipe, ["a photo of a cat"], steps=50, cfg=7.5)
 
-The command line is `python -m fdistill_jax.sd.sample` (fdistill_jax/sd/sample.py).
+The command line is `python -m fdistill_jax.tools.sample_t2i` (fdistill_jax/tools/sample_t2i.py).
 
 Both samplers integrate the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma
 with Euler steps on the guided denoiser D = D_u + w (D_c - D_u)
@@ -22,7 +22,7 @@ z ~ N(0, I) is x = z sqrt(1 + sigma_0^2) in sigma space, and the returned
 latents are x / sqrt(1 + sigma_N^2) (x itself when sigma_N = 0).
 
 Randomness: sample i (global index; prompt i // num_per_prompt) draws its noise
-from fold_in(fold_in(PRNGKey(seed), i), 0), as `fdistill_jax.sample` does, so
+from fold_in(fold_in(PRNGKey(seed), i), 0), as `fdistill_jax.eval.sampling` does, so
 an image depends on (seed, i) only, not on the batch size or device count.
 Batches are sharded over all devices with a Mesh and jax.jit.
 """
@@ -31,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdistill_jax import edm_sampler
-from fdistill_jax import sample as sample_lib
+from fdistill_jax.data import pixels
+from fdistill_jax.eval import edm_sampler
+from fdistill_jax.eval import sampling as sampling_lib
 from fdistill_jax.sd import denoiser as denoiser_lib
 
 SAMPLERS = ("ddim", "euler")
@@ -80,13 +81,13 @@ def latent_shape(pipe, height: int, width: int) -> tuple:
 
 
 def batch_fn(pipe, sigmas, cfg, shape, num_per_prompt, timestep="interpolate", decode=True):
-  """fn(variables, seed, indices) -> (images in [-1, 1] or latents, prompt index), for sample_all."""
-  def fn(variables, seed, indices):
+  """fn(variables, key, indices) -> (images in [-1, 1] or latents, prompt index), for sample_all."""
+  def fn(variables, key, indices):
     prompt = indices // num_per_prompt
     context = jnp.take(variables["context"], prompt, axis=0, mode="clip")
     denoise = denoiser_lib.unet_denoiser(pipe.unet, variables["unet"], pipe.schedule, timestep)
     denoise = denoiser_lib.cfg_denoiser(denoise, variables["uncond"], cfg)
-    noise = sample_lib.sample_noise(seed, indices, shape)
+    noise = sampling_lib.sample_noise(key, indices, shape)
     latents = euler_sample(denoise, noise, sigmas, context)
     return (pipe.decode(latents, variables["vae"]) if decode else latents), prompt
   return fn
@@ -109,6 +110,7 @@ def sample(pipe, prompts, *, num_per_prompt=1, steps=50, cfg=7.5, sampler="ddim"
   sigmas = sampler_sigmas(pipe.schedule, sampler, steps)
   fn = batch_fn(pipe, sigmas, cfg, latent_shape(pipe, height, width), num_per_prompt, timestep,
                 decode)
-  return sample_lib.sample_all(fn, variables, len(prompts) * num_per_prompt, seed=seed,
-                               batch=batch, devices=devices,
-                               postprocess=sample_lib.to_uint8 if decode else None)
+  return sampling_lib.sample_all(fn, variables, len(prompts) * num_per_prompt, seed=seed,
+                                 batch=batch, devices=devices,
+                                 postprocess=pixels.to_uint8 if decode else None,
+                                 what="text-to-image samples")

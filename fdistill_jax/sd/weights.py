@@ -8,7 +8,7 @@
   allocation is then a tensor the file really holds, so the arrays together
   never take more than the file's size.
 * `.bin` / `.ckpt` / `.pt`: `torch.save` archives through
-  `fdistill_jax.safe_pickle` (allow-list unpickler: no torch, a forbidden
+  `fdistill_jax.io.safe_pickle` (allow-list unpickler: no torch, a forbidden
   global is refused before anything is called).
 * Sharded checkpoints: `*.index.json` with a `weight_map` naming files of the
   same folder.
@@ -23,8 +23,8 @@ from typing import Iterable, Mapping, Optional
 
 import numpy as np
 
-from fdistill_jax import safe_pickle
-from fdistill_jax.convert import ConversionError
+from fdistill_jax.io import safe_pickle
+from fdistill_jax.teachers.base import ConversionError
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit.
 

@@ -21,6 +21,11 @@ import jax.numpy as jnp
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+class ConversionError(ValueError):
+  """A teacher file is not usable (wrong format, mismatched or hostile), or its converted
+  output cannot be written. The message names the file, the key or the field."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Teacher:
   """A loaded teacher and the student architecture distilled from it.

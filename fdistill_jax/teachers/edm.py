@@ -44,8 +44,7 @@ _PRECOND_POSITIONAL = ("img_resolution", "img_channels", "label_dim", "use_fp16"
                        "sigma_min", "sigma_max", "sigma_data", "model_type")
 
 
-class ConversionError(ValueError):
-  """The input is not a usable EDM teacher, or the output cannot be written."""
+ConversionError = base.ConversionError
 
 
 # --------------------------------------------------------------------------

@@ -55,14 +55,6 @@ flags.DEFINE_enum("teacher_preset", "cifar10", sorted(edm_sampler.EDM_SAMPLER_PR
 flags.DEFINE_integer("num_steps", None, "Override the preset's number of steps.", flag_values=FLAGS)
 
 
-def save_npz(path, **arrays):
-  """np.savez written atomically (no '.npz' is appended to `path`)."""
-  def write(tmp):
-    with open(tmp, "wb") as f:
-      np.savez(f, **arrays)
-  return atomic.write_file(path, write)
-
-
 def save_grid(path, x, labels, spec=None, max_images=64):
   """PNG of the first images (uint8 NHWC) or, for the toy, the samples over the mixture."""
   if x.ndim == 4:
@@ -76,7 +68,7 @@ def save_grid(path, x, labels, spec=None, max_images=64):
 def write_samples(out, x, labels, grid=None, spec=None):
   """`images` (uint8 NHWC) or `samples` (float32 [N, 2]) plus int `labels` to npz."""
   key = "images" if x.ndim == 4 else "samples"
-  save_npz(out, **{key: x, "labels": labels.astype(np.int32)})
+  atomic.write_npz(out, **{key: x, "labels": labels.astype(np.int32)})
   if grid:
     save_grid(grid, x, labels, spec)
 

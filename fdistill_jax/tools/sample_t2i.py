@@ -1,0 +1,114 @@
+r"""Stable Diffusion teacher samples from the command line (library: fdistill_jax.sd.sampling).
+
+  python -m fdistill_jax.tools.sample_t2i --model=stable-diffusion-v1-5 \
+      --prompt="a photo of an astronaut riding a horse" --steps=50 --cfg=7.5 --out=x.png
+  python -m fdistill_jax.tools.sample_t2i --model=DIR --prompts_file=prompts.txt --num_per_prompt=4 \
+      --out=grid.png --npz=samples.npz --seed=0
+  python -m fdistill_jax.tools.sample_t2i --model=v1-5-pruned-emaonly.safetensors \
+      --tokenizer_dir=DIR/tokenizer --prompt="..." --sampler=euler --steps=30 --out=x.png
+
+Outputs: a PNG grid (row-major; OUT.txt lists each tile's prompt) and/or an
+npz with `images` (uint8 NHWC), `prompt_index`, `prompts` and `seed`. Sample i
+(prompt i // num_per_prompt) depends only on (seed, i); see
+`fdistill_jax.sd.sampling` for the samplers.
+"""
+
+import os
+
+from absl import flags
+import jax.numpy as jnp
+import numpy as np
+
+from fdistill_jax import console
+from fdistill_jax.eval import figures
+from fdistill_jax.io import atomic
+from fdistill_jax.sd import denoiser as denoiser_lib
+from fdistill_jax.sd import pipeline as pipeline_lib
+from fdistill_jax.sd import sampling
+from fdistill_jax.tools import cli
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+FLAGS = cli.new_flags()
+flags.DEFINE_string("model", None, "diffusers model folder, or a single-file .safetensors/.ckpt.",
+                    flag_values=FLAGS)
+flags.DEFINE_multi_string("prompt", [], "Prompt (repeatable).", flag_values=FLAGS)
+flags.DEFINE_string("prompts_file", None, "Text file with one prompt per line (blank lines "
+                    "skipped).", flag_values=FLAGS)
+flags.DEFINE_integer("num_per_prompt", 1, "Images per prompt.", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 50, "Sampling steps (network evaluations: 2 x steps with CFG).",
+                     flag_values=FLAGS)
+flags.DEFINE_float("cfg", 7.5, "Classifier-free guidance weight (1: none).", flag_values=FLAGS)
+flags.DEFINE_enum("sampler", "ddim", sampling.SAMPLERS, "Noise levels: DDIM timesteps or Karras.",
+                  flag_values=FLAGS)
+flags.DEFINE_enum("timestep", "interpolate", denoiser_lib.TIMESTEP_MODES, "sigma -> timestep.",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Seed; sample i uses fold_in(PRNGKey(seed), i).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("height", 512, "Image height (multiple of 8 for SD).", flag_values=FLAGS)
+flags.DEFINE_integer("width", 512, "Image width (multiple of 8 for SD).", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 8, "Samples per jitted call (rounded up to the device count).",
+                     flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "Compute dtype of the networks.",
+                  flag_values=FLAGS)
+flags.DEFINE_string("out", None, "PNG grid to write (prompts as captions, and in OUT.txt).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("npz", None, "npz to write: images (uint8 NHWC), prompt_index, prompts, "
+                    "seed.", flag_values=FLAGS)
+flags.DEFINE_string("config_dir", None, "Single files: folder with the config.json files.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("tokenizer_dir", None, "Tokenizer folder (default: MODEL/tokenizer).",
+                    flag_values=FLAGS)
+
+
+def read_prompts(prompts, prompts_file):
+  """--prompt values, then the lines of --prompts_file; at least one required."""
+  out = list(prompts)
+  if prompts_file:
+    with open(prompts_file, encoding="utf-8") as f:
+      out += [line.strip() for line in f if line.strip()]
+  if not out:
+    raise ValueError("give --prompt and/or --prompts_file (one prompt per line).")
+  return out
+
+
+def write_outputs(images, prompt_index, prompts, seed, out=None, npz=None):
+  """The npz and/or the captioned PNG grid (with OUT.txt listing each tile's prompt)."""
+  if npz:
+    atomic.write_npz(npz, images=images, prompt_index=prompt_index.astype(np.int32),
+                     prompts=np.asarray(prompts), seed=np.int64(seed))
+  if out:
+    captions = [_short(prompts[p]) for p in prompt_index]
+    figures.save_image_grid(images, out, labels=captions, tile_inches=1.6,
+                            title=f"text-to-image samples, seed {seed}")
+    lines = [f"{i}\t{p}\t{prompts[p]}" for i, p in enumerate(prompt_index)]
+    atomic.write_text(out + ".txt", "index\tprompt_index\tprompt (grid row-major)\n" +
+                      "\n".join(lines) + "\n")
+
+
+def _short(text, width=28):
+  return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def main(argv):
+  """Samples and writes the outputs."""
+  del argv
+  if not FLAGS.model:
+    raise ValueError("--model is required (a diffusers folder or a checkpoint file).")
+  if not (FLAGS.out or FLAGS.npz):
+    raise ValueError("give --out=FILE.png and/or --npz=FILE.npz.")
+  prompts = read_prompts(FLAGS.prompt, FLAGS.prompts_file)
+  pipe = pipeline_lib.load_pipeline(FLAGS.model, dtype=DTYPES[FLAGS.dtype],
+                                    config_dir=FLAGS.config_dir, tokenizer_dir=FLAGS.tokenizer_dir)
+  images, prompt_index = sampling.sample(
+      pipe, prompts, num_per_prompt=FLAGS.num_per_prompt, steps=FLAGS.steps, cfg=FLAGS.cfg,
+      sampler=FLAGS.sampler, seed=FLAGS.seed, height=FLAGS.height, width=FLAGS.width,
+      batch=FLAGS.batch, timestep=FLAGS.timestep)
+  write_outputs(images, prompt_index, prompts, FLAGS.seed, FLAGS.out, FLAGS.npz)
+  for path in (FLAGS.out, FLAGS.npz):
+    if path:
+      console.say("wrote %s", os.path.abspath(path))
+
+
+if __name__ == "__main__":
+  cli.run(main, "sample_t2i", FLAGS, __doc__)
