@@ -179,3 +179,37 @@ def plot_toy_grid(path, mixture, samples: Mapping[str, np.ndarray], *, title="",
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   return save_figure(fig, path)
+
+
+def plot_curves(path, x, curves: Mapping[str, np.ndarray], *, xlabel, ylabel, title="",
+                log_y=False, notes: Sequence[tuple] = (), legend_loc="best"):
+  """Line plot of several curves over one x axis, with a legend.
+
+  Args:
+    path: output PNG path.
+    x: the shared abscissa [N].
+    curves: {legend label: values [N]}.
+    xlabel, ylabel, title: axis labels and title.
+    log_y: logarithmic y axis.
+    notes: (x, text) pairs: a dotted vertical line at x, labelled with text.
+    legend_loc: matplotlib legend location.
+  """
+  fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=100)
+  styles = ("-", "--", "-.", ":")         # overlapping curves stay distinguishable
+  for i, (label, values) in enumerate(curves.items()):
+    ax.plot(x, values, label=label, linewidth=1.8, linestyle=styles[i % len(styles)])
+  if log_y:
+    ax.set_yscale("log")
+  for at, text in notes:
+    ax.axvline(at, color="grey", linestyle=":", linewidth=1)
+    ax.annotate(text, (at, 0.02), xycoords=("data", "axes fraction"), fontsize=7,
+                ha="center", va="bottom", color="dimgrey",
+                bbox=dict(boxstyle="round", fc="white", ec="none", alpha=0.8))
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(True, which="major", alpha=0.3)
+  ax.legend(fontsize=8, loc=legend_loc)
+  if title:
+    ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  return save_figure(fig, path)

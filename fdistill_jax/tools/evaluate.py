@@ -60,5 +60,7 @@ def main(argv):
   return 0
 
 
+cli_main = cli.entry_point(main, "evaluate", FLAGS, __doc__)
+
 if __name__ == "__main__":
-  cli.run(main, "evaluate", FLAGS, __doc__)
+  cli_main()
