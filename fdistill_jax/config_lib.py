@@ -119,6 +119,9 @@ def base_config():
   c.data.seed = 0
   c.data.prefetch = 2
   c.data.cache = False                # tfds / edm: decode the whole dataset into memory once
+  c.data.num_threads = 8              # threads that read and decode examples
+  c.data.image_key = "image"          # tfds feature names
+  c.data.label_key = "label"
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.fsdp = 1                     # >1: shard params/opt states over this many devices
