@@ -7,8 +7,7 @@ r"""Runs an f-distill job: flags -> `train.loop.train_and_evaluate(config, workd
 Any config field can be overridden with --config.FIELD=VALUE (every field:
 docs/config.md; an unknown one is refused in one line naming the nearest
 fields). Installed with pip, the same is `fdistill-train --config=... --workdir=...`.
-On a multi-host
-cluster (TPU pod slice, SLURM) pass --multihost to call
+On a multi-host cluster (TPU pod slice, SLURM) pass --multihost to call
 jax.distributed.initialize() first; see launch/. A run stopped by SIGTERM saves
 its state and exits with code 143; rerunning the same command resumes it.
 """
