@@ -47,7 +47,7 @@ def load_config_file(spec):
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"config file {path!r} does not exist; expected "
-                            "PATH.py[:VARIANT], e.g. configs/toy2d.py:js.")
+                            "PATH.py[:VARIANT], e.g. configs/cifar10.py:fkl.")
   module_spec = importlib.util.spec_from_file_location("fdistill_config_file", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)

@@ -63,6 +63,17 @@ def _progress_logger():
   return logger
 
 
+@contextlib.contextmanager
+def progress_on(stream):
+  """Progress lines go to `stream` inside the block (stderr when stdout carries a result)."""
+  handler = next(h for h in _progress_logger().handlers if getattr(h, "_fdistill_progress", False))
+  previous = handler.setStream(stream)
+  try:
+    yield
+  finally:
+    handler.setStream(previous)
+
+
 def say(message, *args):
   """A line for the person running the job (stdout on process 0, and the log file)."""
   if jax.process_index() == 0:
