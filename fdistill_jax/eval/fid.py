@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import PIL.Image
 
+from fdistill_jax import console
 from fdistill_jax.data import tfds as tfds_data
 from fdistill_jax.eval import metrics
 from fdistill_jax.networks import inception
@@ -72,15 +73,20 @@ def _batches(images, batch_size):
     yield chunk, valid
 
 
-def extract_features(images, feature_fn, batch_size=256):
+def extract_features(images, feature_fn, batch_size=256, what="Inception features"):
   """Features [N, 2048] (float32 numpy) of N images, in fixed-shape batches.
 
   `images` is any indexable of NHWC images (an array, a memory-mapped npz
   member, ...); `batch_size` is rounded up to a multiple of the devices.
+  Progress lines ('what: done / N (rate/s, ETA)') go to the console.
   """
   devices = getattr(feature_fn, "num_devices", 1)  # Plain callables: one device.
   batch_size = -(-min(batch_size, max(len(images), 1)) // devices) * devices
-  out = [np.asarray(feature_fn(chunk))[:valid] for chunk, valid in _batches(images, batch_size)]
+  progress, out, done = console.Counter(what, len(images)), [], 0
+  for chunk, valid in _batches(images, batch_size):
+    out.append(np.asarray(feature_fn(chunk))[:valid])
+    done += valid
+    progress(done)
   if not out:
     raise ValueError("No images to evaluate: got an empty set.")
   return np.concatenate(out).astype(np.float32)
@@ -94,7 +100,8 @@ def fid_from_samples(images, ref_mu, ref_sigma, feature_fn, batch_size=256, meth
   default method="eigh" is the fast equivalent of EDM's sqrtm (see
   `frechet_distance`).
   """
-  mu, sigma = metrics.feature_statistics(extract_features(images, feature_fn, batch_size))
+  features = extract_features(images, feature_fn, batch_size, what="FID: Inception features")
+  mu, sigma = metrics.feature_statistics(features)
   return metrics.frechet_distance(mu, sigma, ref_mu, ref_sigma, method=method)
 
 
@@ -143,6 +150,7 @@ def load_feature_fn(weights, mode="tf"):
   """`make_feature_fn` for a weight file, or for "random" (tests only)."""
   if weights == RANDOM_INCEPTION:
     return make_feature_fn(inception.random_variables(), mode)
+  console.say("Loading Inception weights %s (the first batch compiles the network) ...", weights)
   return make_feature_fn(inception.load_variables(weights), mode)
 
 
@@ -153,7 +161,8 @@ def reference_from_images(spec, feature_fn, batch_size=256, out=None, save_featu
   `save_features`). Returns {'mu', 'sigma', 'features'}.
   """
   images, _ = load_images(spec)
-  features = extract_features(_check_images(images, spec), feature_fn, batch_size)
+  features = extract_features(_check_images(images, spec), feature_fn, batch_size,
+                              what="Inception features of the reference images")
   mu, sigma = metrics.feature_statistics(features)
   if out:
     metrics.save_reference_stats(out, mu, sigma, **({"features": features} if save_features else {}))
@@ -176,15 +185,19 @@ def evaluate(samples, ref, weights, mode="tf", batch_size=256, k=3, num_samples=
   feature_fn = load_feature_fn(weights, mode)
   images, _ = load_images(samples)
   images = _check_images(images[:num_samples], samples)
-  features = extract_features(images, feature_fn, batch_size)
+  features = extract_features(images, feature_fn, batch_size,
+                              what="Inception features of the samples")
   reference = _load_reference(ref, feature_fn, batch_size)
   mu, sigma = metrics.feature_statistics(features)
+  console.say("Frechet distance of %d samples (%s) ...", len(features), method)
   is_random = weights == RANDOM_INCEPTION
   result = {"fid": metrics.frechet_distance(mu, sigma, reference["mu"], reference["sigma"], method=method),
             "num_samples": len(features), "samples": str(samples), "ref": str(ref),
             "inception": "random (tests only, NOT FID)" if is_random else str(weights),
             "preprocessing": mode, "fid_method": method}
   if "features" in reference:
+    console.say("Precision and recall (k=%d, %d reference x %d sample features) ...", k,
+                len(reference["features"]), len(features))
     result["precision"], result["recall"] = metrics.precision_recall(reference["features"], features, k=k)
     result["num_ref"], result["k"] = len(reference["features"]), k
   return result

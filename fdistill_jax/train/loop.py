@@ -10,11 +10,13 @@ process: each process feeds its share of the global batch. The loop knows no
 problem by name: teacher, data and evaluators come from registries.
 """
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import signal
+import time
 
 from clu import metric_writers
 from clu import periodic_actions
@@ -79,7 +81,12 @@ class Trainer:
   def __init__(self, config, source=None, devices=None, teacher=None):
     self.config = config
     self.mesh = make_mesh(config, devices)
-    teacher = teacher if teacher is not None else teacher_registry.build(config)
+    if teacher is None:
+      start = time.time()
+      console.say("Loading the teacher (%s%s) ...", config.teacher.kind,
+                  f": {config.teacher.path}" if config.teacher.path else "")
+      teacher = teacher_registry.build(config)
+      console.say("Teacher ready in %s.", console.format_duration(time.time() - start))
     self.models = models_lib.from_teacher(teacher, config.disc)
     self.spec = teacher.spec
     self.initial_params = teacher.student_params      # generator / fake score start here
@@ -90,6 +97,7 @@ class Trainer:
     teacher_sh = tree_sharding(self.mesh, teacher.variables)
     self.teacher_vars = jax.device_put(teacher.variables, teacher_sh)
     self._init_state(teacher.student_params)
+    self._compiled = set()
     kw = dict(models=self.models, optimizers=self.optimizers, config=config,
               sharding=self.batch_sharding)
     repl = NamedSharding(self.mesh, P())
@@ -131,9 +139,24 @@ class Trainer:
     """Iteration `step` of Algorithm 1; returns its metrics (device arrays, not synced)."""
     metrics = {}
     if step % self.config.fake_score_update_freq == 0:
-      self.state, metrics = self.gen_step(self.state, self.teacher_vars)
-    self.state, critic_metrics = self.critic_step(self.state, self.teacher_vars, batch)
+      with self._first_call("generator step"):
+        self.state, metrics = self.gen_step(self.state, self.teacher_vars)
+    with self._first_call("critic step (fake score + discriminator)"):
+      self.state, critic_metrics = self.critic_step(self.state, self.teacher_vars, batch)
     return {**metrics, **critic_metrics}
+
+  @contextlib.contextmanager
+  def _first_call(self, what):
+    """Says what compiles and how long it took (the first call of a jitted step traces
+    and compiles it, or loads it from JAX's compilation cache; dispatch is async)."""
+    if what in self._compiled:
+      yield
+      return
+    console.say("Compiling the %s ...", what)
+    start = time.time()
+    yield
+    self._compiled.add(what)
+    console.say("  compiled the %s in %s.", what, console.format_duration(time.time() - start))
 
   @property
   def step(self):
@@ -248,6 +271,10 @@ def _log_path(workdir):
 
 def _run(trainer, workdir, sigterm):
   config = trainer.config
+  _LOG.info("Resolved config (also in %s):\n%s", ckpt_lib.CONFIG_FILE, config)
+  console.say("Config: %s", config_lib.summary(config))
+  console.say("  (every field: %s and %s in the workdir)", ckpt_lib.CONFIG_FILE,
+              os.path.basename(_log_path(workdir)))
   mngr = ckpt_lib.manager(workdir, config)
   try:
     restored = ckpt_lib.restore_latest(mngr, ckpt_lib.abstract(trainer.state), config)
@@ -338,7 +365,9 @@ def _loop(trainer, workdir, mngr, writer, sigterm):
   evaluators = _evaluator_actions(trainer, workdir, writer)
   if step == 0:
     writer.write_hparams(config_lib.flat_scalars(config))
-  console.say("Compiling and running from step %d of %d ...", step, config.total_steps)
+  console.say("Running from step %d of %d (the first iteration compiles) ...", step,
+              config.total_steps)
+  started = time.time()
   with trainer.batches(step) as batches:
     pending = None
     while step < config.total_steps:
@@ -348,8 +377,8 @@ def _loop(trainer, workdir, mngr, writer, sigterm):
       pending, step = metrics, step + 1
       averages.add(metrics)
       if step == start + 1:
-        console.say("First iteration done (compilation included); %d to go.",
-                    config.total_steps - step)
+        console.say("First iteration done in %s (compilation included); %d to go.",
+                    console.format_duration(time.time() - started), config.total_steps - step)
       report(step)
       log_action(step)
       progress(step, lambda m=metrics: _scalars(jax.device_get(
