@@ -70,7 +70,7 @@ from fdistill_jax.io import limits
 PathOrBytes = Union[str, os.PathLike, bytes]
 _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c  # first pickle of a legacy torch.save file
 _ZIP_MAGIC = b"PK\x03\x04"
-MAX_OPCODES = 5_000_000        # pickle opcodes per load (each makes at most one object)
+MAX_OPCODES = 2_000_000        # pickle opcodes per load (each makes at most one object)
 MAX_SCRIPT_TYPES = 10_000      # distinct __torch__ class names per load
 MAX_NESTED_ARCHIVES = 1        # torch.save archives inside a pickled storage
 

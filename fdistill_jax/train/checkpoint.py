@@ -128,9 +128,10 @@ def check_compatible(saved, config):
            if json.dumps(_lookup(saved, k), sort_keys=True)
            != json.dumps(_lookup(current, k), sort_keys=True)]
   if diffs:
-    lines = "\n".join(f"  {k}: checkpoint has {a!r}, config has {b!r}" for k, a, b in diffs)
-    raise CheckpointError("The checkpoint in the workdir was made with an incompatible config:\n"
-                     f"{lines}\nUse a new --workdir, or run with the checkpoint's settings.")
+    lines = "; ".join(f"{k}: checkpoint has {a!r}, config has {b!r}" for k, a, b in diffs)
+    raise CheckpointError("The checkpoint in the workdir was made with an incompatible config "
+                          f"({lines}). Use a new --workdir, or run with the checkpoint's "
+                          "settings.")
 
 
 def newest_readable(steps, read: Callable[[int], Any],
@@ -248,12 +249,13 @@ def _check_shapes(mngr, step, abstract_state):
   if saved is None:
     return                        # unreadable: newest_readable skips it
   want = _shapes(abstract_state)
-  diffs = [f"  {k}: checkpoint {saved.get(k)}, run {want.get(k)}"
+  diffs = [f"{k}: checkpoint {saved.get(k)}, run {want.get(k)}"
            for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
   if diffs:
     raise CheckpointError(f"The checkpoint at step {step} does not fit this run's networks "
-                     f"({len(diffs)} arrays differ), first:\n" + "\n".join(diffs[:8]) +
-                     "\nUse a new --workdir, or the teacher and sizes the run was made with.")
+                          f"({len(diffs)} arrays differ, first: " + "; ".join(diffs[:4]) +
+                          "). Use a new --workdir, or the teacher and sizes the run was made "
+                          "with.")
 
 
 def abstract(state):

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 
 from clu import metric_writers
 from clu import periodic_actions
@@ -214,8 +215,12 @@ def check_workdir(workdir):
   except OSError as e:
     raise ValueError(f"--workdir={workdir} cannot be created ({e.strerror}); choose a "
                      "writable location.") from e
-  if not os.access(workdir, os.W_OK | os.X_OK):
-    raise ValueError(f"--workdir={workdir} is not writable; choose a writable location.")
+  try:                    # os.access says yes to root on a read-only file system: try it
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ValueError(f"--workdir={workdir} is not writable ({e.strerror}); choose a writable "
+                     "location.") from None
   return workdir
 
 
