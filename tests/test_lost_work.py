@@ -187,3 +187,17 @@ def test_sigterm_during_startup_exits_143_with_the_message(tmp_path):
   assert "Traceback" not in err
   assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
   assert not (workdir / "metrics.json").exists()
+
+
+def test_state_check_names_the_non_finite_arrays():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from fdistill_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from fdistill_jax.train import loop  # pylint: disable=g-import-not-at-top
+  state = {"gen": {"w": jnp.ones(3)}, "fake": {"w": jnp.array([1.0, jnp.inf])},
+           "step": jnp.int32(3)}
+  assert ckpt_lib.nonfinite_leaves(state) == ["['fake']['w']"]
+  with pytest.raises(FloatingPointError, match=r"in 1 arrays of the training state \(first: "
+                     r"\['fake'\]\['w'\]\); nothing was saved and the last good checkpoint "
+                     r"\(step 2\) is kept"):
+    loop.check_state_finite(state, 5, 2)
+  loop.check_state_finite({"gen": {"w": jnp.ones(3)}}, 5, 2)      # finite: no error

@@ -22,13 +22,13 @@ The allow-list, and why each entry is safe (what its arguments can make it do):
 | numpy.*._reconstruct | `_np_reconstruct` | only `(ndarray, (0,), b'b')` as numpy writes; the BUILD state is checked: plain dtype, data exactly shape x itemsize bytes of the file |
 | numpy.*.scalar | `_np_scalar` | plain dtype, exactly itemsize bytes |
 | numpy.*._frombuffer | `_np_frombuffer` | plain dtype, buffer exactly shape x itemsize, charged to the budget |
-| torch._utils._rebuild_tensor(_v2) | `_rebuild_tensor` | a view inside its storage, no larger than it (no stride-0 blow-up), copy charged to the budget |
-| torch._utils._rebuild_parameter(_with_state) | `_rebuild_parameter` | returns its array |
+| torch._utils._rebuild_tensor, _rebuild_tensor_v2 | `_rebuild_tensor` | a view inside its storage, no larger than it (no stride-0 blow-up), copy charged to the budget |
+| torch._utils._rebuild_parameter, _rebuild_parameter_with_state | `_rebuild_parameter` | returns its array |
 | torch._tensor._rebuild_from_type_v2 | `_rebuild_from_type_v2` | calls only the two tensor stand-ins above |
 | torch.storage._load_from_bytes | `_load_storage_bytes` | a nested torch.save archive read by this module (one level only), same budget |
 | torch.Size / torch.device | `_torch_size`, `_torch_device` | ints -> tuple; str/int -> str (no `str()` of containers) |
 | torch.*Storage, torch.<dtype> | `StorageType`, dtype codes | frozen data, not callable |
-| torch.nn container / Module classes | `ModuleRecord` subclasses | keep their arguments and dict state, nothing else |
+| torch.nn Module, ModuleDict, ModuleList, Sequential | `ModuleRecord` subclasses | keep their arguments and dict state, nothing else |
 | torch_utils.persistence._reconstruct_persistent_obj | `_reconstruct_persistent_obj` | records class name and state; `module_src` is never read |
 | dnnlib(.util).EasyDict | `EasyDict` | a dict built from a mapping or pairs |
 | torch.jit._pickle.* (torchscript=True) | `_jit_list`, `_restore_type_tag` | list/tuple -> list; returns its value |
