@@ -103,8 +103,15 @@ def _sample_cases(root):
   (src / "converted" / "variables").mkdir(parents=True)
   hf.arch_json(src / "converted" / "arch.json", img_resolution=2**20)
   (src / "hostile.pkl").write_bytes(hf.snapshot(hf.kwargs(num_blocks=hf.i(100_000))))
+  (src / "claims" / "variables").mkdir(parents=True)
+  (src / "claims" / "variables" / "tiny").write_bytes(b"\0" * 1000)
+  hf.arch_json(src / "claims" / "arch.json", img_resolution=64, model_channels=512,
+               channel_mult=[2, 2, 2, 2], num_blocks=8)
   out = f"--out={root / 'out' / 'samples.npz'}"
   return [
+      {"id": "sample:converted_claims", "tool": "sample",
+       "fragment": "variables/ holds only 1,000 bytes",
+       "args": [f"--teacher={src / 'claims'}", out, "--num=4"]},
       {"id": "sample:converted_arch", "tool": "sample", "fragment": "img_resolution=1048576",
        "args": [f"--teacher={src / 'converted'}", out, "--num=4"]},
       {"id": "sample:snapshot", "tool": "sample", "fragment": "num_blocks=100000",
@@ -175,7 +182,7 @@ CONVERT_IDS = [f"convert:{name}" for name, _, _ in hf.pickle_attacks()] + [
                              "parent_is_file")]
 REFUSED_IDS = CONVERT_IDS + [f"evaluate:{n}" for n in (
     "not_psd", "not_symmetric", "nan_mu", "ref_bomb", "samples_bomb", "num_samples",
-    "truncated_png")] + ["sample:converted_arch", "sample:snapshot"] + [
+    "truncated_png")] + ["sample:converted_arch", "sample:converted_claims", "sample:snapshot"] + [
         f"data:{n}" for n in ("truncated", "bad_json", "bad_labels", "bomb_png")]
 
 

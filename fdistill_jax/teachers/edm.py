@@ -43,6 +43,7 @@ ARCH_FILE = "arch.json"
 VARIABLES_DIR = "variables"
 SOURCE_FILE = "source.json"            # the converted file's name and SHA-256
 MAX_ARCH_BYTES = 2**20
+MAX_EXPANSION = 64                     # converted variables/: float32 bytes per byte on disk
 SUPPORTED_PRECONDS = ("EDMPrecond",)
 # EDMPrecond's positional parameters, to name any recorded `_init_args`.
 _PRECOND_POSITIONAL = ("img_resolution", "img_channels", "label_dim", "use_fp16",
@@ -296,9 +297,11 @@ def _saved_shapes(directory: pathlib.Path) -> Optional[dict]:
 def load_converted(directory: PathLike, dtype=jnp.float32):
   """(module, variables) from a directory written by `convert`.
 
-  `arch.json` is checked (`check_arch`) and the saved arrays' names and shapes
-  (orbax metadata) are compared with the ones it declares before anything is
-  restored: the restore allocates exactly what the checked architecture needs.
+  `arch.json` is checked (`check_arch`), its parameter bytes may be at most
+  `MAX_EXPANSION` x the size of `variables/` on disk (orbax compresses; zeros
+  would let a tiny directory claim gigabytes), and the saved arrays' names and
+  shapes (orbax metadata) are compared with the ones it declares before anything
+  is restored: the restore allocates exactly what the checked architecture needs.
   """
   directory = pathlib.Path(directory).absolute()
   if not (directory / ARCH_FILE).is_file() or not (directory / VARIABLES_DIR).is_dir():
@@ -307,10 +310,15 @@ def load_converted(directory: PathLike, dtype=jnp.float32):
                           "python -m fdistill_jax.tools.convert first).")
   arch = read_arch(directory / ARCH_FILE)
   try:
-    networks.declared_param_count(arch)
+    count = networks.declared_param_count(arch)
     target = networks.variable_shapes(arch)
   except ValueError as e:
     raise ConversionError(f"{directory / ARCH_FILE}: {e}") from None
+  on_disk = sum(p.stat().st_size for p in (directory / VARIABLES_DIR).rglob("*") if p.is_file())
+  if 4 * count > MAX_EXPANSION * on_disk + limits.BUDGET_SLACK:
+    raise ConversionError(f"{directory}: {ARCH_FILE} declares {count:,} parameters but "
+                          f"{VARIABLES_DIR}/ holds only {on_disk:,} bytes (trained weights do "
+                          "not compress that far); convert the teacher again.")
   want = {jax.tree_util.keystr(p): tuple(leaf.shape)
           for p, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
   saved = _saved_shapes(directory)
