@@ -159,6 +159,8 @@ def pickle_attacks():
        "torch.device"),
       ("dag.pkl", dag_modules(), "billion laughs"),
       ("binbytes8.pkl", PROTO4 + b"\x8e" + struct.pack("<Q", 2**60) + b"tiny" + STOP, "truncated"),
+      ("bytearray8.pkl", PROTO4 + b"\x96" + struct.pack("<Q", 2**40) + b"tiny" + STOP,
+       "a byte array claims 1,099,511,627,776 bytes"),
       ("opcodes.pkl", PROTO2 + (NONE + POP) * 1_100_000 + NONE + STOP, "opcodes"),
       ("build_function.pkl", PROTO2 + g("_codecs", "encode") + tup(
           NONE, d((s("__defaults__"), tup(s("rot13"))))) + BUILD + STOP,

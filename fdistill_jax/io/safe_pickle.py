@@ -37,7 +37,8 @@ The allow-list, and why each entry is safe (what its arguments can make it do):
 Beyond the allow-list, `RestrictedUnpickler` (the pure-Python pickle machine,
 so that every opcode can be checked) refuses BUILD (`__setstate__`) on
 anything but the records above, validated arrays and dtypes, and dicts; it
-stops after `MAX_OPCODES` opcodes, never reads past the end of the input, and
+stops after `MAX_OPCODES` opcodes, never reads past the end of the input nor
+allocates a length field before the bytes are there (BYTEARRAY8), and
 checks the loaded object graph with `limits.check_graph` (no cycles, bounded
 depth and expanded size). Arrays are charged to a `limits.Budget` of about
 twice the input size. Any malformed input ends in `pickle.UnpicklingError`
@@ -598,6 +599,16 @@ class RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-acces
                               "refused (only module records, arrays, dtypes and dicts).")
 
   dispatch[pickle.BUILD[0]] = _counted(load_build)
+
+  def load_bytearray8(self):
+    """BYTEARRAY8 reading first (pickle's own allocates the claimed length, then reads)."""
+    (size,) = struct.unpack("<Q", self.read(8))
+    data = self.read(size)
+    if len(data) != size:
+      raise pickle.UnpicklingError(f"a byte array claims {size:,} bytes, {len(data):,} follow")
+    self.append(bytearray(data))
+
+  dispatch[pickle.BYTEARRAY8[0]] = _counted(load_bytearray8)
 
   def load(self):
     """Unpickles, then checks the object graph; any malformed input is an UnpicklingError."""
