@@ -69,6 +69,7 @@ def base_config():
   c.teacher.kind = "edm"              # edm (snapshot/converted dir) | random | toy
   c.teacher.path = ""
   c.teacher.arch = ml_collections.ConfigDict()   # used by kind=random
+  c.teacher.allow_mismatch = False    # resume although the teacher differs from the run's
 
   c.loss = ml_collections.ConfigDict()
   c.loss.fdistill_weight = 1.0
@@ -122,6 +123,7 @@ def base_config():
   c.data.num_threads = 8              # threads that read and decode examples
   c.data.image_key = "image"          # tfds feature names
   c.data.label_key = "label"
+  c.data.skip_unreadable = False      # edm: skip (and count) corrupt images instead of stopping
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.fsdp = 1                     # >1: shard params/opt states over this many devices
@@ -189,6 +191,23 @@ def validate(config, num_devices, process_count=1):
          "(reference statistics .npz); set both or set eval.fid_every=0.")
   _check(all(0 <= d < 1 for d in config.ema_decays),
          f"ema_decays={tuple(config.ema_decays)} must each lie in [0, 1).")
+  _check_safety(config)
+
+
+def _check_safety(config):
+  """Settings that would lose checkpoints or divide by zero (issue: no path loses work)."""
+  lc = config.loss
+  _check(isinstance(lc.num_bins, int) and lc.num_bins >= 1,
+         f"loss.num_bins={lc.num_bins} must be an integer >= 1 (the ratio normalisation "
+         "averages over this many sigma bins).")
+  _check(0 < lc.sigma_init < float("inf"),
+         f"loss.sigma_init={lc.sigma_init} must be a positive finite noise level (the "
+         "generator's input is sigma_init * z; EDM's sigma_max is 80).")
+  _check(isinstance(config.keep_checkpoints, int) and config.keep_checkpoints >= 1,
+         f"keep_checkpoints={config.keep_checkpoints} must be >= 1: 0 would delete every "
+         "checkpoint. To keep them all, set a number above total_steps / checkpoint_every.")
+  _check(config.checkpoint_every >= 0,
+         f"checkpoint_every={config.checkpoint_every} must be >= 0 (0: only at the end).")
 
 
 def flat_scalars(config):
