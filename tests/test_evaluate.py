@@ -154,11 +154,13 @@ def test_extract_features_pads_and_keeps_order():
 @pytest.mark.parametrize("random_access", [True, False])
 def test_tfds_source(monkeypatch, random_access):
   tfds = pytest.importorskip("tensorflow_datasets")
-  with tfds.testing.mock_data(num_examples=5):
+  # monkeypatch.context(): undone before mock_data exits, so mock_data restores the
+  # real as_data_source (a test-wide setattr would reinstate the mock's after the test).
+  with tfds.testing.mock_data(num_examples=5), monkeypatch.context() as patch:
     if not random_access:  # Datasets prepared as tfrecord have no data_source (patched
       # inside mock_data, which installs its own as_data_source).
-      monkeypatch.setattr(tfds.core.DatasetBuilder, "as_data_source",
-                          lambda *a, **k: (_ for _ in ()).throw(ValueError("no array_record")))
+      patch.setattr(tfds.core.DatasetBuilder, "as_data_source",
+                    lambda *a, **k: (_ for _ in ()).throw(ValueError("no array_record")))
     images, labels = fid.load_images("tfds:cifar10:test")
     if random_access:  # The two mock APIs generate different images: read each its own way.
       source = tfds.data_source("cifar10", split="test")

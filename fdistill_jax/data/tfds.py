@@ -37,11 +37,16 @@ class _LoadedSplit:
 
 
 def _load_in_memory(name, split, data_dir, first_error):
-  """Falls back to `tfds.load` (TensorFlow) for tfrecord-prepared splits."""
+  """Falls back to `tfds.load` (TensorFlow) for tfrecord-prepared splits.
+
+  Never downloads (`download=False`): on a pod every process would fetch the
+  dataset at once; an unprepared split gets the error saying how to prepare it.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   hint = BUILD_HINT.format(name=name, data_dir=data_dir or "~/tensorflow_datasets")
   try:
-    examples = list(tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir)))
+    examples = list(tfds.as_numpy(
+        tfds.load(name, split=split, data_dir=data_dir, download=False)))
   except Exception as e:  # pylint: disable=broad-except  (not prepared at all)
     said = (str(first_error).splitlines() or [""])[0]
     raise FileNotFoundError(
