@@ -226,7 +226,7 @@ def test_generator_gradient_flows_only_through_x():
     ({"divergence": "kl"}, "rkl"),
     ({"disc.resolutions": (0, 7)}, "outside"),
     ({"fake_score_update_freq": 0}, "fake_score_update_freq"),
-    ({"loss.min_index": 990}, "min_index"),
+    ({"loss.min_index": 999}, "min_index"),
     ({"mesh.fsdp": 3}, "fsdp"),
     ({"ema_decays": (1.5,)}, "ema_decays"),
     ({"eval.fid_every": 10}, "eval.inception"),

@@ -80,7 +80,7 @@ class Trainer:
     self.config = config
     self.mesh = make_mesh(config, devices)
     teacher = teacher if teacher is not None else teacher_registry.build(config)
-    self.models = models_lib.from_teacher(teacher, config.disc)
+    self.models = models_lib.from_teacher(teacher, config.disc, config.student_dropout)
     self.spec = teacher.spec
     self.initial_params = teacher.student_params      # generator / fake score start here
     self.optimizers = state_lib.make_optimizers(config.optim)
@@ -110,7 +110,7 @@ class Trainer:
         (student_params, heads_params), NamedSharding(self.mesh, P()))
     def init(student, heads):
       return state_lib.create_state(rng, student, student, heads, self.optimizers,
-                                    len(config.ema_decays))
+                                    len(config.ema_decays), config.loss.num_bins)
     shapes = jax.eval_shape(init, student_params, heads_params)
     self.state_sharding = tree_sharding(self.mesh, shapes)
     self.state = jax.jit(init, out_shardings=self.state_sharding)(student_params, heads_params)
