@@ -94,7 +94,8 @@ def base_config():
   c.optim.b1 = 0.9                    # AdamW as in DMD2
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
-  c.optim.grad_clip = 10.0            # global-norm clip; 0: off
+  c.optim.grad_clip = 10.0            # global-norm clip of the generator; 0: off
+  c.optim.clip_critic = False         # also clip fake score and heads (DMD2); FastGen: off
 
   c.data = ml_collections.ConfigDict()
   c.data.kind = "tfds"

@@ -20,6 +20,7 @@ from fdistill_jax.networks import heads as heads_lib
 from fdistill_jax.teachers import edm as edm_teachers
 from fdistill_jax.train import loop as train
 from fdistill_jax.train import models as models_lib
+from fdistill_jax.train import state as state_lib
 from fdistill_jax.train import steps
 from tests.test_checkpoint import saved_state
 from tests.test_train import small_toy
@@ -55,6 +56,33 @@ def test_imagenet64_generator_lr_drops_at_iteration_200k():
     assert float(metrics["lr/fake"]) == pytest.approx(want, rel=1e-6)
     assert float(metrics["lr/disc"]) == pytest.approx(want, rel=1e-6)
     t._init_state(t.initial_params)          # the steps donate their input state
+
+
+def test_gradient_clipping_applies_to_the_generator_only_by_default():
+  """FastGen clips the generator's gradient norm at 10 and leaves the fake score and
+  the heads alone; `optim.clip_critic` clips all three (DMD2). Two AdamW updates,
+  the first with a gradient of norm 1e3, against optax's own transformations."""
+  import optax  # pylint: disable=g-import-not-at-top
+  optim = small_toy("js").optim
+  params = {"w": jnp.zeros((4,))}
+  grads = [{"w": jnp.array([600.0, -800.0, 0.0, 0.0])}, {"w": jnp.array([1.0, 2.0, -3.0, 0.5])}]
+  def run(tx):
+    state, out = tx.init(params), params
+    for g in grads:
+      upd, state = tx.update(g, state, out)
+      out = optax.apply_updates(out, upd)
+    return np.asarray(out["w"])
+  adamw = optax.adamw(optim.gen_lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                      weight_decay=optim.weight_decay)
+  clipped = run(optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw))
+  plain = run(adamw)
+  assert np.max(np.abs(clipped - plain) / np.abs(plain)) > 1e-2   # float32 agreement: 1e-5
+  opts = state_lib.make_optimizers(optim)
+  np.testing.assert_allclose(run(opts.gen), clipped, rtol=1e-5)
+  np.testing.assert_allclose(run(opts.fake), plain, rtol=1e-5)
+  np.testing.assert_allclose(run(opts.disc), plain, rtol=1e-5)
+  optim.clip_critic = True
+  np.testing.assert_allclose(run(state_lib.make_optimizers(optim).fake), clipped, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------

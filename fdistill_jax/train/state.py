@@ -71,8 +71,8 @@ def learning_rate_schedule(base_lr, optim_config):
   return optax.constant_schedule(base_lr)
 
 
-def make_optimizer(base_lr, optim_config):
-  """AdamW with decoupled weight decay and optional global-norm clipping.
+def make_optimizer(base_lr, optim_config, clip=True):
+  """AdamW with decoupled weight decay, and global-norm clipping if `clip`.
 
   The learning rate is an injected hyperparameter (`optax.inject_hyperparams`)
   that the steps set from the iteration (`with_learning_rate`), so the state
@@ -82,7 +82,7 @@ def make_optimizer(base_lr, optim_config):
       learning_rate=float(base_lr),
       b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
       weight_decay=optim_config.weight_decay)
-  if optim_config.grad_clip > 0:
+  if clip and optim_config.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(optim_config.grad_clip), adamw)
   return adamw
 
@@ -112,9 +112,13 @@ def _is_injected(node):
 
 
 def make_optimizers(optim_config):
+  """Generator, fake-score and discriminator optimisers; `grad_clip` applies to the
+  generator, and to the other two only with `clip_critic` (FastGen clips the generator
+  alone, DMD2 all)."""
+  critic_clip = bool(optim_config.get("clip_critic", False))
   return Optimizers(gen=make_optimizer(optim_config.gen_lr, optim_config),
-                    fake=make_optimizer(optim_config.fake_lr, optim_config),
-                    disc=make_optimizer(optim_config.disc_lr, optim_config),
+                    fake=make_optimizer(optim_config.fake_lr, optim_config, critic_clip),
+                    disc=make_optimizer(optim_config.disc_lr, optim_config, critic_clip),
                     gen_lr=learning_rate_schedule(optim_config.gen_lr, optim_config),
                     fake_lr=learning_rate_schedule(optim_config.fake_lr, optim_config),
                     disc_lr=learning_rate_schedule(optim_config.disc_lr, optim_config))
