@@ -66,6 +66,7 @@ def base_config():
   c.loss.logit_clip = 10.0            # clamp of the head-mean logit (FastGen); 0: off
   c.loss.ratio_clip = (0.1, 20.0)     # (lo, hi) clamp of r before stage 1 (FastGen); (): off
   c.loss.ratio_ema_rate = 0.0         # running per-bin mean of r for stage 1 (FastGen IN64: 0.5)
+  c.loss.bin_spacing = "linear"       # stage-1 bins equal-width in sigma (FastGen) | log
   c.loss.sigma_init = 80.0            # generator input noise level
   c.loss.sigma_min = 0.002
   c.loss.sigma_max = 80.0
@@ -188,6 +189,8 @@ def _validate_recipe(config):
          f"loss.ratio_clip={clip}; expected (lo, hi) with 0 < lo < hi, or () for off.")
   _check(0 <= lc.ratio_ema_rate < 1,
          f"loss.ratio_ema_rate={lc.ratio_ema_rate} must lie in [0, 1).")
+  _check(lc.bin_spacing in losses.BIN_SPACINGS,
+         f"loss.bin_spacing={lc.bin_spacing!r}; expected one of {losses.BIN_SPACINGS}.")
   _check(lc.fake_sigma in ("karras", "lognormal"),
          f"loss.fake_sigma={lc.fake_sigma!r}; expected 'karras' or 'lognormal'.")
   _check(0 <= config.student_dropout < 1,

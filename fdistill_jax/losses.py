@@ -71,17 +71,23 @@ def _mean_over_example(v: Array) -> Array:
 # Two-stage normalisation (Section 4 of the paper).
 
 
-def sigma_bin_indices(sigma: Array, num_bins: int, sigma_min: float = 0.002,
-                      sigma_max: float = 80.0) -> Array:
-  """Bins noise levels into `num_bins` equal-width bins of log sigma.
+BIN_SPACINGS = ("log", "linear")
 
-  Bins cover [log sigma_min, log sigma_max]; noise levels outside the range go
-  to the first or last bin.
+
+def sigma_bin_indices(sigma: Array, num_bins: int, sigma_min: float = 0.002,
+                      sigma_max: float = 80.0, spacing: str = "log") -> Array:
+  """Bins noise levels into `num_bins` equal-width bins of log sigma (or sigma).
+
+  Bins cover [sigma_min, sigma_max], equal-width in log sigma
+  (`spacing='log'`) or in sigma itself (`'linear'`, NVIDIA FastGen's bins of
+  t = sigma: with 10 bins on [0.002, 80] the first holds every sigma < 8).
+  Noise levels outside the range go to the first or last bin.
 
   Args:
     sigma: [B] noise levels.
     num_bins: number of bins (>= 1).
     sigma_min, sigma_max: range of the bins, 0 < sigma_min < sigma_max.
+    spacing: 'log' or 'linear'.
 
   Returns:
     int32 [B] bin indices in [0, num_bins).
@@ -90,6 +96,11 @@ def sigma_bin_indices(sigma: Array, num_bins: int, sigma_min: float = 0.002,
     raise ValueError(
         f"Need num_bins >= 1 and 0 < sigma_min < sigma_max, got num_bins="
         f"{num_bins}, sigma_min={sigma_min}, sigma_max={sigma_max}.")
+  if spacing not in BIN_SPACINGS:
+    raise ValueError(f"Unknown bin spacing {spacing!r}; expected one of {BIN_SPACINGS}.")
+  if spacing == "linear":
+    pos = (sigma - sigma_min) / (sigma_max - sigma_min) * num_bins
+    return jnp.clip(jnp.floor(pos), 0, num_bins - 1).astype(jnp.int32)
   lo, hi = np.log(sigma_min), np.log(sigma_max)
   pos = (jnp.log(sigma) - lo) / (hi - lo) * num_bins
   return jnp.clip(jnp.floor(pos), 0, num_bins - 1).astype(jnp.int32)
@@ -218,7 +229,8 @@ def fdistill_log_weight(log_ratio: Array, sigma: Array, *,
                         logit_clip: Optional[float] = None,
                         ratio_clip: Union[float, Sequence[float], None] = None,
                         ratio_ema_rate: float = 0.0,
-                        log_ratio_ema: Optional[Array] = None
+                        log_ratio_ema: Optional[Array] = None,
+                        bin_spacing: str = "log"
                         ) -> tuple[Array, dict[str, Array]]:
   """log h(r) per example, as applied by `fdistill_generator_loss`.
 
@@ -232,8 +244,8 @@ def fdistill_log_weight(log_ratio: Array, sigma: Array, *,
     log_ratio: [B] log p_teacher/q_student (discriminator logits).
     sigma: [B] noise levels (used for the bins of stage 1).
     divergence, normalize_ratio, normalize_weight, num_bins, sigma_min,
-    sigma_max, logit_clip, ratio_clip, ratio_ema_rate, log_ratio_ema: see
-      `fdistill_generator_loss`.
+    sigma_max, logit_clip, ratio_clip, ratio_ema_rate, log_ratio_ema,
+    bin_spacing: see `fdistill_generator_loss`.
 
   Returns:
     (log_h [B], stats): stats holds `bin_log_mean_ratio` (log of this batch's
@@ -244,7 +256,7 @@ def fdistill_log_weight(log_ratio: Array, sigma: Array, *,
   div = divergences.get_divergence(divergence)
   log_r = divergences.clip_log_ratio(log_ratio, logit_clip=logit_clip)
   log_r = divergences.clip_log_ratio(log_r, ratio_clip=ratio_clip)
-  bin_ids = sigma_bin_indices(sigma, num_bins, sigma_min, sigma_max)
+  bin_ids = sigma_bin_indices(sigma, num_bins, sigma_min, sigma_max, bin_spacing)
   _, stats = normalize_log_ratio(log_r, bin_ids, num_bins)
   previous = jnp.zeros((num_bins,), log_r.dtype) if log_ratio_ema is None else log_ratio_ema
   if previous.shape != (num_bins,):
@@ -272,7 +284,8 @@ def fdistill_generator_loss(
     logit_clip: Optional[float] = None,
     ratio_clip: Union[float, Sequence[float], None] = None,
     dmd_eps: float = 1e-8, ratio_ema_rate: float = 0.0,
-    log_ratio_ema: Optional[Array] = None) -> tuple[Array, dict[str, Any]]:
+    log_ratio_ema: Optional[Array] = None,
+    bin_spacing: str = "log") -> tuple[Array, dict[str, Any]]:
   """The f-distill distribution-matching loss of the generator (Eq. 4).
 
   Theorem 1: grad_theta D_f(p_t || q_t) = E[h(r) (s_q - s_p)(x_t) dx/dtheta],
@@ -337,6 +350,8 @@ def fdistill_generator_loss(
     ratio_ema_rate: decay of the running per-bin mean of stage 1, in [0, 1).
     log_ratio_ema: [num_bins] log running means from the previous call
       (None: all zero, i.e. running means of 1).
+    bin_spacing: 'log' (equal-width bins of log sigma) or 'linear' (of sigma,
+      as FastGen); see `sigma_bin_indices`.
 
   Returns:
     (loss, aux): scalar loss; aux holds h_min/h_mean/h_max (the weight
@@ -362,7 +377,8 @@ def fdistill_generator_loss(
       normalize_weight=normalize_weight, num_bins=num_bins,
       sigma_min=sigma_min, sigma_max=sigma_max, logit_clip=logit_clip,
       ratio_clip=ratio_clip, ratio_ema_rate=ratio_ema_rate,
-      log_ratio_ema=None if log_ratio_ema is None else sg(log_ratio_ema))
+      log_ratio_ema=None if log_ratio_ema is None else sg(log_ratio_ema),
+      bin_spacing=bin_spacing)
   h = jnp.exp(log_h)
   w = TIME_WEIGHTINGS[time_weighting](sg(x), teacher, sigma, dmd_eps)
   g = _expand((h * w).astype(x.dtype), x) * (fake - teacher)

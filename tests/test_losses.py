@@ -532,3 +532,24 @@ def test_running_bin_mean_follows_fastgen_over_batches():
   with pytest.raises(ValueError, match="ratio_ema_rate"):
     losses.fdistill_log_weight(jnp.asarray(logits), jnp.asarray(sigma), divergence="js",
                                ratio_ema_rate=1.0)
+
+
+def test_linear_bins_are_fastgens_bins_of_sigma():
+  """bin_spacing='linear': idx = floor((sigma - smin) / ((smax - smin) / n)), clipped
+  (FastGen's bins of t = sigma); the weights then follow the numpy rewrite."""
+  rng = np.random.default_rng(9)
+  sigma = np.asarray(losses.karras_sigmas())[rng.integers(2, 999, 256)]
+  idx = np.asarray(losses.sigma_bin_indices(jnp.asarray(sigma), 10, spacing="linear"))
+  want = np.clip(np.floor((sigma - 0.002) / ((80.0 - 0.002) / 10)), 0, 9).astype(int)
+  np.testing.assert_array_equal(idx, want)
+  assert np.mean(idx == 0) > 0.5          # every sigma < 8 shares the first bin
+  logits = (2.0 * rng.normal(size=256)).astype(np.float32)
+  log_h, st = losses.fdistill_log_weight(jnp.asarray(logits), jnp.asarray(sigma),
+                                         divergence="fkl", bin_spacing="linear",
+                                         logit_clip=10.0, ratio_clip=(0.1, 20.0))
+  r = np.clip(np.exp(logits.astype(np.float64)), 0.1, 20.0)
+  means = np.array([r[want == k].mean() if np.any(want == k) else 1.0 for k in range(10)])
+  h = r / means[want]
+  np.testing.assert_allclose(np.exp(np.asarray(log_h, np.float64)), h / h.mean(), rtol=1e-5)
+  with pytest.raises(ValueError, match="bin spacing"):
+    losses.sigma_bin_indices(jnp.asarray(sigma), 10, spacing="cubic")

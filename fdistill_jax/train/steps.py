@@ -99,7 +99,8 @@ def generator_loss(gen_params, st, teacher_vars, rng, *, models, config, shardin
         normalize_ratio=lc.normalize_ratio, normalize_weight=lc.normalize_weight,
         num_bins=lc.num_bins, sigma_min=lc.sigma_min, sigma_max=lc.sigma_max,
         logit_clip=lc.logit_clip or None, ratio_clip=_ratio_clip(lc),
-        ratio_ema_rate=lc.ratio_ema_rate, log_ratio_ema=st.log_ratio_ema)
+        ratio_ema_rate=lc.ratio_ema_rate, log_ratio_ema=st.log_ratio_ema,
+        bin_spacing=lc.bin_spacing)
     log_ratio_ema = aux.pop("log_ratio_ema")
     total += lc.fdistill_weight * fd
     metrics["gen/fdistill_loss"] = fd
