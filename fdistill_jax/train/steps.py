@@ -3,11 +3,14 @@
 `generator_step` updates the one-step generator with the f-distill loss
 (Eq. 4, weighted by h(r)) plus the non-saturating GAN loss; `critic_step`
 updates the fake-score network (denoising loss on stop-gradient generator
-samples) and the discriminator heads (GAN loss + R1). The training loop runs a
-critic step every iteration and a generator step every
-`fake_score_update_freq` iterations. Both are pure functions of
-(state, teacher_variables[, batch]); randomness is `fold_in(state.rng, step)`.
-The teacher's variables are an argument and never receive gradient.
+samples) and the discriminator heads (GAN loss + R1), then moves the EMA copies
+of the generator. The training loop runs a critic step every iteration and a
+generator step every `fake_score_update_freq` iterations (DMD2's schedule).
+Both are pure functions of (state, teacher_variables[, batch]); randomness is
+`fold_in(state.rng, step)`, learning rates are functions of `state.step` (the
+iteration). The teacher's variables are an argument and never receive
+gradient. The training settings and their sources (paper, FastGen, DMD2) are
+tabulated in the README ("Training settings").
 """
 
 import jax
