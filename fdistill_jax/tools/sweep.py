@@ -6,8 +6,9 @@ r"""One config over several variants and seeds, through the same engine, as one 
 
 runs `--config:VARIANT` with each seed (the seed sets `seed`, `data.seed` and the
 problem's own seed fields, the same for every variant), then writes
-`table.md` (mean +- std over seeds of the problem's measures) and `sweep.json`
-(every run's measures). A run is reused only when its recorded resolved config
+`table.md` (mean +- std over seeds of the problem's measures; a problem with a
+reference, such as the toy's exact teacher samples, gets it as the first row,
+measured with each seed) and `sweep.json` (every run's measures). A run is reused only when its recorded resolved config
 equals the one it would run now (`sweep_config.json` in the run's directory),
 so changing a setting reruns it. A teacher is built once per distinct teacher
 setting (the toy's fitted MLP once per seed), not once per run.
@@ -42,18 +43,21 @@ RUN_CONFIG = "sweep_config.json"
 
 
 class Table:
-  """How a problem's runs become a table row: result file, measures, seed fields."""
+  """How a problem's runs become a table row: result file, measures, seed fields,
+  and optionally `reference(config) -> measures` with its row name."""
 
   def __init__(self, result_file: str, read: Callable[[dict], dict], columns,
-               seed_fields=()):
+               seed_fields=(), reference=None, reference_name="reference"):
     self.result_file, self.read, self.columns, self.seed_fields = (
         result_file, read, columns, seed_fields)
+    self.reference, self.reference_name = reference, reference_name
 
 
 # evaluator name -> its table (the first evaluator of a config with a table wins).
 TABLES: dict[str, Table] = {
     "toy": Table(toy_report.METRICS_FILE, lambda r: r["final"], toy_report.COLUMNS,
-                 seed_fields=("toy.fit_seed",)),
+                 seed_fields=("toy.fit_seed",), reference=toy_report.teacher_reference,
+                 reference_name="teacher (exact samples)"),
 }
 
 
@@ -85,9 +89,14 @@ def parse_override(text) -> tuple[str, Any]:
   return key.strip(), value
 
 
+def load_config(spec):
+  """'configs/toy2d.py:js' -> its ConfigDict, read as `main --config=...` reads it."""
+  return config_flags.config_flags.ConfigFileFlagParser(name="config").parse(spec)
+
+
 def run_config(config_path, variant, seed, overrides, table):
   """The resolved config of one run."""
-  config = config_flags.load_config_file(f"{config_path}:{variant}")  # checks the variant
+  config = load_config(f"{config_path}:{variant}")  # checks the variant
   for key, value in overrides:
     _set(config, key, value)
   for field in ("seed", "data.seed") + tuple(table.seed_fields):
@@ -103,10 +112,13 @@ def _teacher_key(config):
 
 def sweep(config_path, workdir, variants, seeds, overrides=()):
   """Runs every (variant, seed) not already done with the same config; returns results."""
-  base = config_flags.load_config_file(f"{config_path}:{variants[0]}")
+  base = load_config(f"{config_path}:{variants[0]}")
   table = table_for(base)
   jobs = [(v, s) for v in variants for s in seeds]
   results, teachers = {}, {}
+  if table.reference is not None:
+    results[table.reference_name] = [
+        table.reference(run_config(config_path, variants[0], s, overrides, table)) for s in seeds]
   for k, (variant, seed) in enumerate(jobs, 1):
     config = run_config(config_path, variant, seed, overrides, table)
     run_dir = os.path.join(workdir, variant, f"seed{seed}")

@@ -75,6 +75,21 @@ class ToyReport:
     return {f"toy/{k}": float(m[k]) for k in SUMMARY if m.get(k) is not None}
 
 
+def teacher_reference(config):
+  """The exact teacher's own samples through the same measures as a run.
+
+  NUM_EVAL_SAMPLES draws from the mixture (key fold_in(PRNGKey(seed), 99),
+  independent of the k-NN reference draws, which use the evaluator's key):
+  the row every distilled generator is read against (e.g. its off-mode
+  fraction is 1 - P(within 3 std) = 1.1% in expectation, not 0).
+  """
+  mixture = mixture_lib.get_mixture(config.data.mixture)
+  samples, _ = mixture.sample(jax.random.fold_in(jax.random.PRNGKey(config.seed), 99),
+                              NUM_EVAL_SAMPLES)
+  return toy_metrics.toy_metrics(mixture, np.asarray(samples),
+                                 jax.random.PRNGKey(config.seed + 7))
+
+
 SUMMARY = ("modes_covered", "off_mode_fraction", "precision", "recall", "forward_kl",
            "reverse_kl")
 
