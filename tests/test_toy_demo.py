@@ -21,6 +21,7 @@ from fdistill_jax.train import loop
 def short_config(divergence):
   c = toy2d.get_config(divergence)
   c.total_steps, c.batch_size, c.fake_score_update_freq = 400, 256, 2
+  c.ema_decays = (0.99,)        # per iteration: 0.999 would still hold 67% of the start at 400
   c.toy.update(width=64, depth=3, fit_steps=400)
   c.disc.resolutions = (0, 2)
   c.checkpoint_every, c.log_every = 0, 100
