@@ -214,7 +214,9 @@ def test_generator_gradient_flows_only_through_x():
   lc = c.loss
   def loss_in_x(xx):
     return losses.fdistill_generator_loss(
-        xx, d_t, d_f, logit, sigma, divergence="fkl", num_bins=lc.num_bins)[0]
+        xx, d_t, d_f, logit, sigma, divergence="fkl", num_bins=lc.num_bins,
+        logit_clip=lc.logit_clip, ratio_clip=tuple(lc.ratio_clip),
+        bin_spacing=lc.bin_spacing)[0]
   expected = vjp(jax.grad(loss_in_x)(x))[0]
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
