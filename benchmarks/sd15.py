@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.report import write_report
+from benchmarks.report import time_jit, write_report
 from fdistill_jax.sd import configs, names
 from fdistill_jax.tools import cli
 
@@ -90,22 +90,11 @@ def _device_peak():
   return stats.get("peak_bytes_in_use")
 
 
-def _time_jax(fn, args, warmup, iters):
-  start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  compile_s = time.perf_counter() - start
-  for _ in range(warmup):
-    jax.block_until_ready(compiled(*args))
-  start = time.perf_counter()
-  for _ in range(iters):
-    jax.block_until_ready(compiled(*args))
-  return compile_s, (time.perf_counter() - start) / iters, compiled
-
-
 def bench_jax(part, cfg, dtype_name, batch, warmup, iters, variables):
   module = _jax_module(part, cfg, DTYPES[dtype_name])
   args = tuple(jnp.asarray(a) for a in _inputs(part, batch))
-  compile_s, step_s, compiled = _time_jax(_jax_fn(part, module), (variables,) + args, warmup, iters)
+  compile_s, step_s, compiled = time_jit(_jax_fn(part, module), (variables,) + args, warmup,
+                                         iters)
   return {"images_per_s": batch / step_s, "step_ms": 1e3 * step_s, "compile_s": compile_s,
           "xla_memory_bytes": _memory(compiled)}
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.report import write_report
+from benchmarks.report import time_jit, write_report
 from absl import flags
 
 from fdistill_jax import networks
@@ -47,19 +47,6 @@ def _inputs(arch, batch, seed=0):
   return x, sigma, labels
 
 
-def _time(fn, args, warmup, iters):
-  """(compile seconds, mean seconds per call) of jit-compiled `fn` on `args`."""
-  start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  compile_s = time.perf_counter() - start
-  for _ in range(warmup):
-    jax.block_until_ready(compiled(*args))
-  start = time.perf_counter()
-  for _ in range(iters):
-    jax.block_until_ready(compiled(*args))
-  return compile_s, (time.perf_counter() - start) / iters
-
-
 def benchmark(arch_name, dtype_name, batch, warmup, iters):
   arch = networks.ARCHS[arch_name]
   net = networks.build_edm(arch, dtype=DTYPES[dtype_name])
@@ -76,7 +63,7 @@ def benchmark(arch_name, dtype_name, batch, warmup, iters):
             "params": networks.count_params(net)}
   for name, fn, first in (("forward", forward, variables),
                           ("forward_backward", jax.value_and_grad(loss), variables["params"])):
-    compile_s, step_s = _time(fn, (first, x, sigma, labels), warmup, iters)
+    compile_s, step_s, _ = time_jit(fn, (first, x, sigma, labels), warmup, iters)
     result[name] = {"images_per_s": batch / step_s, "step_ms": 1e3 * step_s,
                     "compile_s": compile_s}
     print(json.dumps({arch_name: dtype_name, name: result[name]}), flush=True)

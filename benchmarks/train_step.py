@@ -240,8 +240,8 @@ def _report(trainer, dtype, args, r):
       flops_per_s_per_device=per_s, peak_tflops=peak,
       mfu=per_s / (peak * 1e12) if per_s and peak else None,
       memory=peak_memory(),
-      params={"student": parameter_overview.count_parameters(trainer.initial_params),
-              "disc": parameter_overview.count_parameters(trainer.state.disc)})
+      params={"student": int(parameter_overview.count_parameters(trainer.initial_params)),
+              "disc": int(parameter_overview.count_parameters(trainer.state.disc))})
 
 
 def _run_isolated(argv, dtype):

@@ -11,6 +11,10 @@ tokens, e.g. "js", "fkl,runlocal", "js,no_gan". Tokens:
   runlocal   shrink the run to fit a laptop CPU
 """
 
+import difflib
+import importlib.util
+import os
+
 from flax import traverse_util
 import ml_collections
 
@@ -38,6 +42,18 @@ def parse_arg(arg, default_divergence):
   return (divs[0] if divs else default_divergence), flags
 
 
+def load_config_file(spec):
+  """`get_config(arg)` of 'path/to/config.py[:arg]', as --config=SPEC loads it (unlocked)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist; expected "
+                            "PATH.py[:VARIANT], e.g. configs/cifar10.py:fkl.")
+  module_spec = importlib.util.spec_from_file_location("fdistill_config_file", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
 def base_config():
   """Defaults every setting starts from; experiment files override them."""
   c = ml_collections.ConfigDict()
@@ -54,6 +70,7 @@ def base_config():
   c.teacher.kind = "edm"              # edm (snapshot/converted dir) | random | toy
   c.teacher.path = ""
   c.teacher.arch = ml_collections.ConfigDict()   # used by kind=random
+  c.teacher.allow_mismatch = False    # resume although the teacher differs from the run's
 
   c.loss = ml_collections.ConfigDict()
   c.loss.fdistill_weight = 1.0
@@ -110,6 +127,10 @@ def base_config():
   c.data.seed = 0
   c.data.prefetch = 2
   c.data.cache = False                # tfds / edm: decode the whole dataset into memory once
+  c.data.num_threads = 8              # threads that read and decode examples
+  c.data.image_key = "image"          # tfds feature names
+  c.data.label_key = "label"
+  c.data.skip_unreadable = False      # edm: skip (and count) corrupt images instead of stopping
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.fsdp = 1                     # >1: shard params/opt states over this many devices
@@ -178,6 +199,23 @@ def validate(config, num_devices, process_count=1):
          "(reference statistics .npz); set both or set eval.fid_every=0.")
   _check(all(0 <= d < 1 for d in config.ema_decays),
          f"ema_decays={tuple(config.ema_decays)} must each lie in [0, 1).")
+  _check_safety(config)
+
+
+def _check_safety(config):
+  """Settings that would lose checkpoints or divide by zero (issue: no path loses work)."""
+  lc = config.loss
+  _check(isinstance(lc.num_bins, int) and lc.num_bins >= 1,
+         f"loss.num_bins={lc.num_bins} must be an integer >= 1 (the ratio normalisation "
+         "averages over this many sigma bins).")
+  _check(0 < lc.sigma_init < float("inf"),
+         f"loss.sigma_init={lc.sigma_init} must be a positive finite noise level (the "
+         "generator's input is sigma_init * z; EDM's sigma_max is 80).")
+  _check(isinstance(config.keep_checkpoints, int) and config.keep_checkpoints >= 1,
+         f"keep_checkpoints={config.keep_checkpoints} must be >= 1: 0 would delete every "
+         "checkpoint. To keep them all, set a number above total_steps / checkpoint_every.")
+  _check(config.checkpoint_every >= 0,
+         f"checkpoint_every={config.checkpoint_every} must be >= 0 (0: only at the end).")
 
 
 def _validate_recipe(config):
@@ -206,3 +244,60 @@ def flat_scalars(config):
   flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
   return {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool))}
 
+
+
+_DICTS = (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)
+
+
+def field_names(config, leaves_only=False):
+  """Every field of a config as a dotted name ('seed', 'loss', 'loss.gan_weight', ...).
+
+  With `leaves_only`, the sections ('loss') are left out; an empty section
+  ('teacher.arch' of a config that sets none) counts as a leaf.
+  """
+  names = []
+  def walk(node, prefix):
+    for key in node.keys():
+      value = node[key]
+      is_section = isinstance(value, _DICTS) and len(value)
+      if not (leaves_only and is_section):
+        names.append(prefix + key)
+      if is_section:
+        walk(value, prefix + key + ".")
+  walk(config, "")
+  return sorted(names)
+
+
+def unknown_field(config, dotted):
+  """None when `dotted` ('loss.gan_weight') names a field of `config`; else a one-line
+  error naming the nearest valid fields (every field is listed in docs/config.md)."""
+  node = config
+  for part in dotted.split("."):
+    if not isinstance(node, _DICTS) or part not in node:
+      break
+    node = node[part]
+  else:
+    return None
+  names = field_names(config, leaves_only=True)
+  last = dotted.rsplit(".", 1)[-1]
+  by_last = {}
+  for name in names:
+    by_last.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+  near = difflib.get_close_matches(dotted, names, n=4, cutoff=0.6)
+  for key in difflib.get_close_matches(last, list(by_last), n=3, cutoff=0.75):
+    near += by_last[key]
+  near = list(dict.fromkeys(near))[:5]
+  hint = f"nearest: {', '.join(near)}" if near else "no field has a similar name"
+  return (f"unknown config field {dotted!r} ({hint}); every field is listed in "
+          "docs/config.md.")
+
+
+def summary(config):
+  """One line for the console: what this run is, at a glance."""
+  return (f"{config.divergence} | {config.total_steps} iterations x batch {config.batch_size}"
+          f" | generator step every {config.fake_score_update_freq} | teacher "
+          f"{config.teacher.kind}{':' + config.teacher.path if config.teacher.path else ''}"
+          f" | data {config.data.kind}"
+          f" | lr {config.optim.gen_lr:g}/{config.optim.fake_lr:g}/{config.optim.disc_lr:g}"
+          f" | loss weights f-distill {config.loss.fdistill_weight:g}, GAN "
+          f"{config.loss.gan_weight:g} | evaluators {','.join(config.eval.evaluators)}")

@@ -63,6 +63,17 @@ def _progress_logger():
   return logger
 
 
+@contextlib.contextmanager
+def progress_on(stream):
+  """Progress lines go to `stream` inside the block (stderr when stdout carries a result)."""
+  handler = next(h for h in _progress_logger().handlers if getattr(h, "_fdistill_progress", False))
+  previous = handler.setStream(stream)
+  try:
+    yield
+  finally:
+    handler.setStream(previous)
+
+
 def say(message, *args):
   """A line for the person running the job (stdout on process 0, and the log file)."""
   if jax.process_index() == 0:
@@ -82,19 +93,30 @@ def format_duration(seconds):
 
 
 class Counter:
-  """'what: done / total (rate/s, ETA)' lines, at most one every `every_secs` seconds."""
+  """'what: done / total (rate/s, ETA)' lines, at most one every `every_secs` seconds.
+
+  The rate (and so the ETA) is measured from the first call on: the work
+  before it (typically the first batch, which compiles) does not distort it.
+  """
 
   def __init__(self, what, total, every_secs=10.0):
     self.what, self.total, self.every = what, total, every_secs
     self.start = self.last = time.time()
+    self.first = None                  # (time, done) of the first call
 
   def __call__(self, done):
     now = time.time()
+    if self.first is None:
+      self.first = (now, done)
     finished_slowly = done >= self.total and now - self.start >= self.every
     if now - self.last < self.every and not finished_slowly:
       return
     self.last = now
-    rate = done / max(now - self.start, 1e-9)
+    t0, done0 = self.first
+    if done > done0 and now > t0:
+      rate = (done - done0) / (now - t0)
+    else:
+      rate = done / max(now - self.start, 1e-9)
     say("%s: %d / %d (%.1f/s, ETA %s)", self.what, done, self.total, rate,
         format_duration((self.total - done) / max(rate, 1e-9)))
 

@@ -4,10 +4,14 @@ r"""Runs an f-distill job: flags -> `train.loop.train_and_evaluate(config, workd
   python -m fdistill_jax.main --config=configs/imagenet64.py:js --workdir=DIR \
       --config.teacher.path=edm-imagenet-64x64-cond-adm.pkl
 
-Any config field can be overridden with --config.FIELD=VALUE. On a multi-host
-cluster (TPU pod slice, SLURM) pass --multihost to call
+Any config field can be overridden with --config.FIELD=VALUE (every field:
+docs/config.md; an unknown one is refused in one line naming the nearest
+fields). Installed with pip, the same is `fdistill-train --config=... --workdir=...`.
+On a multi-host cluster (TPU pod slice, SLURM) pass --multihost to call
 jax.distributed.initialize() first; see launch/. A run stopped by SIGTERM saves
-its state and exits with code 143; rerunning the same command resumes it.
+its state and exits with code 143; rerunning the same command resumes it. A bad
+config, workdir, teacher or data file ends in one line `main: error: ...` and
+exit code 1.
 """
 
 import os
@@ -22,7 +26,9 @@ from absl import flags  # noqa: E402
 import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from fdistill_jax import config_lib  # noqa: E402
 from fdistill_jax import console  # noqa: E402
+from fdistill_jax.tools import cli  # noqa: E402
 from fdistill_jax.train import loop  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -51,6 +57,44 @@ def _cpu_only():
                                                         "jax_cuda13_plugin"))
 
 
+def _config_args(argv):
+  """(the --config file argument or None, [dotted names of the --config.FIELD overrides])."""
+  spec, names = None, []
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == "--config" and i + 1 < len(argv):
+      spec = argv[i + 1]
+    elif arg.startswith("--config="):
+      spec = arg[len("--config="):]
+    elif arg.startswith("--config."):
+      names.append(arg[len("--config."):].split("=", 1)[0])
+  return spec, names
+
+
+def config_error(argv):
+  """One line for a missing config file, a bad variant or an unknown --config.FIELD; or None."""
+  spec, names = _config_args(argv)
+  if spec is None:
+    return None                       # absl says that --config is required
+  try:
+    config = config_lib.load_config_file(spec)
+  except (OSError, ValueError) as e:
+    return f"--config={spec}: {e}"
+  for name in names:
+    message = config_lib.unknown_field(config, name)
+    if message:
+      return f"--config.{name}: {message}"
+  return None
+
+
+def parse_flags(argv):
+  """absl's parser, after checking the config arguments: a mistake there is one line, exit 2."""
+  message = config_error(argv)
+  if message:
+    print(f"fdistill_jax.main: error: {message}", file=sys.stderr)
+    sys.exit(2)
+  return app.parse_flags_with_usage(argv)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -65,7 +109,15 @@ def main(argv):
   except loop.Preempted as e:
     console.say("%s", e)
     sys.exit(loop.PREEMPTED_EXIT_CODE)
+  except cli.USER_ERRORS + (FloatingPointError,) as e:   # bad config, workdir, teacher, data
+    print(f"main: error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+def cli_main():
+  """`python -m fdistill_jax.main` / the `fdistill-train` console script."""
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli_main()

@@ -4,13 +4,19 @@
 # ablations (no_gan = f-distill loss only, gan_only = adversarial distillation
 # only). Hyperparameters are the configs' (paper Table 5); see launch/README.md.
 #
-#   bash launch/paper_tables.sh                 # print every command
+#   bash launch/paper_tables.sh                 # print every command (a dry run)
 #   bash launch/paper_tables.sh 'c10_'          # print the rows whose name matches a regex
 #   RUN=1 bash launch/paper_tables.sh 'c10_fkl$'  # run the matching rows, one by one
+#   LAUNCHER=slurm bash launch/paper_tables.sh 'in64_'    # the sbatch line of each row
+#   LAUNCHER=tpu_pod RUNS=/mnt/gcs/runs C10_TEACHER=gs://B/edm-cifar10-32x32-cond-vp.pkl \
+#     C10_ZIP=gs://B/cifar10-32x32.zip bash launch/paper_tables.sh 'c10_fkl$'
 #
 # One row is days of accelerator time at the configs' batch sizes (CIFAR-10:
-# 2048 x 60k steps; ImageNet-64: 512 x 380k steps). On a pod or cluster, put
-# the printed command into launch/tpu_pod.sh (RUN_FLAGS) or launch/slurm.sbatch.
+# 2048 x 60k steps; ImageNet-64: 512 x 380k steps). LAUNCHER=slurm prints (RUN=1:
+# submits) `sbatch launch/slurm.sbatch` with the row in its CONFIG / WORKDIR / TEACHER /
+# DATA_PATH variables; LAUNCHER=tpu_pod prints (RUN=1: runs) `launch/tpu_pod.sh run` with
+# CONFIG / WORKDIR / TEACHER_GCS / DATA_GCS (there the teachers and zips are gs:// paths
+# and RUNS a folder under the pod's gcsfuse MOUNT). Both read EDM zips (DATA=edm).
 set -euo pipefail
 
 # ---- Set these (environment variables override) -----------------------------
@@ -30,15 +36,35 @@ IN64_ZIP=${IN64_ZIP:-datasets/imagenet-64x64.zip}
 TFDS_DIR=${TFDS_DIR:-$HOME/tensorflow_datasets}
 RUNS=${RUNS:-runs}                 # one workdir per row below this
 PYTHON=${PYTHON:-python}
-EXTRA_FLAGS=${EXTRA_FLAGS:-}       # appended to every command, e.g. --multihost
+EXTRA_FLAGS=${EXTRA_FLAGS:-}       # appended to every command, e.g. --config.seed=1
+LAUNCHER=${LAUNCHER:-local}        # local | slurm | tpu_pod: what the printed line starts
 # -----------------------------------------------------------------------------
 
 FILTER=${1:-.}
-RUN=${RUN:-0}
+RUN=${RUN:-0}                      # 0: print only (dry run); 1: also run each line
 if [[ $DATA != edm && $DATA != tfds ]]; then
   echo "DATA=$DATA: expected 'edm' (dataset_tool.py zips) or 'tfds'." >&2
   exit 2
 fi
+case "$LAUNCHER" in
+  local) ;;
+  slurm|tpu_pod)
+    if [[ $DATA != edm ]]; then
+      echo "LAUNCHER=$LAUNCHER reads EDM dataset zips: use DATA=edm (not $DATA)." >&2
+      exit 2
+    fi ;;
+  *) echo "LAUNCHER=$LAUNCHER: expected local, slurm or tpu_pod." >&2; exit 2 ;;
+esac
+
+show() {  # show ARGS...: print them as one shell-quoted line (plain words stay as they are)
+  local out=() a
+  for a in "$@"; do
+    if [[ $a =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$a")
+    elif [[ $a != *"'"* ]]; then out+=("'$a'")
+    else out+=("$(printf '%q' "$a")"); fi
+  done
+  echo "${out[*]}"
+}
 
 data_flags() {  # data_flags c10|in64
   case "$DATA:$1" in
@@ -49,17 +75,26 @@ data_flags() {  # data_flags c10|in64
 }
 
 row() {  # row NAME c10|in64 VARIANT
-  local name=$1 ds=$2 variant=$3 config teacher
+  local name=$1 ds=$2 variant=$3 config teacher zip
   [[ $name =~ $FILTER ]] || return 0
   case "$ds" in
-    c10)  config=configs/cifar10.py; teacher=$C10_TEACHER ;;
-    in64) config=configs/imagenet64.py; teacher=$IN64_TEACHER ;;
+    c10)  config=configs/cifar10.py; teacher=$C10_TEACHER; zip=$C10_ZIP ;;
+    in64) config=configs/imagenet64.py; teacher=$IN64_TEACHER; zip=$IN64_ZIP ;;
   esac
   local -a cmd extra
-  read -r -a extra <<< "$(data_flags "$ds") $EXTRA_FLAGS"
-  cmd=("$PYTHON" -m fdistill_jax.main "--config=$config:$variant" "--workdir=$RUNS/$name"
-       "--config.teacher.path=$teacher" "${extra[@]}")
-  echo "${cmd[*]}"
+  case "$LAUNCHER" in
+    local)
+      read -r -a extra <<< "$(data_flags "$ds") $EXTRA_FLAGS"
+      cmd=("$PYTHON" -m fdistill_jax.main "--config=$config:$variant" "--workdir=$RUNS/$name"
+           "--config.teacher.path=$teacher" "${extra[@]}") ;;
+    slurm)
+      cmd=(env "CONFIG=$config:$variant" "WORKDIR=$RUNS/$name" "TEACHER=$teacher"
+           "DATA_PATH=$zip" "EXTRA_FLAGS=$EXTRA_FLAGS" sbatch launch/slurm.sbatch) ;;
+    tpu_pod)
+      cmd=(env "CONFIG=$config:$variant" "WORKDIR=$RUNS/$name" "TEACHER_GCS=$teacher"
+           "DATA_GCS=$zip" "EXTRA_FLAGS=$EXTRA_FLAGS" bash launch/tpu_pod.sh run) ;;
+  esac
+  show "${cmd[@]}"
   if [[ $RUN == 1 ]]; then
     "${cmd[@]}"
   fi

@@ -2,7 +2,8 @@
 # The 2-D toy sweep: all six f-divergences on the exact Gaussian-mixture
 # teacher, same seeds for each; writes per-run toy.png / metrics.json, a
 # markdown table (table.md, mean +- std over seeds) and sweep.json into
-# WORKDIR. CPU is enough. Extra arguments go to fdistill_jax.tools.sweep
+# WORKDIR, with figure.png (every divergence side by side). CPU is enough.
+# Extra arguments go to fdistill_jax.tools.sweep
 # (e.g. --set=total_steps=500).
 #
 #   bash launch/toy_sweep.sh

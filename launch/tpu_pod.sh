@@ -8,6 +8,8 @@
 #   bash launch/tpu_pod.sh logs      # follow worker 0's log
 #   bash launch/tpu_pod.sh stop      # SIGTERM: each worker checkpoints, then exits
 #   bash launch/tpu_pod.sh delete    # delete the slice
+#   DRY_RUN=1 bash launch/tpu_pod.sh run    # print the gcloud commands, run nothing
+#   LAUNCHER=tpu_pod bash launch/paper_tables.sh 'in64_js$'   # this line for a table row
 #
 # Run from the repository root. Re-running `run` resumes from the latest
 # checkpoint in WORKDIR. See launch/README.md.
@@ -32,7 +34,26 @@ TEACHER_GCS=${TEACHER_GCS:-gs://$BUCKET/teachers/edm-cifar10-32x32-cond-vp.pkl}
 DATA_GCS=${DATA_GCS:-gs://$BUCKET/datasets/cifar10-32x32.zip}   # EDM dataset_tool.py zip
 EXTRA_FLAGS=${EXTRA_FLAGS:-}                         # more --config.* overrides
 JAX_VERSION=${JAX_VERSION:-0.10.2}                   # as pinned in requirements.txt
+DRY_RUN=${DRY_RUN:-0}                                # 1: print the commands, run nothing
 # -----------------------------------------------------------------------------
+
+show() {  # show ARGS...: print them as one shell-quoted line (plain words stay as they are)
+  local out=() a
+  for a in "$@"; do
+    if [[ $a =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$a")
+    elif [[ $a != *"'"* ]]; then out+=("'$a'")
+    else out+=("$(printf '%q' "$a")"); fi
+  done
+  echo "${out[*]}"
+}
+
+do_or_print() {  # do_or_print COMMAND...: run it, or with DRY_RUN=1 print it (shell-quoted)
+  if [[ $DRY_RUN == 1 ]]; then
+    show "$@"
+  else
+    "$@"
+  fi
+}
 
 REMOTE_DIR=fdistill_jax                              # under each worker's $HOME
 LOCAL_INPUTS=/tmp/fdistill_inputs                    # teacher + data copied here per worker
@@ -40,7 +61,7 @@ TEACHER_LOCAL=$LOCAL_INPUTS/$(basename "$TEACHER_GCS")
 DATA_LOCAL=$LOCAL_INPUTS/$(basename "$DATA_GCS")
 
 tpu() {  # tpu SUBCOMMAND [ARGS...]: gcloud compute tpus tpu-vm in PROJECT / ZONE
-  gcloud compute tpus tpu-vm "$1" "${@:2}" --project="$PROJECT" --zone="$ZONE"
+  do_or_print gcloud compute tpus tpu-vm "$1" "${@:2}" --project="$PROJECT" --zone="$ZONE"
 }
 
 on_workers() {  # on_workers WORKER COMMAND
@@ -55,7 +76,7 @@ create() {
 }
 
 setup() {
-  git archive --format=tar.gz -o /tmp/fdistill_src.tar.gz HEAD
+  do_or_print git archive --format=tar.gz -o /tmp/fdistill_src.tar.gz HEAD
   tpu scp /tmp/fdistill_src.tar.gz "$TPU_NAME":~/ --worker=all
   on_workers all "set -e
     rm -rf ~/$REMOTE_DIR && mkdir -p ~/$REMOTE_DIR && tar -xzf ~/fdistill_src.tar.gz -C ~/$REMOTE_DIR

@@ -26,14 +26,25 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
+# The reference fixtures (EDM and SD 1.5 outputs of the PyTorch code): ../shared/fixtures
+# beside the repository, or wherever FDISTILL_SHARED_FIXTURES points.
+FIXTURES_ENV = "FDISTILL_SHARED_FIXTURES"
+
+
+def shared_fixtures() -> pathlib.Path:
+  """$FDISTILL_SHARED_FIXTURES if set, else ../shared/fixtures beside the repository."""
+  override = os.environ.get(FIXTURES_ENV)
+  return pathlib.Path(override) if override else REPO_ROOT.parent / "shared" / "fixtures"
+
+
+SHARED_FIXTURES = shared_fixtures()
 
 
 @pytest.fixture(scope="session")
 def edm_fixtures():
-  """Directory of EDM reference outputs (../shared/fixtures/edm), or skip."""
+  """Directory of EDM reference outputs (SHARED_FIXTURES/edm), or skip."""
   path = SHARED_FIXTURES / "edm"
   if not path.is_dir():
-    pytest.skip(f"EDM reference fixtures not found at {path}: "
-                "check out the shared/ folder beside the repository to run this test.")
+    pytest.skip(f"EDM reference fixtures not found at {path}: check out the shared/ folder "
+                f"beside the repository or set {FIXTURES_ENV}=/path/to/fixtures.")
   return path

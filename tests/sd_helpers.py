@@ -12,7 +12,9 @@ import shutil
 import numpy as np
 import pytest
 
-FIXTURES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "sd15"
+from conftest import FIXTURES_ENV, SHARED_FIXTURES  # pylint: disable=wrong-import-position
+
+FIXTURES = SHARED_FIXTURES / "sd15"
 TOL = 1e-5  # max |ours - reference| / max |reference|, float32.
 
 TINY_UNET = dict(
@@ -74,7 +76,8 @@ def write_folder(root, models, safe_serialization=True):
 
 def require_fixtures():
   if not FIXTURES.is_dir():
-    pytest.skip(f"SD 1.5 fixtures not found at {FIXTURES}: check out the shared/ folder.")
+    pytest.skip(f"SD 1.5 fixtures not found at {FIXTURES}: check out the shared/ folder "
+                f"or set {FIXTURES_ENV}=/path/to/fixtures.")
 
 
 @pytest.fixture(scope="session")

@@ -190,3 +190,109 @@ def test_toy_sweep_calls_the_sweep_module_with_its_flags(tmp_path):
   assert call == ["-m", "fdistill_jax.tools.sweep", "--config=configs/toy2d.py", "--workdir=/w",
                   "--seeds=3,4", "--set=total_steps=7"]
   assert {a[2:].split("=")[0] for a in call[2:]} <= set(sweep.FLAGS), set(sweep.FLAGS)
+
+
+# ---------------------------------------------------------------------------
+# Dry runs: every launcher prints what it would execute and runs nothing.
+
+BARE_ENV = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"}   # no SLURM_*, no srun or gcloud
+
+
+def _bare(script, *args, env=None, cwd=REPO):
+  """`bash launch/SCRIPT ARGS` in an environment without SLURM, srun or gcloud."""
+  return subprocess.run(["bash", os.path.join(LAUNCH, script), *args],
+                        env={**BARE_ENV, **(env or {})}, cwd=cwd, capture_output=True,
+                        text=True, check=False)
+
+
+def _main_line(text):
+  (line,) = [line for line in text.splitlines() if "fdistill_jax.main" in line]
+  return line
+
+
+def test_slurm_dry_run_under_plain_bash(tmp_path):
+  """No SLURM variables set (the old script died on SLURM_SUBMIT_DIR: unbound variable)."""
+  out = _bare("slurm.sbatch", env={"DRY_RUN": "1", "WORKDIR": str(tmp_path / "run")},
+              cwd=tmp_path)
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.splitlines()
+  assert lines[0] == f"source {tmp_path}/.venv/bin/activate" and lines[1] == f"cd {tmp_path}"
+  words = shlex.split(_main_line(out.stdout))
+  assert words[:3] == ["srun", "--kill-on-bad-exit=1", "--gpu-bind=none"]
+  config, other = parse_main(_main_argv(" ".join(shlex.quote(w) for w in words)))
+  assert other == {"workdir": str(tmp_path / "run"), "multihost": True}
+  assert config.data.path == f"{tmp_path}/datasets/cifar10-32x32.zip"
+  assert not (tmp_path / "run").exists()                  # nothing was executed
+
+
+def test_slurm_without_srun_says_what_to_do(tmp_path):
+  out = _bare("slurm.sbatch", cwd=tmp_path)
+  assert out.returncode == 2 and "DRY_RUN=1" in out.stderr and "sbatch" in out.stderr
+  assert "unbound" not in out.stderr
+
+
+@pytest.mark.parametrize("command", ["create", "setup", "run", "logs", "stop", "delete"])
+def test_tpu_pod_dry_run_prints_gcloud_commands(command, tmp_path):
+  out = _bare("tpu_pod.sh", command, env={"DRY_RUN": "1"})
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.startswith(("gcloud compute tpus tpu-vm ", "git archive ")), out.stdout
+  assert out.stdout.count("gcloud compute tpus tpu-vm ") == (2 if command == "setup" else 1)
+  syntax = subprocess.run(["bash", "-n", "-c", out.stdout], capture_output=True, text=True,
+                          check=False)
+  assert syntax.returncode == 0, (out.stdout, syntax.stderr)   # printed as valid shell
+
+
+def _env_and_command(line):
+  """'env A=1 B=2 cmd args' -> ({A: 1, B: 2}, [cmd, args])."""
+  words = shlex.split(line)
+  assert words[0] == "env", line
+  env, i = {}, 1
+  while "=" in words[i] and not words[i].startswith("-"):
+    key, value = words[i].split("=", 1)
+    env[key], i = value, i + 1
+  return env, words[i:]
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "tpu_pod"])
+def test_paper_table_rows_through_each_launcher_are_the_same_runs(launcher):
+  """LAUNCHER=slurm|tpu_pod prints, per row, a launcher line; run with DRY_RUN=1, the
+  launcher issues the same main command (config, variant, teacher, data) as the row's
+  local line. (The old header pointed at a RUN_FLAGS variable no launcher defines.)"""
+  extra = {"EXTRA_FLAGS": "--config.seed=5 --config.log_every=7"}
+  local = [parse_main(argv) for argv in _table_rows(extra)]
+  lines = _bash("paper_tables.sh", env={"LAUNCHER": launcher, **extra}).splitlines()
+  assert len(lines) == len(local) == 16
+  for line, (want, want_other) in zip(lines, local):
+    env, command = _env_and_command(line)
+    script = {"slurm": ["sbatch", "launch/slurm.sbatch"],
+              "tpu_pod": ["bash", "launch/tpu_pod.sh", "run"]}[launcher]
+    assert command == script, command
+    out = _bare(os.path.basename(script[1]), *script[2:], env={**env, "DRY_RUN": "1"})
+    assert out.returncode == 0, out.stderr
+    main_line = _main_line(out.stdout)
+    if launcher == "tpu_pod":                              # the remote command of `ssh`
+      remote = next(w for w in shlex.split(main_line) if w.startswith("--command="))
+      main_line = remote.split("&&")[-1].split(">")[0]
+    config, other = parse_main(_main_argv(main_line))
+    assert other["multihost"] and other["workdir"] == want_other["workdir"]
+    for field in ("divergence", "loss.gan_weight", "loss.fdistill_weight", "seed", "log_every",
+                  "data.kind", "data.resolution"):
+      assert _get(config, field) == _get(want, field), (line, field)
+    if launcher == "slurm":
+      assert (config.teacher.path, config.data.path) == (want.teacher.path, want.data.path)
+    else:                                   # copied from GCS to each worker's local disk
+      assert os.path.basename(config.teacher.path) == os.path.basename(want.teacher.path)
+      assert os.path.basename(config.data.path) == os.path.basename(want.data.path)
+
+
+def _get(config, dotted):
+  for part in dotted.split("."):
+    config = config[part]
+  return config
+
+
+@pytest.mark.parametrize("env, message", [({"LAUNCHER": "k8s"}, "expected local, slurm"),
+                                          ({"LAUNCHER": "slurm", "DATA": "tfds"}, "DATA=edm")])
+def test_paper_tables_rejects_bad_launcher_settings(env, message):
+  out = _bare("paper_tables.sh", env=env)
+  assert out.returncode == 2 and message in out.stderr and out.stdout == ""

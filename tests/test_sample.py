@@ -276,3 +276,29 @@ def test_teacher_heun_path_matches_the_batched_sampler(tmp_path):
   with np.load(out) as data:
     np.testing.assert_array_equal(data["images"], pixels.to_uint8(x))
     np.testing.assert_array_equal(data["labels"], labels)
+
+
+def test_teacher_state_dict_needs_and_takes_arch(tmp_path, edm_fixtures, capsys):
+  """`--teacher=weights.npz` (a plain EDM state dict) is refused without --arch, naming the
+  flag, and with --arch samples exactly what the converted teacher samples."""
+  weights, arch = edm_fixtures / "songunet_tiny_weights.npz", edm_fixtures / "songunet_tiny_config.json"
+  args = ["--num=2", "--batch=2", "--num_steps=2", "--seed=3"]
+  assert run_sample([f"--teacher={weights}", f"--out={tmp_path / 'x.npz'}", *args]) == 1
+  err = capsys.readouterr().err
+  assert "--arch" in err and not (tmp_path / "x.npz").exists()
+  assert run_sample([f"--teacher={weights}", f"--arch={tmp_path / 'nope.json'}",
+                     f"--out={tmp_path / 'x.npz'}", *args]) == 1
+  assert "nope.json" in capsys.readouterr().err
+  assert run_sample([f"--workdir={tmp_path}", f"--arch={arch}",
+                     f"--out={tmp_path / 'x.npz'}", *args]) == 1
+  assert "--arch describes a --teacher" in capsys.readouterr().err
+
+  out = tmp_path / "from_state_dict.npz"
+  assert run_sample([f"--teacher={weights}", f"--arch={arch}", f"--out={out}", *args]) == 0
+  edm.convert(weights, tmp_path / "converted", arch=str(arch))
+  ref = tmp_path / "from_converted.npz"
+  assert run_sample([f"--teacher={tmp_path / 'converted'}", f"--out={ref}", *args]) == 0
+  with np.load(out) as a, np.load(ref) as b:
+    assert a["images"].shape == (2, 16, 16, 3)
+    np.testing.assert_array_equal(a["images"], b["images"])
+    np.testing.assert_array_equal(a["labels"], b["labels"])

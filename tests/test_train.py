@@ -106,31 +106,69 @@ def test_every_metric_reaches_tensorboard_with_a_sparse_log_period(tmp_path):
   np.testing.assert_allclose([v for _, v in scalars["lr/gen"]], c.optim.gen_lr, rtol=1e-6)
 
 
+def test_every_generator_metric_reaches_tensorboard_with_the_shipped_log_period(tmp_path):
+  """configs/toy2d.py as shipped logs every 100 iterations and runs the generator step
+  every 5th: in 200 iterations the logged iterations (100, 200) are never generator
+  iterations (those are 0, 5, ..., 195), yet every gen/* and fdistill/* statistic must
+  reach the event file at both, as the mean of the generator steps since the last log."""
+  shipped = toy2d.get_config("js")
+  assert (shipped.log_every, shipped.fake_score_update_freq) == (100, 5)
+  c = small_toy("js", total_steps=200, log_every=shipped.log_every,
+                fake_score_update_freq=shipped.fake_score_update_freq)
+  c.eval.evaluators = ()
+  train.train_and_evaluate(c, str(tmp_path))
+  scalars = read_scalars(tmp_path)
+  tags = sorted(t for t in scalars if t.startswith(("gen/", "fdistill/")))
+  for tag in ("gen/loss", "gen/fdistill_loss", "gen/gan_loss", "gen/grad_norm",
+              "fdistill/h_min", "fdistill/h_mean", "fdistill/h_max",
+              "fdistill/bin_mean_ratio_0", "fdistill/bin_count_0"):
+    assert tag in tags, (tag, tags)
+  for tag in tags + ["fake/loss", "disc/loss"]:
+    assert [step for step, _ in scalars[tag]] == [100, 200], (tag, scalars[tag])
+    assert all(np.isfinite(v) for _, v in scalars[tag]), (tag, scalars[tag])
+
+
 def test_console_shows_progress_only_and_the_log_file_keeps_the_rest(tmp_path):
-  """A healthy toy run prints a handful of progress lines and no warnings; the library
-  chatter (orbax, clu, JAX backend probes) goes to the workdir's log.txt."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+  """A healthy toy run, started from another directory with the config given by absolute
+  path, prints a handful of progress lines (what compiles and how long it took, the
+  config in one line) and no warnings; the library chatter (orbax, clu, JAX backend
+  probes) and the resolved config go to the workdir's log.txt. No empty folders."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
          "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
          "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir}
   env.pop("TF_ENABLE_ONEDNN_OPTS", None)                 # main sets what it needs itself
+  workdir = tmp_path / "run"
   result = subprocess.run(
       [sys.executable, "-m", "fdistill_jax.main", f"--config={REPO}/configs/toy2d.py:js",
-       f"--workdir={tmp_path}", "--config.total_steps=30", "--config.batch_size=16",
+       f"--workdir={workdir}", "--config.total_steps=30", "--config.batch_size=16",
        "--config.toy.width=32", "--config.toy.depth=2", "--config.toy.fit_steps=20",
        "--config.disc.resolutions=(0,1)", "--config.disc.channels=16",
        "--config.checkpoint_every=10"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stderr == "", result.stderr[-3000:]
   lines = result.stdout.splitlines()
-  pattern = re.compile(r"(JAX process |Building the run |Compiling and running |First iteration "
-                       r"|step \d+/30 \(\d+%\) \| |Evaluating 'toy' at step 30|  toy/forward_kl |"
-                       r"Finished at step 30)")
-  assert 6 <= len(lines) <= 12 and all(pattern.match(line) for line in lines), lines
-  log = (tmp_path / "log.txt").read_text()
+  duration = r"\d+(s|m\d\ds|h\d\dm)"
+  pattern = re.compile(
+      r"(JAX process |Building the run |Loading the teacher \(toy\) \.\.\.$"
+      rf"|Teacher ready in {duration}\.$|Config: js \| 30 iterations x batch 16 "
+      r"|  \(every field: config.json and log.txt|Running from step 0 of 30 "
+      r"|Compiling the (generator|critic) step"
+      rf"|  compiled the (generator|critic) step.* in {duration}\.$"
+      rf"|First iteration done in {duration} \(compilation included\)"
+      r"|step \d+/30 \(\d+%\) \| |Evaluating 'toy' at step 30|  toy/forward_kl |"
+      r"Finished at step 30)")
+  assert 13 <= len(lines) <= 20 and all(pattern.match(line) for line in lines), lines
+  assert sum(line.startswith("Compiling the ") for line in lines) == 2, lines
+  assert not any("ETA 0m" in line for line in lines), lines
+  log = (workdir / "log.txt").read_text()
   assert "Saving checkpoint" in log or "orbax" in log          # orbax's INFO lines live here
   assert "First iteration done" in log
-  assert json.loads((tmp_path / "status.json").read_text()) == {"state": "finished", "step": 30}
+  assert "Resolved config" in log and "fake_score_update_freq: 5" in log
+  assert json.loads((workdir / "status.json").read_text()) == {"state": "finished", "step": 30}
+  assert json.loads((workdir / "config.json").read_text())["total_steps"] == 30
+  empty = [str(p) for p in workdir.rglob("*") if p.is_dir() and not any(p.iterdir())]
+  assert not empty and not (workdir / "samples").exists(), empty
 
 
 def run_on(config, devices, source=None):

@@ -49,19 +49,27 @@ def image_grid(images, ncols=None, pad=1, pad_value=255):
 
 
 def save_image_grid(images, path, *, ncols=None, labels: Optional[Sequence] = None,
-                    title="", tile_inches=0.6):
-  """PNG of a titled sample grid; `labels` (class ids or captions) under each tile.
+                    title="", tile_inches=None, dpi=100):
+  """PNG of a titled sample grid; `labels` (class ids or captions) above each tile.
 
-  Small images are shown enlarged with nearest-neighbour interpolation (a
-  16x16 tile covers `tile_inches` at 100 dpi whatever its pixel size).
+  Tiles are shown enlarged with nearest-neighbour interpolation, never shrunk:
+  each covers `tile_inches` (default: the larger of 0.6 inch and two screen
+  pixels per image pixel at `dpi`), rows and columns packed tightly.
   """
   images = pixels.to_uint8(images)
-  n = len(images)
+  n, h = len(images), images.shape[1]
   ncols = ncols or int(math.ceil(math.sqrt(n)))
   nrows = int(math.ceil(n / ncols))
-  fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * tile_inches + 0.4,
-                                                   nrows * (tile_inches + 0.18) + 0.5),
-                           dpi=100, squeeze=False)
+  tile = tile_inches or max(0.6, 2.0 * h / dpi)
+  gap, margin = 0.03, 0.05
+  label_h = 0.16 if labels is not None else gap
+  title_h = 0.32 if title else 0.0
+  width = ncols * tile + (ncols - 1) * gap + 2 * margin
+  height = title_h + nrows * (tile + label_h) + margin
+  fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), dpi=dpi, squeeze=False)
+  fig.subplots_adjust(left=margin / width, right=1 - margin / width, bottom=margin / height,
+                      top=1 - (title_h + label_h) / height, wspace=gap / tile,
+                      hspace=label_h / tile)
   for i, ax in enumerate(axes.flat):
     ax.set_axis_off()
     if i >= n:
@@ -72,8 +80,7 @@ def save_image_grid(images, path, *, ncols=None, labels: Optional[Sequence] = No
     if labels is not None:
       ax.set_title(str(labels[i]), fontsize=6, pad=1)
   if title:
-    fig.suptitle(title, fontsize=9)
-  fig.subplots_adjust(wspace=0.05, hspace=0.3 if labels is not None else 0.05)
+    fig.suptitle(title, fontsize=8, y=1 - 0.06 / height, va="top")
   return save_figure(fig, path)
 
 
@@ -177,5 +184,39 @@ def plot_toy_grid(path, mixture, samples: Mapping[str, np.ndarray], *, title="",
     ax.set_axis_off()
   if title:
     fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  return save_figure(fig, path)
+
+
+def plot_curves(path, x, curves: Mapping[str, np.ndarray], *, xlabel, ylabel, title="",
+                log_y=False, notes: Sequence[tuple] = (), legend_loc="best"):
+  """Line plot of several curves over one x axis, with a legend.
+
+  Args:
+    path: output PNG path.
+    x: the shared abscissa [N].
+    curves: {legend label: values [N]}.
+    xlabel, ylabel, title: axis labels and title.
+    log_y: logarithmic y axis.
+    notes: (x, text) pairs: a dotted vertical line at x, labelled with text.
+    legend_loc: matplotlib legend location.
+  """
+  fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=100)
+  styles = ("-", "--", "-.", ":")         # overlapping curves stay distinguishable
+  for i, (label, values) in enumerate(curves.items()):
+    ax.plot(x, values, label=label, linewidth=1.8, linestyle=styles[i % len(styles)])
+  if log_y:
+    ax.set_yscale("log")
+  for at, text in notes:
+    ax.axvline(at, color="grey", linestyle=":", linewidth=1)
+    ax.annotate(text, (at, 0.02), xycoords=("data", "axes fraction"), fontsize=7,
+                ha="center", va="bottom", color="dimgrey",
+                bbox=dict(boxstyle="round", fc="white", ec="none", alpha=0.8))
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(True, which="major", alpha=0.3)
+  ax.legend(fontsize=8, loc=legend_loc)
+  if title:
+    ax.set_title(title, fontsize=9)
   fig.tight_layout()
   return save_figure(fig, path)

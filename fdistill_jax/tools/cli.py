@@ -60,6 +60,15 @@ def run(main: Callable, name: str, fv: flags.FlagValues, doc: str = ""):
   sys.exit(call(main, name, argv))
 
 
+def entry_point(main: Callable, name: str, fv: flags.FlagValues, doc: str = ""):
+  """A no-argument callable running the tool on sys.argv (console scripts, `__main__`)."""
+  def run_tool():
+    run(main, name, fv, doc)
+  run_tool.__name__ = run_tool.__qualname__ = f"{name}_cli"
+  run_tool.__doc__ = f"`{name}` on sys.argv (see pyproject.toml [project.scripts])."
+  return run_tool
+
+
 def invoke(main: Callable, name: str, fv: flags.FlagValues, args: Sequence[str]) -> int:
   """Runs a tool in this process as `name ARGS...` would (tests, notebooks): the exit code.
 

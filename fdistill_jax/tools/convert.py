@@ -29,5 +29,7 @@ def main(argv):
   print(f"wrote {out}")
 
 
+cli_main = cli.entry_point(main, "convert", FLAGS, __doc__)
+
 if __name__ == "__main__":
-  cli.run(main, "convert", FLAGS, __doc__)
+  cli_main()

@@ -5,15 +5,18 @@ r"""FID, precision and recall of samples; reference statistics from real images.
   python -m fdistill_jax.tools.evaluate --ref_from=tfds:cifar10 --ref_out=cifar10-32x32.npz \
       --inception=inception-2015-12-05.pkl --save_features
 
-It prints and writes JSON (FID; precision and recall when the reference has
-features, i.e. real images or a --save_features npz). See `fdistill_jax.eval.fid`.
+It prints (stdout) and writes JSON (FID; precision and recall when the reference
+has features, i.e. real images or a --save_features npz); progress lines go to
+stderr. See `fdistill_jax.eval.fid`.
 """
 
 import json
 import pathlib
+import sys
 
 from absl import flags
 
+from fdistill_jax import console
 from fdistill_jax.eval import fid
 from fdistill_jax.io import atomic
 from fdistill_jax.networks import inception
@@ -41,6 +44,12 @@ flags.mark_flag_as_required("inception", flag_values=FLAGS)
 
 
 def main(argv):
+  """Progress goes to stderr: stdout carries the JSON result."""
+  with console.progress_on(sys.stderr):
+    return _evaluate(argv)
+
+
+def _evaluate(argv):
   del argv
   if FLAGS.ref_from:
     if not FLAGS.ref_out:
@@ -52,6 +61,11 @@ def main(argv):
     return 0
   if not (FLAGS.samples and FLAGS.ref):
     raise ValueError("Give --samples and --ref (or --ref_from and --ref_out); see --help.")
+  if FLAGS.num_samples is not None and FLAGS.num_samples <= 0:
+    raise ValueError(f"--num_samples={FLAGS.num_samples} must be positive (or left unset for "
+                     "all samples).")
+  if FLAGS.batch_size <= 0 or FLAGS.k <= 0:
+    raise ValueError(f"--batch_size={FLAGS.batch_size} and --k={FLAGS.k} must be positive.")
   result = fid.evaluate(FLAGS.samples, FLAGS.ref, FLAGS.inception, FLAGS.preprocessing,
                         FLAGS.batch_size, FLAGS.k, FLAGS.num_samples, FLAGS.fid_method)
   out = FLAGS.out or str(pathlib.Path(FLAGS.samples).with_suffix("")) + "_metrics.json"
@@ -60,5 +74,7 @@ def main(argv):
   return 0
 
 
+cli_main = cli.entry_point(main, "evaluate", FLAGS, __doc__)
+
 if __name__ == "__main__":
-  cli.run(main, "evaluate", FLAGS, __doc__)
+  cli_main()

@@ -12,6 +12,8 @@ r"""One-step samples of a distilled generator, teacher samples, and generator ex
   # the EDM teacher with EDM's Heun sampler, same output format
   python -m fdistill_jax.tools.sample --teacher=teachers/cifar10 --teacher_preset=cifar10 \
       --num=50000 --out=teacher.npz
+  # a plain state dict needs its architecture (EDMPrecond kwargs as JSON)
+  python -m fdistill_jax.tools.sample --teacher=weights.npz --arch=arch.json --num=64 --out=t.npz
 
 Sample i of seed s uses the noise and label of `fdistill_jax.eval.sampling`
 (fold_in(PRNGKey(s), i)): the same images whatever the batch size or device
@@ -40,6 +42,9 @@ FLAGS = cli.new_flags()
 flags.DEFINE_string("workdir", None, "Training workdir or exported generator directory.", flag_values=FLAGS)
 flags.DEFINE_string("teacher", None, "Sample this EDM teacher (snapshot .pkl or converted "
                     "directory) with the Heun sampler instead of a generator.", flag_values=FLAGS)
+flags.DEFINE_string("arch", None, "--teacher is a plain state dict (.npz, .pt, .pth, "
+                    ".safetensors): its EDMPrecond kwargs as JSON (like tools.convert's --arch).",
+                    flag_values=FLAGS)
 flags.DEFINE_string("export", None, "Write the generator alone to this directory and exit.", flag_values=FLAGS)
 flags.DEFINE_bool("overwrite", False, "--export: replace a directory this tool exported before.", flag_values=FLAGS)
 flags.DEFINE_integer("num", 50000, "Number of samples.", flag_values=FLAGS)
@@ -89,13 +94,21 @@ def sample_generator(workdir, num, *, which="ema", step=None, labels="uniform", 
 
 
 def sample_teacher(teacher, num, *, preset="cifar10", num_steps=None, labels="uniform",
-                   seed=0, batch=256):
-  """(x, labels) of an EDM teacher with EDM's Heun sampler."""
+                   seed=0, batch=256, arch=None):
+  """(x, labels) of an EDM teacher with EDM's Heun sampler.
+
+  `arch` (EDMPrecond kwargs: a JSON path or a mapping) is needed for plain
+  state dicts, which record no architecture.
+  """
   kwargs = sampling.sampler_settings(preset, num_steps)
   if not os.path.exists(teacher):
     raise FileNotFoundError(f"Teacher {teacher!r} does not exist: expected an EDM snapshot "
                             "(.pkl) or a directory written by fdistill_jax.tools.convert.")
-  module, variables = edm.load_edm(teacher)
+  if arch is not None and not isinstance(arch, dict) and not os.path.isfile(arch):
+    raise FileNotFoundError(f"--arch={arch!r} does not exist: expected a JSON file of "
+                            "EDMPrecond kwargs.")
+  console.say("Loading the teacher %s ...", teacher)
+  module, variables = edm.load_edm(teacher, arch=arch)
   classes = sampling.parse_labels(labels, int(module.label_dim))
   return sampling.teacher_samples(module, variables, num, sampler_kwargs=kwargs, seed=seed,
                                   batch=batch, classes=classes, postprocess=pixels.to_uint8)
@@ -105,6 +118,9 @@ def run(f=FLAGS):
   """Export, or sample the generator / teacher into --out (checked before any work)."""
   if bool(f.workdir) == bool(f.teacher):
     raise ValueError("Give exactly one of --workdir (generator) and --teacher (EDM teacher).")
+  if f.arch and not f.teacher:
+    raise ValueError("--arch describes a --teacher state dict; a generator's workdir records "
+                     "its own architecture (generator_spec.json).")
   if f.export:
     if f.teacher:
       raise ValueError("--export writes a generator: use it with --workdir, not --teacher.")
@@ -117,7 +133,7 @@ def run(f=FLAGS):
   common = dict(labels=f.labels, seed=f.seed, batch=f.batch)
   if f.teacher:
     (x, y), spec = sample_teacher(f.teacher, f.num, preset=f.teacher_preset,
-                                  num_steps=f.num_steps, **common), None
+                                  num_steps=f.num_steps, arch=f.arch, **common), None
   else:
     x, y, spec = sample_generator(f.workdir, f.num, which=f.which, step=f.step, **common)
   write_samples(f.out, x, y, f.grid, spec)
@@ -129,5 +145,7 @@ def main(argv):
   print(f"wrote {run()}")
 
 
+cli_main = cli.entry_point(main, "sample", FLAGS, __doc__)
+
 if __name__ == "__main__":
-  cli.run(main, "sample", FLAGS, __doc__)
+  cli_main()

@@ -110,5 +110,7 @@ def main(argv):
       console.say("wrote %s", os.path.abspath(path))
 
 
+cli_main = cli.entry_point(main, "sample_t2i", FLAGS, __doc__)
+
 if __name__ == "__main__":
-  cli.run(main, "sample_t2i", FLAGS, __doc__)
+  cli_main()

@@ -8,22 +8,30 @@ runs `--config:VARIANT` with each seed (the seed sets `seed`, `data.seed` and th
 problem's own seed fields, the same for every variant), then writes
 `table.md` (mean +- std over seeds of the problem's measures; a problem with a
 reference, such as the toy's exact teacher samples, gets it as the first row,
-measured with each seed) and `sweep.json` (every run's measures). A run is reused only when its recorded resolved config
-equals the one it would run now (`sweep_config.json` in the run's directory),
-so changing a setting reruns it. A teacher is built once per distinct teacher
-setting (the toy's fitted MLP once per seed), not once per run.
+measured with each seed), `sweep.json`
+(every run's measures) and, where the problem has one, a figure of all
+variants side by side (`figure.png`, the first seed's runs).
+
+Each run lives in `WORKDIR/VARIANT/seedS_HASH`, HASH being a digest of its
+full resolved config (also written there as `sweep_config.json`): a run is
+reused only when a finished one with the same config exists, so changing any
+setting (--set, the config file, the code's defaults) runs it again in a new
+folder and keeps the old one. An unfinished run with the same config resumes
+from its checkpoint. A teacher is built once per distinct teacher setting
+(the toy's fitted MLP once per seed), not once per run. Console: "run k/N".
 """
 
 import ast
+import hashlib
 import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from absl import flags
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 
+from fdistill_jax import config_lib
 from fdistill_jax.io import atomic
 from fdistill_jax.teachers import registry as teacher_registry
 from fdistill_jax.tools import cli
@@ -40,23 +48,30 @@ flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; each seeds the teacher, data
 flags.DEFINE_multi_string("set", [], "Config override FIELD=VALUE (Python literal), repeatable.", flag_values=FLAGS)
 
 RUN_CONFIG = "sweep_config.json"
+FIGURE = "figure.png"
 
 
 class Table:
   """How a problem's runs become a table row: result file, measures, seed fields,
-  and optionally `reference(config) -> measures` with its row name."""
+  figure, and optionally `reference(config) -> measures` with its row name.
+
+  `figure(path, runs, config)`, if given, draws the variants side by side from
+  `runs` = {variant: run directory} (one seed) and the first run's config.
+  """
 
   def __init__(self, result_file: str, read: Callable[[dict], dict], columns,
-               seed_fields=(), reference=None, reference_name="reference"):
-    self.result_file, self.read, self.columns, self.seed_fields = (
-        result_file, read, columns, seed_fields)
+               seed_fields=(), figure: Optional[Callable] = None, reference=None,
+               reference_name="reference"):
+    self.result_file, self.read, self.columns, self.seed_fields, self.figure = (
+        result_file, read, columns, seed_fields, figure)
     self.reference, self.reference_name = reference, reference_name
 
 
 # evaluator name -> its table (the first evaluator of a config with a table wins).
 TABLES: dict[str, Table] = {
     "toy": Table(toy_report.METRICS_FILE, lambda r: r["final"], toy_report.COLUMNS,
-                 seed_fields=("toy.fit_seed",), reference=toy_report.teacher_reference,
+                 seed_fields=("toy.fit_seed",), figure=toy_report.sweep_figure,
+                 reference=toy_report.teacher_reference,
                  reference_name="teacher (exact samples)"),
 }
 
@@ -70,6 +85,9 @@ def table_for(config) -> Table:
 
 
 def _set(config, dotted, value):
+  message = config_lib.unknown_field(config, dotted)
+  if message:
+    raise ValueError(f"--set={dotted}=...: {message}")
   *path, last = dotted.split(".")
   node = config
   for part in path:
@@ -89,14 +107,9 @@ def parse_override(text) -> tuple[str, Any]:
   return key.strip(), value
 
 
-def load_config(spec):
-  """'configs/toy2d.py:js' -> its ConfigDict, read as `main --config=...` reads it."""
-  return config_flags.config_flags.ConfigFileFlagParser(name="config").parse(spec)
-
-
 def run_config(config_path, variant, seed, overrides, table):
   """The resolved config of one run."""
-  config = load_config(f"{config_path}:{variant}")  # checks the variant
+  config = config_lib.load_config_file(f"{config_path}:{variant}")  # checks the variant
   for key, value in overrides:
     _set(config, key, value)
   for field in ("seed", "data.seed") + tuple(table.seed_fields):
@@ -110,35 +123,45 @@ def _teacher_key(config):
                      c.get("compute_dtype")], sort_keys=True)
 
 
+def config_digest(resolved) -> str:
+  """8 hex digits of sha256 over a resolved config's JSON (sorted keys)."""
+  return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def run_dir_for(workdir, variant, seed, resolved) -> str:
+  return os.path.join(workdir, variant, f"seed{seed}_{config_digest(resolved)}")
+
+
 def sweep(config_path, workdir, variants, seeds, overrides=()):
-  """Runs every (variant, seed) not already done with the same config; returns results."""
-  base = load_config(f"{config_path}:{variants[0]}")
+  """Runs every (variant, seed) not already done with the same config.
+
+  Returns ({variant: [measures per seed]}, table, {variant: [run dir per seed]}).
+  """
+  base = config_lib.load_config_file(f"{config_path}:{variants[0]}")
   table = table_for(base)
   jobs = [(v, s) for v in variants for s in seeds]
-  results, teachers = {}, {}
+  results, dirs, teachers = {}, {}, {}
   if table.reference is not None:
     results[table.reference_name] = [
         table.reference(run_config(config_path, variants[0], s, overrides, table)) for s in seeds]
   for k, (variant, seed) in enumerate(jobs, 1):
     config = run_config(config_path, variant, seed, overrides, table)
-    run_dir = os.path.join(workdir, variant, f"seed{seed}")
     resolved = json.loads(config.to_json())
+    run_dir = run_dir_for(workdir, variant, seed, resolved)
     done = os.path.join(run_dir, table.result_file)
-    recorded = os.path.join(run_dir, RUN_CONFIG)
-    if os.path.exists(done) and os.path.exists(recorded) and _read(recorded) == resolved:
-      console.say("run %d/%d: %s seed %s (done earlier, reused)", k, len(jobs), variant, seed)
+    if os.path.exists(done):
+      console.say("run %d/%d: %s seed %s (done earlier with this config: reused)", k,
+                  len(jobs), variant, seed)
     else:
-      console.say("run %d/%d: %s seed %s", k, len(jobs), variant, seed)
-      if os.path.exists(run_dir) and os.path.exists(recorded) and _read(recorded) != resolved:
-        raise ValueError(f"{run_dir} holds a run with another config; remove it or use "
-                         "another --workdir.")
-      atomic.write_json(recorded, resolved)
+      console.say("run %d/%d: %s seed %s -> %s", k, len(jobs), variant, seed, run_dir)
+      atomic.write_json(os.path.join(run_dir, RUN_CONFIG), resolved)
       key = _teacher_key(config)
       if key not in teachers:
         teachers[key] = teacher_registry.build(ml_collections.FrozenConfigDict(config))
       loop.train_and_evaluate(config, run_dir, teacher=teachers[key])
     results.setdefault(variant, []).append(table.read(_read(done)))
-  return results, table
+    dirs.setdefault(variant, []).append(run_dir)
+  return results, table, dirs
 
 
 def _read(path):
@@ -164,13 +187,22 @@ def main(argv):
   if not FLAGS.config or not FLAGS.workdir:
     raise ValueError("--config=PATH and --workdir=DIR are required.")
   overrides = [parse_override(t) for t in FLAGS.set]
-  results, table = sweep(FLAGS.config, FLAGS.workdir, FLAGS.variants, FLAGS.seeds, overrides)
-  atomic.write_json(os.path.join(FLAGS.workdir, "sweep.json"), results)
+  results, table, dirs = sweep(FLAGS.config, FLAGS.workdir, FLAGS.variants, FLAGS.seeds,
+                               overrides)
+  atomic.write_json(os.path.join(FLAGS.workdir, "sweep.json"),
+                    {"results": results, "run_dirs": dirs})
   text = markdown_table(results, table, FLAGS.seeds)
   atomic.write_text(os.path.join(FLAGS.workdir, "table.md"), text)
+  if table.figure is not None:
+    first = {variant: runs[0] for variant, runs in dirs.items()}
+    config = _read(os.path.join(next(iter(first.values())), RUN_CONFIG))
+    path = table.figure(os.path.join(FLAGS.workdir, FIGURE), first, config)
+    console.say("Figure of the variants (seed %s): %s", FLAGS.seeds[0], path)
   print(text)
   return 0
 
 
+cli_main = cli.entry_point(main, "sweep", FLAGS, __doc__)
+
 if __name__ == "__main__":
-  cli.run(main, "sweep", FLAGS, __doc__)
+  cli_main()

@@ -7,10 +7,14 @@ After the last iteration of a toy run the evaluator writes into the workdir
   metrics.json   per-mode mass vs the true weights, modes covered, k-NN
                  precision/recall, smoothed f-divergence estimates, for the
                  distilled generator and for the initial one
+  toy_samples.npz  the samples those were computed on ('final', 'initial' [N, 2])
+
+`sweep_figure` draws the runs of a sweep side by side from those files.
 
 Measures are computed against the exact teacher (`toy.metrics`).
 """
 
+import json
 import os
 
 import jax
@@ -27,6 +31,7 @@ from fdistill_jax.toy import mixture as mixture_lib
 NUM_EVAL_SAMPLES = 4096
 METRICS_FILE = "metrics.json"
 FIGURE_FILE = "toy.png"
+SAMPLES_FILE = "toy_samples.npz"
 
 
 def weight_field(models, teacher_vars, disc_params, divergence, sigma=0.1):
@@ -64,6 +69,8 @@ class ToyReport:
               "final": toy_metrics.toy_metrics(self.mixture, final, rng),
               "initial": toy_metrics.toy_metrics(self.mixture, initial, rng)}
     if self.ctx.is_primary:
+      atomic.write_npz(os.path.join(self.ctx.workdir, SAMPLES_FILE), final=final,
+                       initial=initial)
       atomic.write_json(os.path.join(self.ctx.workdir, METRICS_FILE), result)
       field = weight_field(self.ctx.models, self.ctx.teacher_vars, params["disc"],
                            config.divergence)
@@ -99,6 +106,30 @@ def figure_title(divergence, m):
         f", precision {m['precision']:.2f}, recall {m['recall']:.2f}, "
         f"KL(p||q) {m['forward_kl']:.3f}, KL(q||p) {m['reverse_kl']:.3f}")
   return f"{divergence}: {m['modes_covered']}/{m['num_modes']} modes{pr}"
+
+
+def sweep_figure(path, runs, config):
+  """All variants side by side: the initial generator, then each run's distilled samples.
+
+  Args:
+    path: output PNG.
+    runs: {variant: run directory holding toy_samples.npz and metrics.json}.
+    config: the resolved config (a dict) of one of the runs (for the mixture).
+  """
+  mixture = mixture_lib.get_mixture(config["data"]["mixture"])
+  panels = {}
+  for i, (variant, run_dir) in enumerate(runs.items()):
+    with np.load(os.path.join(run_dir, SAMPLES_FILE)) as data:
+      if i == 0:
+        panels["initial generator (all runs)"] = data["initial"]
+      with open(os.path.join(run_dir, METRICS_FILE)) as f:
+        m = json.load(f)["final"]
+      panels[f"{variant}: {m['modes_covered']}/{m['num_modes']} modes, "
+             f"KL(p||q) {m['forward_kl']:.2f}"] = data["final"]
+  return figures.plot_toy_grid(
+      path, mixture, panels, ncols=min(4, len(panels)),
+      title=f"one-step samples after {config['total_steps']} iterations, seed "
+            f"{config['seed']} (grey: teacher density)")
 
 
 def _mass_over_true(k):

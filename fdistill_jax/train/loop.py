@@ -10,11 +10,14 @@ process: each process feeds its share of the global batch. The loop knows no
 problem by name: teacher, data and evaluators come from registries.
 """
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import signal
+import tempfile
+import time
 
 from clu import metric_writers
 from clu import periodic_actions
@@ -43,9 +46,12 @@ _LOG = logging.getLogger(__name__)
 class Preempted(Exception):
   """The run was asked to stop (SIGTERM), saved its state and stopped early."""
 
-  def __init__(self, step):
-    super().__init__(f"Preempted at step {step}: the state is saved in the workdir; run the "
-                     "same command again to resume.")
+  def __init__(self, step, during_startup=False):
+    super().__init__(
+        f"Preempted during start-up at step {step}: nothing new to save; run the same command "
+        "again to continue." if during_startup else
+        f"Preempted at step {step}: the state is saved in the workdir; run the same command "
+        "again to resume.")
     self.step = step
 
 
@@ -79,9 +85,15 @@ class Trainer:
   def __init__(self, config, source=None, devices=None, teacher=None):
     self.config = config
     self.mesh = make_mesh(config, devices)
-    teacher = teacher if teacher is not None else teacher_registry.build(config)
+    if teacher is None:
+      start = time.time()
+      console.say("Loading the teacher (%s%s) ...", config.teacher.kind,
+                  f": {config.teacher.path}" if config.teacher.path else "")
+      teacher = teacher_registry.build(config)
+      console.say("Teacher ready in %s.", console.format_duration(time.time() - start))
     self.models = models_lib.from_teacher(teacher, config.disc, config.student_dropout)
     self.spec = teacher.spec
+    self.teacher_identity = teacher.identity
     self.initial_params = teacher.student_params      # generator / fake score start here
     self.optimizers = state_lib.make_optimizers(config.optim)
     self.source = source if source is not None else data_registry.make_source(config.data)
@@ -90,6 +102,7 @@ class Trainer:
     teacher_sh = tree_sharding(self.mesh, teacher.variables)
     self.teacher_vars = jax.device_put(teacher.variables, teacher_sh)
     self._init_state(teacher.student_params)
+    self._compiled = set()
     kw = dict(models=self.models, optimizers=self.optimizers, config=config,
               sharding=self.batch_sharding)
     repl = NamedSharding(self.mesh, P())
@@ -131,9 +144,24 @@ class Trainer:
     """Iteration `step` of Algorithm 1; returns its metrics (device arrays, not synced)."""
     metrics = {}
     if step % self.config.fake_score_update_freq == 0:
-      self.state, metrics = self.gen_step(self.state, self.teacher_vars)
-    self.state, critic_metrics = self.critic_step(self.state, self.teacher_vars, batch)
+      with self._first_call("generator step"):
+        self.state, metrics = self.gen_step(self.state, self.teacher_vars)
+    with self._first_call("critic step (fake score + discriminator)"):
+      self.state, critic_metrics = self.critic_step(self.state, self.teacher_vars, batch)
     return {**metrics, **critic_metrics}
+
+  @contextlib.contextmanager
+  def _first_call(self, what):
+    """Says what compiles and how long it took (the first call of a jitted step traces
+    and compiles it, or loads it from JAX's compilation cache; dispatch is async)."""
+    if what in self._compiled:
+      yield
+      return
+    console.say("Compiling the %s ...", what)
+    start = time.time()
+    yield
+    self._compiled.add(what)
+    console.say("  compiled the %s in %s.", what, console.format_duration(time.time() - start))
 
   @property
   def step(self):
@@ -157,6 +185,18 @@ def check_finite(metrics, step):
     raise FloatingPointError(
         f"Non-finite values at step {step} in: {', '.join(sorted(bad))}. The last good "
         "checkpoint is kept; lower the learning rates or enable loss.logit_clip.")
+
+
+def check_state_finite(state, step, last_saved):
+  """Refuses to save a state with any non-finite array (every saved checkpoint is good)."""
+  bad = ckpt_lib.nonfinite_leaves(state)
+  if bad:
+    kept = (f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None
+            else "no checkpoint was written")
+    raise FloatingPointError(
+        f"Non-finite values at step {step} in {len(bad)} arrays of the training state (first: "
+        f"{', '.join(bad[:3])}); nothing was saved and {kept}. Lower the learning rates or "
+        "enable loss.logit_clip.")
 
 
 class _SigtermFlag:
@@ -198,8 +238,12 @@ def check_workdir(workdir):
   except OSError as e:
     raise ValueError(f"--workdir={workdir} cannot be created ({e.strerror}); choose a "
                      "writable location.") from e
-  if not os.access(workdir, os.W_OK | os.X_OK):
-    raise ValueError(f"--workdir={workdir} is not writable; choose a writable location.")
+  try:                    # os.access says yes to root on a read-only file system: try it
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ValueError(f"--workdir={workdir} is not writable ({e.strerror}); choose a writable "
+                     "location.") from None
   return workdir
 
 
@@ -216,7 +260,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, sourc
   """
   config = _validated(config)
   workdir = check_workdir(workdir)
-  with console.log_to_file(_log_path(workdir)), _SigtermFlag() as sigterm:
+  with _SigtermFlag() as sigterm, ckpt_lib.lock_workdir(workdir), \
+      console.log_to_file(_log_path(workdir)):
     console.say("Building the run in %s (teacher: %s) ...", workdir, config.teacher.kind)
     trainer = Trainer(config, source, teacher=teacher)
     return _run(trainer, workdir, sigterm)
@@ -230,7 +275,8 @@ def build_trainer(config, source=None, teacher=None):
 def run(trainer, workdir):
   """The loop of an already built Trainer (see `train_and_evaluate`)."""
   workdir = check_workdir(workdir)
-  with console.log_to_file(_log_path(workdir)), _SigtermFlag() as sigterm:
+  with _SigtermFlag() as sigterm, ckpt_lib.lock_workdir(workdir), \
+      console.log_to_file(_log_path(workdir)):
     return _run(trainer, workdir, sigterm)
 
 
@@ -246,14 +292,33 @@ def _log_path(workdir):
   return os.path.join(workdir, name)
 
 
+def _stop_if_requested(sigterm, trainer, workdir=None):
+  """SIGTERM during start-up: stop before the loop (exit 143), saving nothing new."""
+  if sigterm.requested:
+    if workdir is not None and jax.process_index() == 0:
+      ckpt_lib.write_status(workdir, "preempted", trainer.step)
+    error = Preempted(trainer.step, during_startup=True)
+    _LOG.warning("%s", error)
+    raise error
+
+
 def _run(trainer, workdir, sigterm):
   config = trainer.config
+  _LOG.info("Resolved config (also in %s):\n%s", ckpt_lib.CONFIG_FILE, config)
+  console.say("Config: %s", config_lib.summary(config))
+  console.say("  (every field: %s and %s in the workdir)", ckpt_lib.CONFIG_FILE,
+              os.path.basename(_log_path(workdir)))
+  _stop_if_requested(sigterm, trainer)
   mngr = ckpt_lib.manager(workdir, config)
   try:
+    if mngr.all_steps():
+      ckpt_lib.check_teacher(workdir, trainer.teacher_identity,
+                              config.teacher.get("allow_mismatch", False))
     restored = ckpt_lib.restore_latest(mngr, ckpt_lib.abstract(trainer.state), config)
     if restored is not None:
       trainer.state = restored
     _write_run_files(trainer, workdir)
+    _stop_if_requested(sigterm, trainer, workdir)
     writer = metric_writers.create_default_writer(workdir,
                                                   just_logging=jax.process_index() > 0)
     with metric_writers.ensure_flushes(writer):
@@ -271,6 +336,7 @@ def _write_run_files(trainer, workdir):
   atomic.write_json(ckpt_lib.path(workdir, ckpt_lib.GENERATOR_SPEC), trainer.spec)
   atomic.write_json(ckpt_lib.path(workdir, ckpt_lib.CONFIG_FILE),
                     json.loads(trainer.config.to_json()))
+  ckpt_lib.write_teacher(workdir, trainer.teacher_identity)
   ckpt_lib.write_status(workdir, "running", trainer.step)
 
 
@@ -338,7 +404,9 @@ def _loop(trainer, workdir, mngr, writer, sigterm):
   evaluators = _evaluator_actions(trainer, workdir, writer)
   if step == 0:
     writer.write_hparams(config_lib.flat_scalars(config))
-  console.say("Compiling and running from step %d of %d ...", step, config.total_steps)
+  console.say("Running from step %d of %d (the first iteration compiles) ...", step,
+              config.total_steps)
+  started = time.time()
   with trainer.batches(step) as batches:
     pending = None
     while step < config.total_steps:
@@ -348,8 +416,8 @@ def _loop(trainer, workdir, mngr, writer, sigterm):
       pending, step = metrics, step + 1
       averages.add(metrics)
       if step == start + 1:
-        console.say("First iteration done (compilation included); %d to go.",
-                    config.total_steps - step)
+        console.say("First iteration done in %s (compilation included); %d to go.",
+                    console.format_duration(time.time() - started), config.total_steps - step)
       report(step)
       log_action(step)
       progress(step, lambda m=metrics: _scalars(jax.device_get(
@@ -359,6 +427,7 @@ def _loop(trainer, workdir, mngr, writer, sigterm):
       preempted = sigterm.requested or mngr.reached_preemption(step)
       if preempted or mngr.should_save(step):
         check_finite(jax.device_get(metrics), step)
+        check_state_finite(trainer.state, step, mngr.latest_step())
         ckpt_lib.save(mngr, step, trainer.state, config, force=True)
       if preempted:
         mngr.wait_until_finished()

@@ -1,0 +1,1 @@
+"""Evaluation: one-step sampling, FID / precision / recall, figures, the loop's evaluators."""
