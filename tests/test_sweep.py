@@ -20,6 +20,7 @@ TOY = os.path.join(REPO, "configs", "toy2d.py")
 SMALL = [("toy.width", 32), ("toy.depth", 2), ("toy.fit_steps", 20), ("toy.fit_batch", 64),
          ("batch_size", 16), ("disc.resolutions", (0, 1)), ("disc.channels", 16),
          ("total_steps", 4), ("fake_score_update_freq", 2), ("checkpoint_every", 0)]
+REFERENCE = sweep.TABLES["toy"].reference_name   # the exact teacher's row, first
 
 
 class Recorder:
@@ -39,7 +40,8 @@ class Recorder:
     rng = np.random.default_rng(len(self.runs))
     final = {"modes_covered": 5 + len(self.runs), "num_modes": 10, "forward_kl": 0.5,
              "reverse_kl": 0.4, "off_mode_fraction": 0.1, "precision": 0.8, "recall": 0.7,
-             "mode_mass": [0.1] * 10, "mode_weights": [0.1] * 10}
+             "mode_mass": [0.1] * 10, "mode_weights": [0.1] * 10,
+             "mode_mass_expected": [0.1] * 10}
     atomic.write_npz(os.path.join(workdir, report.SAMPLES_FILE),
                      final=rng.normal(size=(64, 2)), initial=rng.normal(size=(64, 2)) * 0.1)
     atomic.write_json(os.path.join(workdir, report.METRICS_FILE), {"final": final})
@@ -49,7 +51,8 @@ def test_runs_are_reused_only_with_the_same_config(tmp_path, monkeypatch):
   rec = Recorder(monkeypatch)
   variants, seeds = ["js", "fkl"], ["0", "1"]
   results, _, dirs = sweep.sweep(TOY, str(tmp_path), variants, seeds, [("total_steps", 7)])
-  assert len(rec.runs) == 4 and set(results) == {"js", "fkl"}
+  assert len(rec.runs) == 4 and list(results) == [REFERENCE, "js", "fkl"]
+  assert len(results[REFERENCE]) == 2   # the exact teacher's samples, measured per seed
   for config, workdir, _ in rec.runs:                    # override and seeds applied
     assert config.total_steps == 7
     seed = int(os.path.basename(workdir).split("_")[0][len("seed"):])
@@ -98,9 +101,10 @@ def test_cli_writes_table_json_and_figure(tmp_path, monkeypatch, caplog):
     assert f"run {k}/6: " in caplog.text
   table = (tmp_path / "table.md").read_text()
   assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")] == [
-      "| variant", "| rkl", "| js", "| fkl"]
+      "| variant", f"| {REFERENCE}", "| rkl", "| js", "| fkl"]
   data = json.loads((tmp_path / "sweep.json").read_text())
-  assert set(data["results"]) == {"rkl", "js", "fkl"} and len(data["run_dirs"]["js"]) == 2
+  assert set(data["results"]) == {REFERENCE, "rkl", "js", "fkl"}
+  assert len(data["run_dirs"]["js"]) == 2
   assert os.path.getsize(tmp_path / sweep.FIGURE) > 10_000
 
 
@@ -109,7 +113,7 @@ def test_a_real_tiny_sweep(tmp_path, monkeypatch):
   its toy report and the sweep's figure."""
   monkeypatch.setattr(report, "NUM_EVAL_SAMPLES", 512)
   results, table, dirs = sweep.sweep(TOY, str(tmp_path), ["js"], ["0"], SMALL)
-  assert set(results) == {"js"}
+  assert list(results) == [REFERENCE, "js"]
   for variant, (run_dir,) in dirs.items():
     metrics = json.load(open(os.path.join(run_dir, report.METRICS_FILE)))
     assert metrics["divergence"] == variant and metrics["steps"] == 4

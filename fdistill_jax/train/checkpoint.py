@@ -63,7 +63,8 @@ DEFAULT_SIGMA_INIT = 80.0
 # Config fields that must match to resume: they change what the state means. (A change of
 # network sizes that no field here shows is caught by comparing the saved arrays' shapes.)
 COMPATIBLE_KEYS = ("divergence", "teacher.kind", "teacher.arch", "disc.resolutions",
-                   "disc.channels", "disc.features_from", "ema_decays", "compute_dtype")
+                   "disc.channels", "disc.features_from", "ema_decays", "compute_dtype",
+                   "disc.head", "loss.num_bins", "optim.clip_critic")
 
 _LOG = logging.getLogger(__name__)
 

@@ -91,7 +91,7 @@ class Trainer:
                   f": {config.teacher.path}" if config.teacher.path else "")
       teacher = teacher_registry.build(config)
       console.say("Teacher ready in %s.", console.format_duration(time.time() - start))
-    self.models = models_lib.from_teacher(teacher, config.disc)
+    self.models = models_lib.from_teacher(teacher, config.disc, config.student_dropout)
     self.spec = teacher.spec
     self.teacher_identity = teacher.identity
     self.initial_params = teacher.student_params      # generator / fake score start here
@@ -123,7 +123,7 @@ class Trainer:
         (student_params, heads_params), NamedSharding(self.mesh, P()))
     def init(student, heads):
       return state_lib.create_state(rng, student, student, heads, self.optimizers,
-                                    len(config.ema_decays))
+                                    len(config.ema_decays), config.loss.num_bins)
     shapes = jax.eval_shape(init, student_params, heads_params)
     self.state_sharding = tree_sharding(self.mesh, shapes)
     self.state = jax.jit(init, out_shardings=self.state_sharding)(student_params, heads_params)
