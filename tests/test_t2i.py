@@ -177,7 +177,8 @@ def test_generator_gradient_is_the_vjp_of_eq4_with_the_cfg_teacher(shards):
   The reference builds the guided teacher independently: the text tower applied
   directly, the empty prompt's embedding from the tokenizer, the U-Net through
   `sd.denoiser.unet_denoiser` and `cfg_denoiser` (not the engine's code).
-  Tolerance 1e-4 relative (float32, different summation orders).
+  Tolerance 1e-4 relative, plus 1e-5 of the largest gradient entry absolute (float32,
+  different summation orders; leaves with tiny gradients differ by ~1e-7).
   """
   c = ml_collections.FrozenConfigDict(tiny_config(**{
       "data.path": shards, "loss.gan_weight": 0.0, "divergence": "fkl", "loss.cfg_weight": 3.0}))
@@ -217,9 +218,10 @@ def test_generator_gradient_is_the_vjp_of_eq4_with_the_cfg_teacher(shards):
         sigma_min=lc.sigma_min, sigma_max=lc.sigma_max, logit_clip=lc.logit_clip,
         ratio_clip=tuple(lc.ratio_clip), bin_spacing=lc.bin_spacing)[0]
   expected = vjp(jax.grad(loss_in_x)(x))[0]
-  assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(expected)) > 0
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(expected))
+  assert scale > 0
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
 
 
 # ----------------------------------------------------------------------------
