@@ -5,6 +5,7 @@ fixture) by the 1-device comparison and the warm-start test; the gradient test
 compiles its own loss. Data are tiny WebDataset shards the tests write.
 """
 
+import functools
 import io
 import json
 import os
@@ -184,6 +185,9 @@ def test_generator_gradient_is_the_vjp_of_eq4_with_the_cfg_teacher(shards):
       "data.path": shards, "loss.gan_weight": 0.0, "divergence": "fkl", "loss.cfg_weight": 3.0}))
   trainer = train.Trainer(c, devices=jax.devices()[:1])
   m, st, tv = trainer.models, trainer.state, trainer.teacher_vars
+  noise = np.random.default_rng(0)      # a fake score away from the teacher: D_fake - D_teacher
+  st = st.replace(fake=jax.tree.map(    # is then O(1), not float noise
+      lambda p: p + 0.05 * noise.standard_normal(p.shape).astype(np.float32), st.fake))
   data = m.conditioning.host(trainer.source.batch(0, global_batch_size=c.batch_size))
   rng = jax.random.PRNGKey(3)
   loss = lambda p: steps.generator_loss(p, st, tv, rng, models=m, config=c, data=data)[0]
@@ -207,19 +211,24 @@ def test_generator_gradient_is_the_vjp_of_eq4_with_the_cfg_teacher(shards):
   sigma = steps._karras_sigma(k_s, c.batch_size, c.loss)
   x_t = x + sigma[:, None, None, None] * jax.random.normal(k_e, x.shape)
   d_t = guided(x_t, sigma, context)
+  d_cond = sd_denoiser.unet_denoiser(teacher.unet, {"params": tv["params"]["unet"]}, schedule)(
+      x_t, sigma, context)
   d_f = sd_denoiser.unet_denoiser(teacher.unet, {"params": st.fake["unet"]}, schedule)(
       x_t, sigma, context)
   _, feats = m.teacher.apply(tv, x_t, sigma, context, feature_resolutions=m.feature_keys)
   logit = jnp.mean(m.heads.apply({"params": st.disc}, feats), -1)
   lc = c.loss
-  def loss_in_x(xx):
+  def loss_in_x(xx, d_t=d_t):
     return losses.fdistill_generator_loss(
         xx, d_t, d_f, logit, sigma, divergence="fkl", num_bins=lc.num_bins,
         sigma_min=lc.sigma_min, sigma_max=lc.sigma_max, logit_clip=lc.logit_clip,
         ratio_clip=tuple(lc.ratio_clip), bin_spacing=lc.bin_spacing)[0]
   expected = vjp(jax.grad(loss_in_x)(x))[0]
   scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(expected))
-  assert scale > 0
+  unguided = vjp(jax.grad(functools.partial(loss_in_x, d_t=d_cond))(x))[0]
+  gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(expected),
+                                                           jax.tree.leaves(unguided)))
+  assert gap > 1e-2 * scale, (gap, scale)     # the check can tell CFG from no CFG
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
 

@@ -157,6 +157,7 @@ class _SkipCounter:
 
 class TextSource(sources.IndexedSource):
   """An `IndexedSource` whose batches carry captions instead of one-hot labels."""
+  has_captions = True
 
   def batch(self, step: int, *, global_batch_size: int, process_index: int = 0,
             process_count: int = 1) -> dict:

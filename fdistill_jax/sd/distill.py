@@ -118,6 +118,9 @@ class TextConditioning:
     return batch
 
   def check_source(self, source, config):
+    if not getattr(source, "has_captions", False):
+      raise ValueError(f"data.kind={config.data.kind!r} yields no captions; a text-conditional "
+                       "teacher needs data.kind='webdataset' (image-text shards) or 'captions'.")
     if getattr(source, "image_shape", None) is None:
       if config.loss.gan_weight > 0 or config.divergence != "rkl":
         raise ValueError(
@@ -160,15 +163,19 @@ def vae_factor(vae) -> int:
 def random_params(module, seed=0):
   """Random float32 parameters for a U-Net, text tower or VAE, drawn in numpy.
 
-  Kernels ~ N(0, 1 / fan_in), norm scales ~ 1 + N(0, 0.05^2), other vectors and
-  embeddings ~ N(0, 0.05^2); no zero layers. Tests and smoke runs only.
+  Parameter names are the reference's (`weight`, `bias`): kernels ~ N(0, 1 / fan_in),
+  token and position embeddings ~ N(0, 1), norm weights (1-D `weight`) ~ 1 + N(0, 0.05^2),
+  biases ~ N(0, 0.05^2); no zero or degenerate layer, so the text changes the U-Net's
+  output. Tests and smoke runs only.
   """
   from fdistill_jax.sd import names  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   def draw(path, leaf):
-    name = str(getattr(path[-1], "key", path[-1]))
-    if len(leaf.shape) >= 2 and name != "embedding":
+    keys = [str(getattr(p, "key", p)) for p in path]
+    if len(leaf.shape) >= 2 and keys[-2].endswith(("token_embedding", "position_embedding")):
+      return rng.normal(size=leaf.shape)
+    if len(leaf.shape) >= 2:
       return rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-    return (1.0 if name == "scale" else 0.0) + rng.normal(0, 0.05, size=leaf.shape)
+    return (1.0 if keys[-1] == "weight" else 0.0) + rng.normal(0, 0.05, size=leaf.shape)
   return jax.tree_util.tree_map_with_path(
       lambda p, l: jnp.asarray(draw(p, l), jnp.float32), names.param_shapes(module))
