@@ -102,6 +102,7 @@ def run8(shards, tmp_path_factory):
 # The run.
 
 
+@pytest.mark.slow
 def test_sd15_run_through_main_trains_all_three_networks(run8):
   assert sorted(os.listdir(os.path.join(run8, "checkpoints"))) == ["2"]
   spec = json.load(open(os.path.join(run8, ckpt_lib.GENERATOR_SPEC)))
@@ -116,6 +117,7 @@ def test_sd15_run_through_main_trains_all_three_networks(run8):
   assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(parts))
 
 
+@pytest.mark.slow
 def test_one_device_and_eight_devices_agree(run8, shards, tmp_path):
   """The same 2 iterations on 1 device give the 8-device run's networks.
 
@@ -171,6 +173,7 @@ def test_warm_start_refuses_a_run_of_other_networks(run8, shards):
 # The generator's gradient: Eq. 4 with the CFG teacher.
 
 
+@pytest.mark.slow
 def test_generator_gradient_is_the_vjp_of_eq4_with_the_cfg_teacher(shards):
   """dL/dtheta = (dx/dtheta)^T dL/dx with the teacher's score replaced by its CFG version,
   D_u + w (D_c - D_u) (paper App. D), and the teacher, fake score and ratio constant.

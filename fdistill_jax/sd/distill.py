@@ -16,10 +16,11 @@ Conditioning `c` is the CLIP text tower's last hidden state [B, 77, 768]
 
 Where prompts are encoded: inside the jitted steps, from token ids that the
 host tokenises in the prefetch thread. The frozen text tower (123M
-parameters, about 6.7 GFLOPs per prompt) costs about 1% of one SD 1.5 U-Net
-forward at 64x64 latents (about 0.8 TFLOPs with its backward), and each
-iteration runs several U-Net passes per example, so encoding in the step is
-nearly free and keeps data and model independent: a precomputed store would
+parameters, 85M of them in matmuls: about 13 GFLOPs per 77-token prompt) is a
+few percent of one SD 1.5 U-Net forward at 64x64 latents (several hundred
+GFLOPs), and an iteration runs about ten U-Net passes (forward and backward)
+per example, so encoding in the step costs little and keeps data and model
+independent (no re-encoding when the teacher changes): a precomputed store would
 need 77 x 768 floats (236 kB in float32) per caption, 165 TB for COYO-700M,
 and a new store whenever the text tower changes. Real images of the GAN's
 branch are encoded the same way (VAE encoder, a posterior sample times the
