@@ -331,3 +331,22 @@ def test_captions_only_source_needs_rkl_without_gan(tmp_path):
   c = tiny_config(**{"data.kind": "captions", "data.path": str(tmp_path / "p.txt")})
   with pytest.raises(ValueError, match="rkl,no_gan"):
     train.build_trainer(c)
+
+
+def test_captions_only_rkl_run_leaves_the_discriminator_alone(tmp_path):
+  """rkl,no_gan on prompts alone: both steps trace (jax.eval_shape: nothing compiles), the
+  critic step reports no discriminator terms, and the state keeps its structure."""
+  (tmp_path / "p.txt").write_text("a dog\na red car\nan astronaut riding a horse\n")
+  c = ml_collections.FrozenConfigDict(tiny_config("rkl,no_gan,tiny", **{
+      "data.kind": "captions", "data.path": str(tmp_path / "p.txt")}))
+  trainer = train.Trainer(c, devices=jax.devices()[:1])
+  data = trainer.models.conditioning.host(trainer.source.batch(0, global_batch_size=8))
+  assert set(data) == {"tokens"} and data["tokens"].shape == (8, 77)
+  kw = dict(models=trainer.models, optimizers=trainer.optimizers, config=c)
+  new, metrics = jax.eval_shape(lambda s, t, d: steps.critic_step(s, t, d, **kw),
+                                trainer.state, trainer.teacher_vars, data)
+  assert "fake/loss" in metrics and not any(k.startswith("disc/") for k in metrics)
+  assert jax.tree.structure(new) == jax.tree.structure(trainer.state)
+  _, gen_metrics = jax.eval_shape(lambda s, t, d: steps.generator_step(s, t, d, **kw),
+                                  trainer.state, trainer.teacher_vars, data)
+  assert "gen/fdistill_loss" in gen_metrics and "gen/gan_loss" not in gen_metrics
