@@ -15,6 +15,7 @@ from unittest import mock
 
 from absl import flags
 from absl.testing import flagsaver
+import filelock
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -87,15 +88,24 @@ def shards(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run8(shards, tmp_path_factory):
-  """configs/sd15.py:js,tiny for 2 iterations through `main`, on 8 devices."""
-  workdir = str(tmp_path_factory.mktemp("run8"))
-  argv = ["main", f"--config={REPO}/configs/sd15.py:js,tiny", f"--workdir={workdir}",
-          f"--config.teacher.tokenizer={TOKENIZER}", f"--config.data.path={shards}"]
-  with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv):
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(argv)
-    main_lib.main(["main"])
-  return workdir
+  """configs/sd15.py:js,tiny for 2 iterations through `main`, on 8 devices.
+
+  Made once per session: pytest-xdist workers share it through a file lock in the
+  session's temporary folder (every worker's shards hold the same bytes).
+  """
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  workdir = root / "t2i_run8"
+  with filelock.FileLock(str(root / "t2i_run8.lock")):
+    status = workdir / ckpt_lib.STATUS_FILE
+    if not (status.exists() and json.loads(status.read_text())["state"] == "finished"):
+      argv = ["main", f"--config={REPO}/configs/sd15.py:js,tiny", f"--workdir={workdir}",
+              f"--config.teacher.tokenizer={TOKENIZER}", f"--config.data.path={shards}"]
+      with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv):
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(argv)
+        main_lib.main(["main"])
+  return str(workdir)
 
 
 # ----------------------------------------------------------------------------
