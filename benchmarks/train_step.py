@@ -203,14 +203,14 @@ def benchmark(args, dtype):
   batches = trainer.batches(0)
   try:
     batch = next(batches)
-    gen, gen_compile = _compile(trainer.gen_step, trainer.state, tv)
+    gen, gen_compile = _compile(trainer.gen_step, trainer.state, tv, batch)
     critic, critic_compile = _compile(trainer.critic_step, trainer.state, tv, batch)
     trainer.gen_step, trainer.critic_step = gen, critic    # Trainer.iteration runs these
     _, _, step = _time_cycles(trainer, itertools.chain([batch], batches), 0, args.warmup)
     cycle_times, metrics, step = _time_cycles(trainer, batches, step, args.cycles)
   finally:
     batches.close()
-  gen_s, gen_metrics = _time_step(trainer, "gen_step", (tv,), args.cycles)
+  gen_s, gen_metrics = _time_step(trainer, "gen_step", (tv, batch), args.cycles)
   critic_s, _ = _time_step(trainer, "critic_step", (tv, batch), args.cycles)
   flops = {"gen": _flops(gen), "critic": _flops(critic)}
   return _report(trainer, dtype, args, dict(

@@ -25,10 +25,13 @@ DIVERGENCES = tuple(divergences.DIVERGENCES)
 ABLATIONS = ("no_gan", "gan_only")
 
 
-def parse_arg(arg, default_divergence):
-  """Splits "js,runlocal" into (divergence, set of other tokens); checks names."""
+def parse_arg(arg, default_divergence, extra_tokens=()):
+  """Splits "js,runlocal" into (divergence, set of other tokens); checks names.
+
+  `extra_tokens`: the config file's own variant tokens (e.g. sd15's 'cfg5').
+  """
   tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
-  known = set(DIVERGENCES) | set(ABLATIONS) | {"runlocal"}
+  known = set(DIVERGENCES) | set(ABLATIONS) | {"runlocal"} | set(extra_tokens)
   unknown = [t for t in tokens if t not in known]
   if unknown:
     raise ValueError(f"Unknown config variant(s) {unknown}; valid tokens are "
@@ -65,6 +68,7 @@ def base_config():
   c.ema_decays = (0.9999, 0.99995, 0.9996)   # per iteration (FastGen); ema:0 samples/exports
   c.student_dropout = 0.0             # dropout of generator and fake score (DMD2/FastGen: 0)
   c.compute_dtype = "float32"
+  c.init_from = ""                    # a run's workdir: warm start gen/fake/disc from it
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.kind = "edm"              # edm (snapshot/converted dir) | random | toy

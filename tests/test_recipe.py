@@ -49,7 +49,7 @@ def test_imagenet64_generator_lr_drops_at_iteration_200k():
   assert float(t.optimizers.gen_lr(200_001)) == pytest.approx(5e-7)
   for step, want in [(199_999, 2e-6), (200_001, 5e-7)]:
     st = t.state.replace(step=jnp.int32(step))
-    new, metrics = t.gen_step(st, t.teacher_vars)
+    new, metrics = t.gen_step(st, t.teacher_vars, None)
     assert float(metrics["lr/gen"]) == pytest.approx(want, rel=1e-6), step
     assert float(new.gen_opt[1].hyperparams["learning_rate"]) == pytest.approx(want, rel=1e-6)
     _, metrics = t.critic_step(new, t.teacher_vars, batch_at(t, step))
@@ -100,7 +100,7 @@ def test_ema_after_n_iterations_equals_the_closed_form():
   for step in range(c.total_steps):
     batch = batch_at(t, step)
     if step % c.fake_score_update_freq == 0:
-      t.state, _ = t.gen_step(t.state, t.teacher_vars)
+      t.state, _ = t.gen_step(t.state, t.teacher_vars, batch)
     during.append(jax.device_get(t.state.gen))
     t.state, _ = t.critic_step(t.state, t.teacher_vars, batch)
   n = c.total_steps
@@ -320,7 +320,7 @@ def test_running_bin_mean_lives_in_the_checkpoint(tmp_path):
 def step_flops(config, devices):
   t = trainer_for(config, devices)
   batch = batch_at(t, 0)
-  gen = t.gen_step.lower(t.state, t.teacher_vars).compile().cost_analysis()["flops"]
+  gen = t.gen_step.lower(t.state, t.teacher_vars, batch).compile().cost_analysis()["flops"]
   critic = t.critic_step.lower(t.state, t.teacher_vars, batch).compile().cost_analysis()["flops"]
   return np.array([gen, critic])
 

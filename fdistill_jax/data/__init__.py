@@ -2,6 +2,7 @@
 
 `registry.make_source(config.data)` builds the source `config.data.kind`
 names; `sources` holds the shared machinery (example order, checks,
-`IndexedSource`, `Prefetcher`), `tfds` and `edm_dataset` the file formats,
+`IndexedSource`, `Prefetcher`), `tfds`, `edm_dataset` and `webdataset` (image-text
+shards and prompt files) the file formats,
 `pixels` the uint8 <-> [-1, 1] convention.
 """

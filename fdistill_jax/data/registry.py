@@ -5,6 +5,7 @@ from typing import Any, Callable
 from fdistill_jax.data import edm_dataset
 from fdistill_jax.data import sources
 from fdistill_jax.data import tfds
+from fdistill_jax.data import webdataset
 from fdistill_jax.toy import problem as toy_problem
 
 SOURCES: dict[str, Callable[[Any], sources.Source]] = {
@@ -12,6 +13,8 @@ SOURCES: dict[str, Callable[[Any], sources.Source]] = {
     "edm": edm_dataset.edm_source,
     "memory": sources.memory_source,
     "toy": toy_problem.make_source,
+    "webdataset": webdataset.webdataset_source,
+    "captions": webdataset.captions_source,
 }
 
 

@@ -9,7 +9,8 @@ from (seed, epoch); global batch `step` takes positions
 
 Sources are built from `config.data` by `fdistill_jax.data.registry.make_source`,
 which dispatches on `kind` through the `SOURCES` registry ('tfds', 'edm',
-'memory', 'toy'). This module holds what every source shares: the example
+'memory', 'toy', and the text sources 'webdataset' and 'captions' of
+`data.webdataset`, whose batches carry captions instead of labels). This module holds what every source shares: the example
 order, the checks, `IndexedSource`, the in-memory source and `Prefetcher`.
 
 Config fields (`config.data`):

@@ -162,6 +162,15 @@ def text_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
   return clip.CLIPTextModel(clip.CLIPTextTransformer(**c, dtype=dtype, remat=remat))
 
 
+def text_with_projection_from_config(config: Mapping[str, Any], dtype=jnp.float32):
+  """CLIPTextModelWithProjection from a CLIPTextConfig (with projection_dim) or a CLIPConfig."""
+  proj = config.get("projection_dim", 512)
+  if "text_config" in config:
+    config = config["text_config"]
+  text = text_from_config(config, dtype).text_model
+  return clip.CLIPTextModelWithProjection(text, projection_dim=int(proj))
+
+
 def vision_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
   """CLIPVisionModelWithProjection from a CLIPVisionConfig or a full CLIPConfig dict."""
   if "vision_config" in config:  # A full CLIPConfig: projection_dim is top-level.

@@ -88,7 +88,7 @@ def dummy_inputs(module: nn.Module) -> tuple:
   if isinstance(module, sd_nets.AutoencoderKL):
     r = 2 ** (len(module.block_out_channels) - 1)
     return (jnp.zeros((1, r, r, module.in_channels)),)
-  if isinstance(module, sd_nets.CLIPTextModel):
+  if isinstance(module, (sd_nets.CLIPTextModel, sd_nets.CLIPTextModelWithProjection)):
     return (jnp.zeros((1, 1), jnp.int32),)
   if isinstance(module, sd_nets.CLIPVisionModelWithProjection):
     v = module.vision_model

@@ -2,6 +2,8 @@
 
 `registry.build(config)` returns a `base.Teacher` for `config.teacher.kind`:
 'edm' (an EDM snapshot, state dict or converted directory), 'random' (an EDM
-network with random weights) or 'toy' (the exact 2-D mixture teacher). The
-training engine knows teachers only through this record.
+network with random weights), 'toy' (the exact 2-D mixture teacher), 'sd15'
+(Stable Diffusion 1.x, text-conditional, in latent space) or 'sd15_random' (its
+networks with random weights). The training engine knows teachers only
+through this record.
 """

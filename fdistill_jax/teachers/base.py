@@ -41,6 +41,8 @@ class Teacher:
     identity: JSON record of which teacher this is (a file's content hash, or the
       settings a toy teacher is fitted with); a run refuses to resume with
       another one unless `teacher.allow_mismatch` is set.
+    conditioning: what the networks are conditioned on (`train.conditioning`);
+      None: one-hot class labels of `num_classes`.
   """
   module: nn.Module
   variables: Any
@@ -50,6 +52,7 @@ class Teacher:
   num_classes: int
   spec: dict
   identity: dict = dataclasses.field(default_factory=dict)
+  conditioning: Any = None
 
 
 def check_params_only(variables, where):

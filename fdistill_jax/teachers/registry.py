@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from fdistill_jax import networks
 from fdistill_jax.teachers import base
 from fdistill_jax.teachers import edm
+from fdistill_jax.teachers import sd
 from fdistill_jax.toy import problem as toy_problem
 
 # kind -> loader(config) -> base.Teacher
@@ -14,6 +15,8 @@ TEACHERS: dict[str, Callable[..., base.Teacher]] = {
     "edm": edm.teacher_from_config,
     "random": edm.random_teacher,
     "toy": toy_problem.teacher_from_config,
+    "sd15": sd.teacher_from_config,
+    "sd15_random": sd.random_teacher,
 }
 
 
@@ -37,7 +40,8 @@ def _edm_student(spec, dtype):
 
 
 # spec['kind'] -> builder(spec, dtype) -> (module, sample_shape, num_classes)
-STUDENTS = {"edm": _edm_student, "toy": toy_problem.student_from_spec}
+STUDENTS = {"edm": _edm_student, "toy": toy_problem.student_from_spec,
+            "sd15": sd.student_from_spec}
 
 
 def student_from_spec(spec, dtype=jnp.float32):

@@ -37,6 +37,7 @@ from fdistill_jax import console
 from fdistill_jax.train import models as models_lib
 from fdistill_jax.train import state as state_lib
 from fdistill_jax.train import steps
+from fdistill_jax.train import warm_start
 
 BATCH_AXES = ("data", "fsdp")
 PREEMPTED_EXIT_CODE = 143     # 128 + SIGTERM: "stopped on request", state saved
@@ -97,7 +98,7 @@ class Trainer:
     self.initial_params = teacher.student_params      # generator / fake score start here
     self.optimizers = state_lib.make_optimizers(config.optim)
     self.source = source if source is not None else data_registry.make_source(config.data)
-    _check_source(self.source, self.models)
+    self.models.conditioning.check_source(self.source, config)
     self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
     teacher_sh = tree_sharding(self.mesh, teacher.variables)
     self.teacher_vars = jax.device_put(teacher.variables, teacher_sh)
@@ -106,8 +107,10 @@ class Trainer:
     kw = dict(models=self.models, optimizers=self.optimizers, config=config,
               sharding=self.batch_sharding)
     repl = NamedSharding(self.mesh, P())
+    # The generator step reads the batch's conditioning only (text teachers); None is fine.
     self.gen_step = jax.jit(functools.partial(steps.generator_step, **kw),
-                            in_shardings=(self.state_sharding, teacher_sh),
+                            in_shardings=(self.state_sharding, teacher_sh,
+                                          self.batch_sharding),
                             out_shardings=(self.state_sharding, repl), donate_argnums=0)
     self.critic_step = jax.jit(functools.partial(steps.critic_step, **kw),
                                in_shardings=(self.state_sharding, teacher_sh,
@@ -135,17 +138,18 @@ class Trainer:
 
   def batches(self, start):
     """Prefetched global batches from `start` on; each process reads its own rows."""
+    host = self.models.conditioning.host     # e.g. captions -> token ids, on the host
     return data_sources.Prefetcher(
         self.source, start, global_batch_size=self.config.batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        buffer_size=self.config.data.prefetch, transform=self.to_global)
+        buffer_size=self.config.data.prefetch, transform=lambda b: self.to_global(host(b)))
 
   def iteration(self, step, batch):
     """Iteration `step` of Algorithm 1; returns its metrics (device arrays, not synced)."""
     metrics = {}
     if step % self.config.fake_score_update_freq == 0:
       with self._first_call("generator step"):
-        self.state, metrics = self.gen_step(self.state, self.teacher_vars)
+        self.state, metrics = self.gen_step(self.state, self.teacher_vars, batch)
     with self._first_call("critic step (fake score + discriminator)"):
       self.state, critic_metrics = self.critic_step(self.state, self.teacher_vars, batch)
     return {**metrics, **critic_metrics}
@@ -166,16 +170,6 @@ class Trainer:
   @property
   def step(self):
     return int(jax.device_get(self.state.step))
-
-
-def _check_source(source, models):
-  if tuple(source.image_shape) != tuple(models.sample_shape):
-    raise ValueError(f"The data source yields samples of shape {tuple(source.image_shape)} "
-                     f"but the teacher expects {tuple(models.sample_shape)}; point the data "
-                     "config at a dataset of the teacher's resolution and channels.")
-  if source.num_classes != models.num_classes:
-    raise ValueError(f"The data source has {source.num_classes} classes but the teacher's "
-                     f"label_dim is {models.num_classes}.")
 
 
 def check_finite(metrics, step):
@@ -317,6 +311,8 @@ def _run(trainer, workdir, sigterm):
     restored = ckpt_lib.restore_latest(mngr, ckpt_lib.abstract(trainer.state), config)
     if restored is not None:
       trainer.state = restored
+    elif config.get("init_from"):
+      trainer.state = warm_start.warm_start(trainer.state, config.init_from)
     _write_run_files(trainer, workdir)
     _stop_if_requested(sigterm, trainer, workdir)
     writer = metric_writers.create_default_writer(workdir,

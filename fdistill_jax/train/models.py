@@ -9,6 +9,7 @@ module knows no problem by name.
 """
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 
 from fdistill_jax.networks import heads as heads_lib
 from fdistill_jax.teachers import base
+from fdistill_jax.train import conditioning as conditioning_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +31,8 @@ class Models:
     feature_keys: which teacher features the heads read.
     sample_shape: per-example shape of a sample, (H, W, C) or (D,).
     num_classes: label_dim (0 when unconditional).
+    conditioning: what the networks are conditioned on (`train.conditioning`:
+      class labels, or the teacher's own, e.g. text embeddings).
   """
   teacher: nn.Module
   student: nn.Module
@@ -36,6 +40,7 @@ class Models:
   feature_keys: tuple
   sample_shape: tuple
   num_classes: int
+  conditioning: Any = None
 
 
 def from_teacher(teacher: base.Teacher, disc_config, student_dropout=0.0) -> Models:
@@ -48,9 +53,11 @@ def from_teacher(teacher: base.Teacher, disc_config, student_dropout=0.0) -> Mod
   keys = tuple(int(k) for k in disc_config.resolutions)
   heads = heads_lib.DiscriminatorHeads(keys=keys, channels=disc_config.channels,
                                        head=disc_config.head)
+  conditioning = teacher.conditioning or conditioning_lib.LabelConditioning(
+      int(teacher.num_classes), tuple(teacher.sample_shape))
   return Models(teacher=teacher.module, student=with_dropout(teacher.student, student_dropout),
                 heads=heads, feature_keys=keys, sample_shape=tuple(teacher.sample_shape),
-                num_classes=int(teacher.num_classes))
+                num_classes=int(teacher.num_classes), conditioning=conditioning)
 
 
 def with_dropout(module: nn.Module, rate: float) -> nn.Module:
@@ -72,7 +79,7 @@ def with_dropout(module: nn.Module, rate: float) -> nn.Module:
 def init_heads(models, teacher_vars, rng):
   """Initialises the discriminator heads on the shapes of the teacher's features."""
   x = jnp.zeros((1,) + models.sample_shape)
-  labels = jnp.zeros((1, models.num_classes)) if models.num_classes else None
+  labels = models.conditioning.dummy(1)
   def feats():
     _, f = models.teacher.apply(teacher_vars, x, jnp.ones((1,)), labels,
                                 feature_resolutions=models.feature_keys)

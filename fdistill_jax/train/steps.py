@@ -22,29 +22,29 @@ from fdistill_jax.eval import sampling
 from fdistill_jax.train import state as state_lib
 
 GEN, CRITIC = 0, 1          # fold_in tags separating the two steps' randomness
+REAL = 2                    # fold_in tag of the real branch's own randomness (VAE sampling)
 
 
 def _bcast(sigma, x):
   return sigma.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def _labels_or_none(labels):
-  return labels if labels is not None and labels.shape[-1] else None
+def generator_samples(models, gen_params, key, batch, sigma_init, sharding=None, *,
+                      teacher_vars=None, data=None):
+  """One-step samples of a training batch and their conditioning.
 
-
-def generator_samples(models, gen_params, key, batch, sigma_init, sharding=None):
-  """One-step samples of a training batch and their one-hot labels.
-
-  Noise and labels are drawn per example (`eval.sampling`: sample i uses
-  fold_in(key, i)), from indices constrained to the batch sharding, so each
-  device draws and generates only its own rows.
+  Noise is drawn per example (`eval.sampling`: sample i uses fold_in(key, i)),
+  from indices constrained to the batch sharding, so each device draws and
+  generates only its own rows. The conditioning comes from the teacher's
+  conditioning object (`train.conditioning`): uniform one-hot labels from the
+  same per-sample keys for class-conditional teachers, this iteration's
+  captions (`data`) for text-conditional ones.
   """
   indices = jnp.arange(batch, dtype=jnp.int32)
   if sharding is not None:
     indices = jax.lax.with_sharding_constraint(indices, sharding)
   noise = sampling.sample_noise(key, indices, models.sample_shape)
-  labels = sampling.one_hot(sampling.sample_labels(key, indices, models.num_classes),
-                            models.num_classes)
+  labels = models.conditioning.draw(teacher_vars, key, indices, data)
   return sampling.generate(models.student, gen_params, noise, labels, sigma_init), labels
 
 
@@ -59,10 +59,14 @@ def features(models, teacher_vars, fake_params, x_t, sigma, labels, features_fro
 
 
 def _guided_teacher(models, teacher_vars, d_cond, x_t, sigma, labels, cfg_weight):
-  """Classifier-free guidance on the teacher's denoiser (weight 1: none)."""
+  """The teacher's score in Eq. 4, classifier-free guided (paper App. D: "replacing the
+  teacher score in Eq. (3) with its CFG version"): D_u + w (D_c - D_u), with D_u the
+  teacher under the conditioning's unconditional input (zero label, empty prompt).
+  Weight 1: no guidance."""
   if cfg_weight == 1.0 or labels is None:
     return d_cond
-  d_uncond = models.teacher.apply(teacher_vars, x_t, sigma, jnp.zeros_like(labels))
+  uncond = models.conditioning.uncond(teacher_vars, labels)
+  d_uncond = models.teacher.apply(teacher_vars, x_t, sigma, uncond)
   return d_uncond + cfg_weight * (d_cond - d_uncond)
 
 
@@ -77,15 +81,18 @@ def _ratio_clip(lc):
   return tuple(float(v) for v in lc.ratio_clip) or None
 
 
-def generator_loss(gen_params, st, teacher_vars, rng, *, models, config, sharding=None):
+def generator_loss(gen_params, st, teacher_vars, rng, *, models, config, sharding=None,
+                   data=None):
   """Generator objective: f-distill (Eq. 4) + gan_weight * non-saturating GAN.
 
+  `data` is this iteration's batch (its conditioning, for text teachers).
   Returns (loss, (metrics, log_ratio_ema)): the second is the updated running
   per-bin mean of stage 1 (unchanged when the f-distill term is off).
   """
   lc, batch = config.loss, config.batch_size
   k_x, k_s, k_e = jax.random.split(rng, 3)
-  x, labels = generator_samples(models, gen_params, k_x, batch, lc.sigma_init, sharding)
+  x, labels = generator_samples(models, gen_params, k_x, batch, lc.sigma_init, sharding,
+                                teacher_vars=teacher_vars, data=data)
   sigma = _karras_sigma(k_s, batch, lc)
   x_t = x + _bcast(sigma, x) * jax.random.normal(k_e, x.shape)
   d_teacher, feats = features(models, teacher_vars, st.fake, x_t, sigma, labels,
@@ -116,8 +123,11 @@ def generator_loss(gen_params, st, teacher_vars, rng, *, models, config, shardin
   return total, (metrics, log_ratio_ema)
 
 
-def generator_step(st, teacher_vars, *, models, optimizers, config, sharding=None):
+def generator_step(st, teacher_vars, data=None, *, models, optimizers, config, sharding=None):
   """One generator update at iteration `st.step`; returns (new_state, metrics).
+
+  `data`: this iteration's batch; only its conditioning is read (text teachers),
+  None for teachers whose conditioning is drawn (class labels).
 
   The learning rate is the schedule's value at this iteration. The EMA copies
   are not touched here: they follow the generator once per iteration in
@@ -126,7 +136,7 @@ def generator_step(st, teacher_vars, *, models, optimizers, config, sharding=Non
   rng = jax.random.fold_in(jax.random.fold_in(st.rng, st.step), GEN)
   grad_fn = jax.value_and_grad(generator_loss, has_aux=True)
   (_, (metrics, log_ratio_ema)), grads = grad_fn(
-      st.gen, st, teacher_vars, rng, models=models, config=config, sharding=sharding)
+      st.gen, st, teacher_vars, rng, models=models, config=config, sharding=sharding, data=data)
   gen_opt = state_lib.with_learning_rate(st.gen_opt, optimizers.gen_lr(st.step))
   updates, gen_opt = optimizers.gen.update(grads, gen_opt, st.gen)
   gen = optax.apply_updates(st.gen, updates)
@@ -199,11 +209,18 @@ def disc_loss(disc_params, fake_params, models, teacher_vars, real, real_labels,
 
 
 def _critic_grads(st, models, teacher_vars, x, fake_labels, batch, rng, config):
-  """(fake-score loss, its gradient, discriminator gradient, metrics)."""
+  """(fake-score loss, its gradient, discriminator gradient or None, metrics).
+
+  The discriminator gradient is None when the source has no real samples
+  (a captions-only source): the heads then stay as they are.
+  """
   k_f, k_d = jax.random.split(rng)
   f_loss, f_grads = jax.value_and_grad(fake_score_loss)(st.fake, models, x, fake_labels, k_f,
                                                         config.loss)
-  real, real_labels = batch["images"], _labels_or_none(batch["labels"])
+  real = models.conditioning.real(teacher_vars, jax.random.fold_in(rng, REAL), batch)
+  if real is None:
+    return f_loss, f_grads, None, {}
+  real, real_labels = real
   args = (models, teacher_vars, real, real_labels, x, fake_labels, k_d, config)
   w = config.disc.fake_score_gan_weight
   if config.disc.features_from == "fake_score" and w > 0:
@@ -225,20 +242,22 @@ def critic_step(st, teacher_vars, batch, *, models, optimizers, config, sharding
   rng = jax.random.fold_in(jax.random.fold_in(st.rng, st.step), CRITIC)
   k_x, k_c = jax.random.split(rng)
   x, fake_labels = generator_samples(models, st.gen, k_x, config.batch_size,
-                                     config.loss.sigma_init, sharding)
+                                     config.loss.sigma_init, sharding,
+                                     teacher_vars=teacher_vars, data=batch)
   x = jax.lax.stop_gradient(x)
   f_loss, f_grads, d_grads, metrics = _critic_grads(st, models, teacher_vars, x, fake_labels,
                                                     batch, k_c, config)
   fake_opt = state_lib.with_learning_rate(st.fake_opt, optimizers.fake_lr(st.step))
-  disc_opt = state_lib.with_learning_rate(st.disc_opt, optimizers.disc_lr(st.step))
   f_updates, fake_opt = optimizers.fake.update(f_grads, fake_opt, st.fake)
-  d_updates, disc_opt = optimizers.disc.update(d_grads, disc_opt, st.disc)
   metrics.update({"fake/loss": f_loss, "fake/grad_norm": optax.tree.norm(f_grads),
-                  "disc/grad_norm": optax.tree.norm(d_grads),
-                  "lr/fake": state_lib.learning_rate(fake_opt),
-                  "lr/disc": state_lib.learning_rate(disc_opt)})
+                  "lr/fake": state_lib.learning_rate(fake_opt)})
   new = st.replace(step=st.step + 1,
                    fake=optax.apply_updates(st.fake, f_updates), fake_opt=fake_opt,
-                   disc=optax.apply_updates(st.disc, d_updates), disc_opt=disc_opt,
                    ema=state_lib.update_ema(st.ema, st.gen, config.ema_decays))
+  if d_grads is not None:
+    disc_opt = state_lib.with_learning_rate(st.disc_opt, optimizers.disc_lr(st.step))
+    d_updates, disc_opt = optimizers.disc.update(d_grads, disc_opt, st.disc)
+    metrics.update({"disc/grad_norm": optax.tree.norm(d_grads),
+                    "lr/disc": state_lib.learning_rate(disc_opt)})
+    new = new.replace(disc=optax.apply_updates(st.disc, d_updates), disc_opt=disc_opt)
   return new, metrics

@@ -6,7 +6,7 @@ checkpoints into them and wraps the U-Net as an EDM-style denoiser.
 """
 
 from fdistill_jax.networks.sd.clip import (
-    CLIPTextModel, CLIPTextTransformer, CLIPVisionModelWithProjection, CLIPVisionTransformer,
-    clip_pixels)
+    CLIPTextModel, CLIPTextModelWithProjection, CLIPTextTransformer, CLIPVisionModelWithProjection,
+    CLIPVisionTransformer, clip_pixels)
 from fdistill_jax.networks.sd.unet import UNet2DConditionModel, timestep_embedding
 from fdistill_jax.networks.sd.vae import AutoencoderKL, sample_latent

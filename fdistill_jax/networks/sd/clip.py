@@ -144,6 +144,22 @@ class CLIPTextModel(nn.Module):
     return self.text_model(input_ids)
 
 
+class CLIPTextModelWithProjection(nn.Module):
+  """transformers `CLIPTextModelWithProjection`: (text_embeds, last_hidden_state), float32.
+
+  The pooled output (the end token's state) through `text_projection` (no bias):
+  the text side of CLIP score. Parameters under `text_model` and `text_projection`.
+  """
+  text_model: CLIPTextTransformer
+  projection_dim: int = 768
+
+  @nn.compact
+  def __call__(self, input_ids):
+    x, pooled = self.text_model(input_ids)
+    embeds = Linear(self.projection_dim, use_bias=False, name="text_projection")(pooled)
+    return embeds.astype(jnp.float32), x
+
+
 class CLIPVisionEmbeddings(nn.Module):
   hidden_size: int
   image_size: int

@@ -1,0 +1,362 @@
+"""Text-to-image f-distill on tiny random SD networks (configs/sd15.py:tiny).
+
+Compiles dominate: one run through `main` on 8 devices is shared (module
+fixture) by the 1-device comparison and the warm-start test; the gradient test
+compiles its own loss. Data are tiny WebDataset shards the tests write.
+"""
+
+import functools
+import io
+import json
+import os
+import sys
+import tarfile
+from unittest import mock
+
+from absl import flags
+from absl.testing import flagsaver
+import filelock
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import PIL.Image
+import pytest
+
+from configs import sd15
+from conftest import SHARED_FIXTURES
+from fdistill_jax import config_lib
+from fdistill_jax import losses
+from fdistill_jax import main as main_lib
+from fdistill_jax.data import registry as data_registry
+from fdistill_jax.data import webdataset
+from fdistill_jax.sd import denoiser as sd_denoiser
+from fdistill_jax.teachers import registry as teacher_registry
+from fdistill_jax.train import checkpoint as ckpt_lib
+from fdistill_jax.train import loop as train
+from fdistill_jax.train import steps
+from fdistill_jax.train import warm_start
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER = SHARED_FIXTURES / "sd15" / "tokenizer"
+
+
+def _add(tar, name, data):
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  tar.addfile(info, io.BytesIO(data))
+
+
+def jpeg(rng, size):
+  buf = io.BytesIO()
+  PIL.Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(buf, "JPEG")
+  return buf.getvalue()
+
+
+def write_shards(folder, n=16, per=8, seed=0, corrupt=(), empty=()):
+  """img2dataset-style shards: NNNNN.jpg (20x24, non-square) + NNNNN.txt + NNNNN.json."""
+  rng = np.random.default_rng(seed)
+  os.makedirs(folder, exist_ok=True)
+  for s in range(0, n, per):
+    with tarfile.open(os.path.join(folder, f"{s // per:05d}.tar"), "w") as tar:
+      for i in range(s, min(n, s + per)):
+        image = b"not a jpeg" if i in corrupt else jpeg(rng, (20, 24))
+        _add(tar, f"{i:05d}.jpg", image)
+        _add(tar, f"{i:05d}.txt", b"  " if i in empty else f"a photo of thing {i}".encode())
+        _add(tar, f"{i:05d}.json", b"{}")
+  return str(folder)
+
+
+def tiny_config(arg="js,tiny", **overrides):
+  c = sd15.get_config(arg)
+  c.teacher.tokenizer = str(TOKENIZER)
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+  if not TOKENIZER.is_dir():
+    pytest.skip(f"SD 1.5 tokenizer fixture not found at {TOKENIZER}.")
+  return write_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def run8(shards, tmp_path_factory):
+  """configs/sd15.py:js,tiny for 2 iterations through `main`, on 8 devices.
+
+  Made once per session: pytest-xdist workers share it through a file lock in the
+  session's temporary folder (every worker's shards hold the same bytes).
+  """
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  workdir = root / "t2i_run8"
+  with filelock.FileLock(str(root / "t2i_run8.lock")):
+    status = workdir / ckpt_lib.STATUS_FILE
+    if not (status.exists() and json.loads(status.read_text())["state"] == "finished"):
+      argv = ["main", f"--config={REPO}/configs/sd15.py:js,tiny", f"--workdir={workdir}",
+              f"--config.teacher.tokenizer={TOKENIZER}", f"--config.data.path={shards}"]
+      with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv):
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(argv)
+        main_lib.main(["main"])
+  return str(workdir)
+
+
+# ----------------------------------------------------------------------------
+# The run.
+
+
+@pytest.mark.slow
+def test_sd15_run_through_main_trains_all_three_networks(run8):
+  assert sorted(os.listdir(os.path.join(run8, "checkpoints"))) == ["2"]
+  spec = json.load(open(os.path.join(run8, ckpt_lib.GENERATOR_SPEC)))
+  assert spec["kind"] == "sd15" and spec["sample_shape"] == [8, 8, 4]
+  parts, step = warm_start.restore_parts(run8)
+  assert step == 2
+  start = jax.tree.leaves(teacher_registry.build(tiny_config()).student_params)
+  for name in ("gen", "fake"):        # both started from the teacher U-Net and moved
+    now = jax.tree.leaves(parts[name])
+    assert len(start) == len(now)
+    assert any(not np.allclose(a, b) for a, b in zip(start, now)), name
+  assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(parts))
+
+
+@pytest.mark.slow
+def test_one_device_and_eight_devices_agree(run8, shards, tmp_path):
+  """The same 2 iterations on 1 device give the 8-device run's networks.
+
+  Tolerance 1e-4 relative, 1e-6 absolute: only the order of float32 reductions
+  differs (batch means and the U-Net's sums are split over devices).
+  """
+  c = ml_collections.FrozenConfigDict(tiny_config(**{"data.path": shards}))
+  trainer = train.Trainer(c, devices=jax.devices()[:1])
+  assert trainer.mesh.devices.size == 1
+  train.run(trainer, str(tmp_path))
+  one = jax.device_get(trainer.state)
+  eight, _ = warm_start.restore_parts(run8)
+  for name in ("gen", "fake", "disc"):
+    for a, b in zip(jax.tree.leaves(getattr(one, name)), jax.tree.leaves(eight[name])):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_warm_start_restores_exactly_the_named_parts(run8, shards, tmp_path, monkeypatch):
+  """init_from: generator, fake score and heads from the run; step, optimiser states,
+  EMA (= the loaded generator) and the stage-1 running mean start afresh."""
+  c = tiny_config(**{"data.path": shards, "init_from": run8})
+  trainer = train.build_trainer(c)
+  fresh = jax.device_get(trainer.state)
+  seen = {}
+  monkeypatch.setattr(train, "_loop", lambda t, *a: seen.setdefault("state", t.state))
+  train.run(trainer, str(tmp_path))            # the loop hook: warm start, then _loop
+  st = jax.device_get(seen["state"])
+  parts, _ = warm_start.restore_parts(run8)
+  for name in ("gen", "fake", "disc"):
+    for a, b in zip(jax.tree.leaves(getattr(st, name)), jax.tree.leaves(parts[name])):
+      np.testing.assert_array_equal(a, b)
+  for e in st.ema:
+    for a, b in zip(jax.tree.leaves(e), jax.tree.leaves(parts["gen"])):
+      np.testing.assert_array_equal(a, b)
+  assert int(st.step) == 0
+  for a, b in zip(jax.tree.leaves((st.gen_opt, st.fake_opt, st.disc_opt, st.log_ratio_ema)),
+                  jax.tree.leaves((fresh.gen_opt, fresh.fake_opt, fresh.disc_opt,
+                                   fresh.log_ratio_ema))):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(st.rng, fresh.rng)
+
+
+def test_warm_start_refuses_a_run_of_other_networks(run8, shards):
+  c = tiny_config(**{"data.path": shards, "disc.resolutions": (8,)})
+  trainer = train.build_trainer(c)
+  with pytest.raises(ckpt_lib.CheckpointError, match="'disc' does not fit"):
+    warm_start.warm_start(trainer.state, run8)
+  with pytest.raises(ckpt_lib.CheckpointError, match="not a directory"):
+    warm_start.warm_start(trainer.state, os.path.join(run8, "nothing"))
+
+
+# ----------------------------------------------------------------------------
+# The generator's gradient: Eq. 4 with the CFG teacher.
+
+
+@pytest.mark.slow
+def test_generator_gradient_is_the_vjp_of_eq4_with_the_cfg_teacher(shards):
+  """dL/dtheta = (dx/dtheta)^T dL/dx with the teacher's score replaced by its CFG version,
+  D_u + w (D_c - D_u) (paper App. D), and the teacher, fake score and ratio constant.
+
+  The reference builds the guided teacher independently: the text tower applied
+  directly, the empty prompt's embedding from the tokenizer, the U-Net through
+  `sd.denoiser.unet_denoiser` and `cfg_denoiser` (not the engine's code).
+  Tolerance 1e-4 relative, plus 1e-5 of the largest gradient entry absolute (float32,
+  different summation orders; leaves with tiny gradients differ by ~1e-7).
+  """
+  c = ml_collections.FrozenConfigDict(tiny_config(**{
+      "data.path": shards, "loss.gan_weight": 0.0, "divergence": "fkl", "loss.cfg_weight": 3.0}))
+  trainer = train.Trainer(c, devices=jax.devices()[:1])
+  m, st, tv = trainer.models, trainer.state, trainer.teacher_vars
+  noise = np.random.default_rng(0)      # a fake score away from the teacher: D_fake - D_teacher
+  st = st.replace(fake=jax.tree.map(    # is then O(1), not float noise
+      lambda p: p + 0.05 * noise.standard_normal(p.shape).astype(np.float32), st.fake))
+  data = m.conditioning.host(trainer.source.batch(0, global_batch_size=c.batch_size))
+  rng = jax.random.PRNGKey(3)
+  loss = lambda p: steps.generator_loss(p, st, tv, rng, models=m, config=c, data=data)[0]
+  grads = jax.jit(jax.grad(loss))(st.gen)
+
+  teacher = m.teacher
+  text = lambda ids: teacher.text_encoder.apply({"params": tv["params"]["text_encoder"]}, ids)[0]
+  context = text(jnp.asarray(data["tokens"]))
+  uncond = text(jnp.asarray(m.conditioning.tokenizer([""])))[0]
+  schedule = teacher.schedule()
+  guided = sd_denoiser.cfg_denoiser(sd_denoiser.unet_denoiser(
+      teacher.unet, {"params": tv["params"]["unet"]}, schedule), uncond, 3.0)
+  k_x, k_s, k_e = jax.random.split(rng, 3)
+  def sample(p):
+    z = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(jax.random.fold_in(k_x, i), 0),
+                                             m.sample_shape))(jnp.arange(c.batch_size))
+    s = c.loss.sigma_init
+    return sd_denoiser.unet_denoiser(teacher.unet, {"params": p["unet"]}, schedule)(
+        s * z, jnp.full((c.batch_size,), s), context)
+  x, vjp = jax.vjp(sample, st.gen)
+  sigma = steps._karras_sigma(k_s, c.batch_size, c.loss)
+  x_t = x + sigma[:, None, None, None] * jax.random.normal(k_e, x.shape)
+  d_t = guided(x_t, sigma, context)
+  d_cond = sd_denoiser.unet_denoiser(teacher.unet, {"params": tv["params"]["unet"]}, schedule)(
+      x_t, sigma, context)
+  d_f = sd_denoiser.unet_denoiser(teacher.unet, {"params": st.fake["unet"]}, schedule)(
+      x_t, sigma, context)
+  _, feats = m.teacher.apply(tv, x_t, sigma, context, feature_resolutions=m.feature_keys)
+  logit = jnp.mean(m.heads.apply({"params": st.disc}, feats), -1)
+  lc = c.loss
+  def loss_in_x(xx, d_t=d_t):
+    return losses.fdistill_generator_loss(
+        xx, d_t, d_f, logit, sigma, divergence="fkl", num_bins=lc.num_bins,
+        sigma_min=lc.sigma_min, sigma_max=lc.sigma_max, logit_clip=lc.logit_clip,
+        ratio_clip=tuple(lc.ratio_clip), bin_spacing=lc.bin_spacing)[0]
+  expected = vjp(jax.grad(loss_in_x)(x))[0]
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(expected))
+  unguided = vjp(jax.grad(functools.partial(loss_in_x, d_t=d_cond))(x))[0]
+  gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(expected),
+                                                           jax.tree.leaves(unguided)))
+  assert gap > 1e-2 * scale, (gap, scale)     # the check can tell CFG from no CFG
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+# ----------------------------------------------------------------------------
+# Data.
+
+
+def test_webdataset_source_is_deterministic_per_process_and_skips_bad_examples(tmp_path):
+  folder = write_shards(tmp_path / "s", n=12, per=5, corrupt=(3,), empty=(7,))
+  config = ml_collections.ConfigDict(dict(kind="webdataset", path=folder, resolution=8,
+                                          seed=1, num_threads=2))
+  a, b = data_registry.make_source(config), data_registry.make_source(config)
+  assert a.num_examples == 12 and a.image_shape == (8, 8, 3)
+  for step in (0, 3, 7):
+    full = a.batch(step, global_batch_size=6)
+    again = b.batch(step, global_batch_size=6)
+    np.testing.assert_array_equal(full["images"], again["images"])
+    assert full["captions"] == again["captions"]
+    halves = [b.batch(step, global_batch_size=6, process_index=p, process_count=2)
+              for p in range(2)]
+    np.testing.assert_array_equal(np.concatenate([h["images"] for h in halves]), full["images"])
+    assert sum((h["captions"] for h in halves), []) == full["captions"]
+    assert full["images"].dtype == np.float32 and np.abs(full["images"]).max() <= 1
+  every = a.batch(0, global_batch_size=12)      # one epoch: every example once
+  assert "a photo of thing 3" not in every["captions"]     # corrupt image: skipped
+  assert "a photo of thing 7" not in every["captions"]     # empty caption: skipped
+  assert every["captions"].count("a photo of thing 4") == 2    # row of 3 reads 4
+  assert every["captions"].count("a photo of thing 8") == 2    # row of 7 reads 8
+  assert a.skipped["cannot decode the image"] >= 1 and a.skipped["empty caption"] >= 1
+
+
+def test_webdataset_center_crop_and_resize_match_pil(tmp_path):
+  """Row of example 0: PIL's own center square crop + bicubic resize, scaled to [-1, 1]."""
+  rng = np.random.default_rng(5)
+  pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+  buf = io.BytesIO()
+  PIL.Image.fromarray(pixels).save(buf, "PNG")
+  with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+    _add(tar, "00000.png", buf.getvalue())
+    _add(tar, "00000.txt", b"a cat")
+  source = webdataset.webdataset_source(ml_collections.ConfigDict(dict(
+      path=str(tmp_path / "00000.tar"), resolution=8, num_threads=1)))
+  got = source.batch(0, global_batch_size=1)
+  want = np.asarray(PIL.Image.fromarray(pixels[:, 2:22]).resize((8, 8), PIL.Image.BICUBIC))
+  np.testing.assert_allclose(got["images"][0], want / 127.5 - 1, atol=1e-6)
+  assert got["captions"] == ["a cat"]
+
+
+def test_captions_source_reads_txt_and_jsonl(tmp_path):
+  (tmp_path / "p.txt").write_text("a dog\n\n  \nan astronaut riding a horse\n")
+  (tmp_path / "p.jsonl").write_text('{"caption": "a dog"}\n{"caption": ""}\n'
+                                    '{"caption": "a red car", "url": "x"}\n')
+  txt = webdataset.captions_source(ml_collections.ConfigDict(dict(path=str(tmp_path / "p.txt"))))
+  assert txt.num_examples == 2 and txt.skipped["empty caption"] == 2
+  assert txt.image_shape is None
+  batch = txt.batch(0, global_batch_size=2)
+  assert sorted(batch["captions"]) == ["a dog", "an astronaut riding a horse"]
+  assert "images" not in batch
+  js = webdataset.captions_source(ml_collections.ConfigDict(dict(path=str(tmp_path / "p.jsonl"))))
+  assert js.num_examples == 2
+  (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
+  with pytest.raises(ValueError, match="caption"):
+    webdataset.captions_source(ml_collections.ConfigDict(dict(path=str(tmp_path / "bad.jsonl"))))
+
+
+def test_webdataset_refuses_paths_without_shards(tmp_path):
+  with pytest.raises(ValueError, match="no .tar shards"):
+    webdataset.shard_paths(tmp_path)
+  (tmp_path / "x.tar").write_bytes(b"garbage" * 100)
+  with pytest.raises(ValueError, match="not a readable tar shard"):
+    webdataset.WebDatasetIndex([tmp_path / "x.tar"])
+
+
+# ----------------------------------------------------------------------------
+# Config.
+
+
+def test_sd15_config_is_table5s_column():
+  c = sd15.get_config("js")
+  assert (c.batch_size, c.fake_score_update_freq, c.total_steps) == (1024, 10, 60_000)
+  assert (c.loss.gan_weight, c.loss.r1_gamma, c.loss.cfg_weight) == (1e-3, 1.0, 1.75)
+  assert tuple(c.disc.resolutions) == (8,)
+  assert (c.optim.gen_lr, c.optim.fake_lr, c.optim.disc_lr, c.optim.weight_decay) == (
+      1e-5, 1e-5, 1e-5, 1e-2)
+  assert sd15.get_config("js,cfg5").loss.cfg_weight == 5.0
+  for d in config_lib.DIVERGENCES:
+    assert sd15.get_config(d).divergence == d
+  assert sd15.get_config("rkl,no_gan").loss.gan_weight == 0
+  assert sd15.get_config("js,gan_only").loss.fdistill_weight == 0
+  with pytest.raises(ValueError, match="cfg7"):
+    sd15.get_config("js,cfg7")
+
+
+def test_captions_only_source_needs_rkl_without_gan(tmp_path):
+  (tmp_path / "p.txt").write_text("a dog\n")
+  c = tiny_config(**{"data.kind": "captions", "data.path": str(tmp_path / "p.txt")})
+  with pytest.raises(ValueError, match="rkl,no_gan"):
+    train.build_trainer(c)
+
+
+def test_captions_only_rkl_run_leaves_the_discriminator_alone(tmp_path):
+  """rkl,no_gan on prompts alone: both steps trace (jax.eval_shape: nothing compiles), the
+  critic step reports no discriminator terms, and the state keeps its structure."""
+  (tmp_path / "p.txt").write_text("a dog\na red car\nan astronaut riding a horse\n")
+  c = ml_collections.FrozenConfigDict(tiny_config("rkl,no_gan,tiny", **{
+      "data.kind": "captions", "data.path": str(tmp_path / "p.txt")}))
+  trainer = train.Trainer(c, devices=jax.devices()[:1])
+  data = trainer.models.conditioning.host(trainer.source.batch(0, global_batch_size=8))
+  assert set(data) == {"tokens"} and data["tokens"].shape == (8, 77)
+  kw = dict(models=trainer.models, optimizers=trainer.optimizers, config=c)
+  new, metrics = jax.eval_shape(lambda s, t, d: steps.critic_step(s, t, d, **kw),
+                                trainer.state, trainer.teacher_vars, data)
+  assert "fake/loss" in metrics and not any(k.startswith("disc/") for k in metrics)
+  assert jax.tree.structure(new) == jax.tree.structure(trainer.state)
+  _, gen_metrics = jax.eval_shape(lambda s, t, d: steps.generator_step(s, t, d, **kw),
+                                  trainer.state, trainer.teacher_vars, data)
+  assert "gen/fdistill_loss" in gen_metrics and "gen/gan_loss" not in gen_metrics
