@@ -113,7 +113,8 @@ def test_export_reads_back_the_checkpointed_weights(toy_run, tmp_path):
                                      "params"]
   module, params, info = ckpt_lib.load_generator(out)
   assert_trees_equal(params, state.ema[0])          # exact: no arithmetic on the way
-  assert (info["step"], info["which"], info["ema_decay"]) == (2, "ema:0", 0.99)
+  decay = small_toy("js", total_steps=2).ema_decays[0]      # what the run was told
+  assert (info["step"], info["which"], info["ema_decay"]) == (2, "ema:0", decay)
   assert info["divergence"] == "js" and info["source"] == os.path.abspath(workdir)
   assert isinstance(module, networks.ToyDenoiser) and info["sample_shape"] == [2]
 

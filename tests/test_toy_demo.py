@@ -55,11 +55,11 @@ def test_sweep_table_starts_with_the_exact_teachers_own_samples(tmp_path, monkey
                ("toy.fit_steps", 20), ("disc.resolutions", (0, 1)), ("disc.channels", 16),
                ("checkpoint_every", 0)]
   config_path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "toy2d.py")
-  results, table = sweep.sweep(config_path, str(tmp_path), ["js"], ["0"], overrides)
+  results, table, _ = sweep.sweep(config_path, str(tmp_path), ["js"], ["0"], overrides)
   assert list(results) == ["teacher (exact samples)", "js"]
   ref = results["teacher (exact samples)"][0]
   assert ref["modes_covered"] == 10 and ref["off_mode_fraction"] < 0.025
   rows = sweep.markdown_table(results, table, ["0"]).splitlines()
   assert rows[2].startswith("| teacher (exact samples) | 10.000 ± 0.000 |") and rows[3].startswith("| js |")
-  again, _ = sweep.sweep(config_path, str(tmp_path), ["js"], ["0"], overrides)
+  again, _, _ = sweep.sweep(config_path, str(tmp_path), ["js"], ["0"], overrides)
   assert again["js"] == results["js"]
