@@ -5,6 +5,7 @@ from typing import Any, Callable
 from fdistill_jax.data import edm_dataset
 from fdistill_jax.data import sources
 from fdistill_jax.data import tfds
+from fdistill_jax.digits import data as digits_data
 from fdistill_jax.toy import problem as toy_problem
 
 SOURCES: dict[str, Callable[[Any], sources.Source]] = {
@@ -12,6 +13,7 @@ SOURCES: dict[str, Callable[[Any], sources.Source]] = {
     "edm": edm_dataset.edm_source,
     "memory": sources.memory_source,
     "toy": toy_problem.make_source,
+    "digits": digits_data.make_source,
 }
 
 

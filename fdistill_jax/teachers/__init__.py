@@ -1,7 +1,9 @@
 """Teachers: what a run distils from, reached through `registry.TEACHERS`.
 
 `registry.build(config)` returns a `base.Teacher` for `config.teacher.kind`:
-'edm' (an EDM snapshot, state dict or converted directory), 'random' (an EDM
-network with random weights) or 'toy' (the exact 2-D mixture teacher). The
-training engine knows teachers only through this record.
+'edm' (an EDM snapshot, state dict, converted directory or the workdir of a
+teacher trained with method='edm'), 'init' (EDM's initialisation of an
+architecture: what method='edm' starts from), 'random' (an EDM network with
+random weights) or 'toy' (the exact 2-D mixture teacher). The training engine
+knows teachers only through this record.
 """

@@ -11,6 +11,8 @@ Inputs (`read_teacher`):
   `.safetensors`: an `EDMPrecond.state_dict()` plus an architecture JSON
   (EDMPrecond kwargs, like the fixtures' `*_config.json`).
 * a directory written by `convert`: `arch.json` + `variables/` (orbax).
+* the workdir of a teacher trained here (`method='edm'`, `fdistill_jax.train.edm`):
+  it holds the same layout under `teacher/` (`trained_teacher_dir`).
 
 Command line (`fdistill_jax.tools.convert`):
 
@@ -27,6 +29,7 @@ import pathlib
 import zipfile
 from typing import Any, Mapping, Optional, Union
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -38,6 +41,7 @@ from fdistill_jax.teachers import base
 PathLike = Union[str, os.PathLike]
 ARCH_FILE = "arch.json"
 VARIABLES_DIR = "variables"
+TRAINED_DIR = "teacher"               # a method='edm' workdir's converted teacher
 SUPPORTED_PRECONDS = ("EDMPrecond",)
 # EDMPrecond's positional parameters, to name any recorded `_init_args`.
 _PRECOND_POSITIONAL = ("img_resolution", "img_channels", "label_dim", "use_fp16",
@@ -251,13 +255,28 @@ def save_converted(output: PathLike, arch: Mapping[str, Any], variables,
     raise ConversionError(str(e)) from e
 
 
-def load_converted(directory: PathLike, dtype=jnp.float32):
-  """(module, variables) from a directory written by `convert`."""
+def trained_teacher_dir(workdir: PathLike) -> str:
+  """Where a `method='edm'` run writes its teacher in the converted layout: WORKDIR/teacher."""
+  return os.path.join(os.path.abspath(workdir), TRAINED_DIR)
+
+
+def resolve_converted(directory: PathLike) -> pathlib.Path:
+  """A converted directory itself, or the teacher a `method='edm'` workdir holds."""
   directory = pathlib.Path(directory).absolute()
+  trained = directory / TRAINED_DIR
+  if not (directory / ARCH_FILE).is_file() and (trained / ARCH_FILE).is_file():
+    return trained
+  return directory
+
+
+def load_converted(directory: PathLike, dtype=jnp.float32):
+  """(module, variables) from a directory written by `convert` (or a method='edm' workdir)."""
+  directory = resolve_converted(directory)
   if not (directory / ARCH_FILE).is_file() or not (directory / VARIABLES_DIR).is_dir():
     raise ConversionError(f"{directory} is not a converted teacher: expected "
                           f"{ARCH_FILE} and {VARIABLES_DIR}/ (run "
-                          "python -m fdistill_jax.tools.convert first).")
+                          "python -m fdistill_jax.tools.convert first), or the workdir of a "
+                          f"finished method='edm' run (it writes {TRAINED_DIR}/ at the end).")
   arch = read_arch(directory / ARCH_FILE)
   target = networks.variable_shapes(arch)
   try:
@@ -330,19 +349,33 @@ def _image_teacher(module, variables, where, arch) -> base.Teacher:
 
 
 def teacher_from_config(config) -> base.Teacher:
-  """`teacher.kind='edm'`: an EDM snapshot, state dict or converted directory."""
+  """`teacher.kind='edm'`: an EDM snapshot, state dict, converted directory, or the
+  workdir of a teacher trained with method='edm'."""
   path = config.teacher.path
   if not path:
     raise ValueError("teacher.kind='edm' needs --config.teacher.path: an EDM snapshot "
-                     "(.pkl) or a directory written by python -m fdistill_jax.tools.convert.")
+                     "(.pkl), a directory written by python -m fdistill_jax.tools.convert, or "
+                     "the workdir of a method='edm' run.")
   if pathlib.Path(path).is_dir():
-    arch = read_arch(pathlib.Path(path) / ARCH_FILE)
+    arch = read_arch(resolve_converted(path) / ARCH_FILE)
     module, variables = load_converted(path, _dtype(config))
   else:
     arch, state_dict = read_teacher(path)
     variables = teacher_variables(arch, state_dict, path)
     module = networks.build_edm(arch, _dtype(config))
   return _image_teacher(module, variables, path, arch)
+
+
+def initialized_teacher(config) -> base.Teacher:
+  """`teacher.kind='init'`: EDM's own initialisation of `teacher.arch` (`module.init`:
+  Xavier-uniform layers, near-zero last layers), the start of a method='edm' run."""
+  arch = config.teacher.arch.to_dict()
+  module = networks.build_edm(arch, dtype=_dtype(config))
+  r, c = module.img_resolution, module.img_channels
+  labels = jnp.zeros((1, module.label_dim)) if module.label_dim else None
+  init = jax.jit(lambda key: module.init(key, jnp.zeros((1, r, r, c)), jnp.ones((1,)), labels))
+  variables = jax.device_get(init(jax.random.PRNGKey(config.seed + 1)))
+  return _image_teacher(module, variables, "teacher.arch", arch)
 
 
 def random_teacher(config) -> base.Teacher:

@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from fdistill_jax import config_lib
+from fdistill_jax.digits import report as digits_report
 from fdistill_jax.io import atomic
 from fdistill_jax.teachers import registry as teacher_registry
 from fdistill_jax.tools import cli
@@ -66,6 +67,9 @@ class Table:
 TABLES: dict[str, Table] = {
     "toy": Table(toy_report.METRICS_FILE, lambda r: r["final"], toy_report.COLUMNS,
                  seed_fields=("toy.fit_seed",), figure=toy_report.sweep_figure),
+    # The first sampler's row (the one-step generator); the whole digits table, with the
+    # teacher's rows and wall times, is `fdistill_jax.tools.digits_sweep`.
+    "digits": Table(digits_report.METRICS_FILE, lambda r: r["rows"][0], digits_report.COLUMNS),
 }
 
 
