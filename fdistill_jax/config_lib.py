@@ -66,13 +66,15 @@ def base_config():
   c.total_steps = 1000
   c.batch_size = 64                   # global batch, all devices and hosts
   c.fake_score_update_freq = 5        # critic updates per generator update
-  c.ema_decays = (0.9999,)
+  c.ema_decays = (0.9999, 0.99995, 0.9996)   # per iteration (FastGen); ema:0 samples/exports
+  c.student_dropout = 0.0             # dropout of generator and fake score (DMD2/FastGen: 0)
   c.compute_dtype = "float32"
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.kind = "edm"              # edm (snapshot/converted dir) | random | toy
   c.teacher.path = ""
   c.teacher.arch = ml_collections.ConfigDict()   # used by kind=random
+  c.teacher.allow_mismatch = False    # resume although the teacher differs from the run's
 
   c.loss = ml_collections.ConfigDict()
   c.loss.fdistill_weight = 1.0
@@ -82,22 +84,27 @@ def base_config():
   c.loss.normalize_ratio = True
   c.loss.normalize_weight = True
   c.loss.num_bins = 10
-  c.loss.logit_clip = 0.0             # 0: off
-  c.loss.ratio_clip = 0.0             # 0: off
+  c.loss.logit_clip = 10.0            # clamp of the head-mean logit (FastGen); 0: off
+  c.loss.ratio_clip = (0.1, 20.0)     # (lo, hi) clamp of r before stage 1 (FastGen); (): off
+  c.loss.ratio_ema_rate = 0.0         # running per-bin mean of r for stage 1 (FastGen IN64: 0.5)
+  c.loss.bin_spacing = "linear"       # stage-1 bins equal-width in sigma (FastGen) | log
   c.loss.sigma_init = 80.0            # generator input noise level
   c.loss.sigma_min = 0.002
   c.loss.sigma_max = 80.0
   c.loss.num_sigmas = 1000            # Karras schedule for the f-distill and GAN terms
-  c.loss.min_index = 20
-  c.loss.max_index = 980
-  c.loss.p_mean = -1.2                # EDM log-normal, fake-score denoising loss
+  c.loss.min_index = 2                # FastGen: min/max_step_percent 0.002 / 0.998
+  c.loss.max_index = 998
+  c.loss.fake_sigma = "karras"        # fake-score sigma: karras (as the gen loss) | lognormal
+  c.loss.p_mean = -1.2                # EDM log-normal (loss.fake_sigma="lognormal")
   c.loss.p_std = 1.2
   c.loss.cfg_weight = 1.0             # 1: no classifier-free guidance
 
   c.disc = ml_collections.ConfigDict()
   c.disc.resolutions = (8,)
   c.disc.channels = 256
-  c.disc.features_from = "teacher"    # teacher | fake_score (DMD2's choice)
+  c.disc.features_from = "teacher"    # teacher | fake_score (DMD2: GAN loss trains its encoder)
+  c.disc.head = "dmd2"                # dmd2 (DMD2/FastGen head, as wide as the feature) | light
+  c.disc.fake_score_gan_weight = 1e-2  # features_from=fake_score: GAN weight on the fake score
 
   c.optim = ml_collections.ConfigDict()
   c.optim.gen_lr = 1e-4
@@ -109,7 +116,8 @@ def base_config():
   c.optim.b1 = 0.9                    # AdamW as in DMD2
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
-  c.optim.grad_clip = 10.0            # global-norm clip; 0: off
+  c.optim.grad_clip = 10.0            # global-norm clip of the generator; 0: off
+  c.optim.clip_critic = False         # also clip fake score and heads (DMD2); FastGen: off
 
   c.data = ml_collections.ConfigDict()
   c.data.kind = "tfds"
@@ -126,6 +134,7 @@ def base_config():
   c.data.num_threads = 8              # threads that read and decode examples
   c.data.image_key = "image"          # tfds feature names
   c.data.label_key = "label"
+  c.data.skip_unreadable = False      # edm: skip (and count) corrupt images instead of stopping
 
   c.edm = ml_collections.ConfigDict()   # method=edm: EDM training of the teacher network
   c.edm.lr = 1e-3                     # Adam learning rate (EDM: 1e-3 for CIFAR-10)
@@ -194,13 +203,52 @@ def validate(config, num_devices, process_count=1):
   _check(config.disc.features_from in ("teacher", "fake_score"),
          f"disc.features_from={config.disc.features_from!r}; expected 'teacher' or 'fake_score'.")
   _check(len(config.disc.resolutions) > 0, "disc.resolutions is empty.")
+  _validate_recipe(config)
   _check(config.eval.fid_every <= 0 or (config.eval.inception and config.eval.ref),
          "eval.fid_every > 0 needs eval.inception (Inception weights) and eval.ref "
          "(reference statistics .npz); set both or set eval.fid_every=0.")
   _check(all(0 <= d < 1 for d in config.ema_decays),
          f"ema_decays={tuple(config.ema_decays)} must each lie in [0, 1).")
+  _check_safety(config)
   if "edm" in config:
     _validate_edm(config.edm)
+
+
+def _check_safety(config):
+  """Settings that would lose checkpoints or divide by zero (issue: no path loses work)."""
+  lc = config.loss
+  _check(isinstance(lc.num_bins, int) and lc.num_bins >= 1,
+         f"loss.num_bins={lc.num_bins} must be an integer >= 1 (the ratio normalisation "
+         "averages over this many sigma bins).")
+  _check(0 < lc.sigma_init < float("inf"),
+         f"loss.sigma_init={lc.sigma_init} must be a positive finite noise level (the "
+         "generator's input is sigma_init * z; EDM's sigma_max is 80).")
+  _check(isinstance(config.keep_checkpoints, int) and config.keep_checkpoints >= 1,
+         f"keep_checkpoints={config.keep_checkpoints} must be >= 1: 0 would delete every "
+         "checkpoint. To keep them all, set a number above total_steps / checkpoint_every.")
+  _check(config.checkpoint_every >= 0,
+         f"checkpoint_every={config.checkpoint_every} must be >= 0 (0: only at the end).")
+
+
+def _validate_recipe(config):
+  """Checks of the recipe fields (clamps, running mean, fake-score sigma, heads, dropout)."""
+  lc = config.loss
+  _check(lc.logit_clip >= 0, f"loss.logit_clip={lc.logit_clip} must be >= 0 (0: off).")
+  clip = tuple(lc.ratio_clip)
+  _check(clip == () or (len(clip) == 2 and 0 < clip[0] < clip[1]),
+         f"loss.ratio_clip={clip}; expected (lo, hi) with 0 < lo < hi, or () for off.")
+  _check(0 <= lc.ratio_ema_rate < 1,
+         f"loss.ratio_ema_rate={lc.ratio_ema_rate} must lie in [0, 1).")
+  _check(lc.bin_spacing in losses.BIN_SPACINGS,
+         f"loss.bin_spacing={lc.bin_spacing!r}; expected one of {losses.BIN_SPACINGS}.")
+  _check(lc.fake_sigma in ("karras", "lognormal"),
+         f"loss.fake_sigma={lc.fake_sigma!r}; expected 'karras' or 'lognormal'.")
+  _check(0 <= config.student_dropout < 1,
+         f"student_dropout={config.student_dropout} must lie in [0, 1).")
+  _check(config.disc.head in ("dmd2", "light"),
+         f"disc.head={config.disc.head!r}; expected 'dmd2' or 'light'.")
+  _check(config.disc.fake_score_gan_weight >= 0,
+         f"disc.fake_score_gan_weight={config.disc.fake_score_gan_weight} must be >= 0.")
 
 
 def _validate_edm(ec):

@@ -9,7 +9,9 @@ docs/config.md; an unknown one is refused in one line naming the nearest
 fields). Installed with pip, the same is `fdistill-train --config=... --workdir=...`.
 On a multi-host cluster (TPU pod slice, SLURM) pass --multihost to call
 jax.distributed.initialize() first; see launch/. A run stopped by SIGTERM saves
-its state and exits with code 143; rerunning the same command resumes it.
+its state and exits with code 143; rerunning the same command resumes it. A bad
+config, workdir, teacher or data file ends in one line `main: error: ...` and
+exit code 1.
 """
 
 import os
@@ -26,6 +28,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from fdistill_jax import config_lib  # noqa: E402
 from fdistill_jax import console  # noqa: E402
+from fdistill_jax.tools import cli  # noqa: E402
 from fdistill_jax.train import loop  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -106,6 +109,9 @@ def main(argv):
   except loop.Preempted as e:
     console.say("%s", e)
     sys.exit(loop.PREEMPTED_EXIT_CODE)
+  except cli.USER_ERRORS + (FloatingPointError,) as e:   # bad config, workdir, teacher, data
+    print(f"main: error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 def cli_main():

@@ -299,7 +299,8 @@ def test_output_dir_refused_unless_overwrite_and_written_by_us(tmp_path, snapsho
   ours = tmp_path / "ours"
   convert.convert(snapshot[0], ours)
   convert.convert(snapshot[0], ours, overwrite=True)
-  assert sorted(p.name for p in ours.iterdir()) == [".fdistill_output", "arch.json", "variables"]
+  assert sorted(p.name for p in ours.iterdir()) == [".fdistill_output", "arch.json", "source.json",
+                                                    "variables"]
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "out"]
 
 

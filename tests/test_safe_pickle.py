@@ -11,6 +11,7 @@ import contextlib
 import io
 import os
 import pickle
+import re
 import subprocess
 import sys
 import types
@@ -236,3 +237,85 @@ def test_works_without_torch(tmp_path):
   got = np.load(tmp_path / "out.npz")
   for fmt in ("z", "l", "p"):
     assert_matches_torch({k: got[f"{fmt}/{k}"] for k in tensors}, tensors)
+
+
+# --------------------------------------------------------------------------
+# The allow-list audit (issue 12): what each entry's arguments can make it do.
+# (The attacks that would allocate gigabytes run in a memory-limited subprocess in
+# tests/test_hostile_files.py; these are the small ones.)
+
+
+def test_big_endian_arrays_load_and_numpy_singletons_stay_untouched():
+  native = np.dtype("f4")
+  value = {"be": np.arange(3, dtype=">f4"), "le": np.arange(3, dtype="<i8"),
+           "dtype": np.dtype(">f4")}
+  for protocol in (2, 5):
+    data = pickle.dumps(value, protocol)
+    got, ref = safe_pickle.safe_loads(data), pickle.loads(data)   # numpy's own reading
+    assert got["dtype"] == ref["dtype"] == np.dtype(">f4")
+    for k in ("be", "le"):
+      np.testing.assert_array_equal(got[k], ref[k])
+      assert got[k].dtype == ref[k].dtype
+  assert np.dtype("f4") is native and native.byteorder == "="
+
+
+@pytest.mark.parametrize("payload, message", [
+    (Reduce(set, np.arange(5)), "set from a ndarray refused"),
+    (Reduce(frozenset, np.arange(5)), "frozenset from a ndarray refused"),
+    (Reduce(collections.OrderedDict, np.zeros((3, 2))), "OrderedDict from a ndarray refused"),
+    (Reduce(torch.Size, [2, "x"]), "torch.Size"),
+    (Reduce(torch.device, [["cuda"]]), "torch.device"),
+    (Reduce(np.dtype, "O8"), "numpy dtype 'O8' refused"),
+    (Reduce(np.dtype, "f4,f4"), "numpy dtype 'f4,f4' refused"),
+    (Reduce(np.dtype, "(1000000,)f4"), "refused"),
+    (Reduce(torch._tensor._rebuild_from_type_v2, set, None, ([1],), None),
+     "_rebuild_from_type_v2"),
+])
+def test_allow_listed_callables_refuse_dangerous_arguments(payload, message):
+  with pytest.raises(pickle.UnpicklingError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    safe_pickle.safe_loads(pickle.dumps(payload, 2))
+
+
+def test_build_is_refused_on_anything_but_records_arrays_dtypes_and_dicts():
+  """BUILD on an allow-listed function, or slot state on a dict, would change shared objects."""
+  from tests import hostile_files as hf  # pylint: disable=g-import-not-at-top
+  od = hf.call(hf.g("collections", "OrderedDict"), )
+  for data in (hf.PROTO2 + hf.g("builtins", "set") + hf.d() + hf.BUILD + hf.STOP,
+               hf.PROTO2 + hf.g("dnnlib", "EasyDict") + hf.d() + hf.BUILD + hf.STOP,
+               hf.PROTO2 + od + hf.tup(hf.NONE, hf.d((hf.s("x"), hf.i(1)))) + hf.BUILD
+               + hf.STOP):
+    with pytest.raises(pickle.UnpicklingError, match="setting the state of a"):
+      safe_pickle.safe_loads(data)
+  assert not hasattr(safe_pickle.EasyDict, "x")
+
+
+def test_protocol5_buffer_must_match_its_shape():
+  data = pickle.dumps(np.arange(4.0), 5)
+  assert data.count(b"\x96") == 1                    # BYTEARRAY8 of 32 bytes
+  bad = data.replace(b"K\x04\x85", b"K\x05\x85")     # shape (4,) -> (5,)
+  with pytest.raises(pickle.UnpicklingError, match="needs 40 bytes, the buffer has 32"):
+    safe_pickle.safe_loads(bad)
+
+
+def test_shared_submodule_is_refused():
+  """A module reachable by two paths (a DAG) is refused, not walked twice (exponential)."""
+  leaf = torch.nn.Module()
+  leaf.register_parameter("w", torch.nn.Parameter(torch.ones(1)))
+  top = torch.nn.Module()
+  top.add_module("a", leaf)
+  top.add_module("b", leaf)
+  record = safe_pickle.safe_loads(pickle.dumps(top), extra_allowed={})
+  with pytest.raises(ValueError, match="'b' appears twice in the module tree"):
+    safe_pickle.module_state_dict(record)
+
+
+def test_every_allow_listed_global_is_documented():
+  doc = safe_pickle.__doc__
+  allowed = safe_pickle.allowed_globals()
+  assert ("numpy", "dtype") in allowed and ("torch._utils", "_rebuild_tensor_v2") in allowed
+  for module, name in allowed:
+    if module == "torch" and (name in safe_pickle._TORCH_DTYPES or name.endswith("Storage")):
+      documented = "torch.*Storage, torch.<dtype>" in doc
+    else:
+      documented = f"{module}.*" in doc or re.search(rf"\b{re.escape(name)}\b", doc)
+    assert documented, f"{module}.{name} is allow-listed but not in the table of the docstring"

@@ -21,6 +21,7 @@ from fdistill_jax.train import loop
 def short_config(divergence):
   c = toy2d.get_config(divergence)
   c.total_steps, c.batch_size, c.fake_score_update_freq = 400, 256, 2
+  c.ema_decays = (0.99,)        # per iteration: 0.999 would still hold 67% of the start at 400
   c.toy.update(width=64, depth=3, fit_steps=400)
   c.disc.resolutions = (0, 2)
   c.checkpoint_every, c.log_every = 0, 100
@@ -42,3 +43,23 @@ def test_short_run_improves_the_divergence(divergence, tmp_path, monkeypatch):
   assert final["reverse_kl"] < init["reverse_kl"]
   assert final["modes_covered"] > init["modes_covered"]
   assert final[f"f_div/{divergence}"] < init[f"f_div/{divergence}"]
+
+
+def test_sweep_table_starts_with_the_exact_teachers_own_samples(tmp_path, monkeypatch):
+  """The sweep's first row is the exact teacher's samples through the same measures
+  (10/10 modes; off-mode 1 - P(within 3 std) = 1.1% in expectation, binomial sd 0.33%
+  at 1024 samples, so < 2.5%); the runs follow; a second call reuses the runs."""
+  from fdistill_jax.tools import sweep  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(report, "NUM_EVAL_SAMPLES", 1024)
+  overrides = [("total_steps", 2), ("batch_size", 16), ("toy.width", 32), ("toy.depth", 2),
+               ("toy.fit_steps", 20), ("disc.resolutions", (0, 1)), ("disc.channels", 16),
+               ("checkpoint_every", 0)]
+  config_path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "toy2d.py")
+  results, table = sweep.sweep(config_path, str(tmp_path), ["js"], ["0"], overrides)
+  assert list(results) == ["teacher (exact samples)", "js"]
+  ref = results["teacher (exact samples)"][0]
+  assert ref["modes_covered"] == 10 and ref["off_mode_fraction"] < 0.025
+  rows = sweep.markdown_table(results, table, ["0"]).splitlines()
+  assert rows[2].startswith("| teacher (exact samples) | 10.000 ± 0.000 |") and rows[3].startswith("| js |")
+  again, _ = sweep.sweep(config_path, str(tmp_path), ["js"], ["0"], overrides)
+  assert again["js"] == results["js"]

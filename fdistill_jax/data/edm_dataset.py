@@ -3,10 +3,20 @@
 A zip file or a folder of images (searched recursively) with an optional
 dataset.json holding {"labels": [[relative file name, integer class], ...]}
 or {"labels": null}.
+
+Nothing in the files is trusted: an image's size is checked against the
+config before it is decoded (no decompression bombs), a zip member's declared
+size before it is inflated, and 8-bit grayscale / RGB images are used as they
+are; 16-bit grayscale is scaled to 8 bits (round(x * 255 / 65535)), 1-bit
+becomes 0 / 255 (Pillow itself reads 16-bit RGB PNGs as 8-bit, keeping the
+high byte), and any other mode is refused. A corrupt or truncated image stops
+the run with its name, unless `data.skip_unreadable=True`: then it is skipped
+(the next readable example takes its place) and counted in the log.
 """
 
 import io
 import json
+import logging
 import os
 import threading
 import zipfile
@@ -15,6 +25,14 @@ import numpy as np
 import PIL.Image
 
 from fdistill_jax.data import sources
+
+MAX_IMAGE_BYTES = 256 * 2**20          # one image file
+MAX_LABELS_BYTES = 2**30               # dataset.json (ImageNet's is ~50 MB)
+_LOG = logging.getLogger(__name__)
+
+
+class UnreadableImage(ValueError):
+  """An image file cannot be decoded (corrupt, truncated, or not an image)."""
 
 BUILD_HINT = (
     "Create it with EDM's dataset_tool.py, e.g.\n"
@@ -53,18 +71,48 @@ class _EdmFiles:
       self._local.zip = zipfile.ZipFile(self.path)
     return self._local.zip
 
-  def read(self, name: str) -> bytes:
+  def read(self, name: str, limit: int = MAX_IMAGE_BYTES) -> bytes:
+    """The file's bytes; its (declared) size is checked against `limit` first."""
     if os.path.isdir(self.path):
-      with open(os.path.join(self.path, name), "rb") as f:
+      file = os.path.join(self.path, name)
+      size = os.path.getsize(file)
+    else:
+      size = self._zip().getinfo(name).file_size
+    if size > limit:
+      raise UnreadableImage(f"{self.path}/{name} has {size:,} bytes (limit {limit:,}): not a "
+                            "dataset file of this format.")
+    if os.path.isdir(self.path):
+      with open(file, "rb") as f:
         return f.read()
     return self._zip().read(name)
+
+
+def _labels_json(files: _EdmFiles):
+  """The 'labels' list of dataset.json (or None), checked; errors name the file."""
+  where = f"{files.path}/dataset.json"
+  try:
+    raw = json.loads(files.read("dataset.json", MAX_LABELS_BYTES))
+  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    raise ValueError(f"{where} is not valid JSON ({str(e)[:200] or type(e).__name__}); rebuild "
+                     "it with dataset_tool.py.") from None
+  if not isinstance(raw, dict):
+    raise ValueError(f"{where} must hold a JSON object {{\"labels\": [[file, class], ...]}}, "
+                     f"got a {type(raw).__name__}.")
+  labels = raw.get("labels")
+  if labels is not None and not isinstance(labels, list):
+    raise ValueError(f"{where}: 'labels' must be a list of [file name, class] pairs or null.")
+  for i, pair in enumerate(labels or ()):
+    if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
+            and type(pair[1]) is int):
+      raise ValueError(f"{where}: labels entry {i} is {str(pair)[:80]}; expected [file name, "
+                       "integer class].")
+  return labels
 
 
 def _edm_labels(files: _EdmFiles, num_classes: int) -> np.ndarray:
   """Integer labels in file order from dataset.json, checked."""
   where = f"EDM dataset {files.path}"
-  raw = (json.loads(files.read("dataset.json")).get("labels")
-         if "dataset.json" in files.names else None)
+  raw = _labels_json(files) if "dataset.json" in files.names else None
   if raw is None:
     raise ValueError(
         f"{where} has no labels (dataset.json missing or labels null) but "
@@ -97,14 +145,66 @@ def edm_source(config) -> sources.IndexedSource:
   labels = (_edm_labels(files, common["num_classes"])
             if common["num_classes"] else np.zeros(len(files.images), np.int64))
 
+  skip = bool(sources.field(config, "skip_unreadable", False))
+  skipped, lock = set(), threading.Lock()
+
   def read_one(i):
-    name = files.images[i]
-    with PIL.Image.open(io.BytesIO(files.read(name))) as im:
-      image = np.asarray(im)
-    image = sources.check_image(image, common["image_shape"], f"{path}/{name}")
-    return image, labels[i]
+    for j in range(i, i + len(files.images)):      # with skip: the next readable example
+      name = files.images[j % len(files.images)]
+      try:
+        image = decode_image(files.read(name), common["image_shape"], f"{path}/{name}")
+        return image, labels[j % len(files.images)]
+      except UnreadableImage as e:
+        if not skip:
+          raise
+        with lock:
+          if name not in skipped:
+            skipped.add(name)
+            _LOG.warning("Skipping unreadable image (%d so far; data.skip_unreadable=True): "
+                         "%s", len(skipped), e)
+    raise UnreadableImage(f"{path}: no image of the dataset could be read.")
 
   read = sources.batch_reader(read_one, len(files.images), config)
   return sources.IndexedSource(read, num_examples=len(files.images),
                        name=f"EDM dataset {path}", **common)
 
+
+
+def _to_uint8(im: PIL.Image.Image, where: str) -> np.ndarray:
+  """uint8 pixels of an 8-bit, 16-bit grayscale or 1-bit image (module docstring)."""
+  if im.mode in ("L", "RGB"):
+    return np.asarray(im)
+  if im.mode == "1":
+    return np.asarray(im.convert("L"))
+  if im.mode.startswith("I;16"):
+    x = np.asarray(im).astype(np.uint32)
+    return ((x * 255 + 32767) // 65535).astype(np.uint8)
+  raise UnreadableImage(f"{where}: image mode {im.mode!r} is not supported (8-bit L or RGB, "
+                        "16-bit grayscale); convert the dataset to 8-bit RGB.")
+
+
+def decode_image(data: bytes, image_shape, where: str) -> np.ndarray:
+  """uint8 [H, W, C] pixels of an image file, its size checked before decoding.
+
+  Raises:
+    UnreadableImage: the bytes are not a decodable image of a supported mode.
+    ValueError: the image's size or channels differ from `image_shape`.
+  """
+  try:
+    with PIL.Image.open(io.BytesIO(data)) as im:
+      if tuple(im.size[::-1]) != tuple(image_shape[:2]):
+        size = (im.size[1], im.size[0], len(im.getbands()))
+      else:
+        size = None
+        image = _to_uint8(im, where)
+  except UnreadableImage:
+    raise
+  except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as e:
+    raise UnreadableImage(f"{where}: cannot decode the image ({str(e)[:200]}): the file is "
+                          "corrupt or truncated. Rebuild the dataset, or set "
+                          "--config.data.skip_unreadable=True to skip such files.") from None
+  if size is not None:   # the same message as sources.check_image, before decoding
+    raise ValueError(f"{where}: image has shape {size} (H, W, C) but the config expects "
+                     f"{tuple(image_shape)} (data.resolution={image_shape[0]}); resize the "
+                     "dataset or fix the config.")
+  return sources.check_image(image, image_shape, where)

@@ -179,7 +179,12 @@ def build(names, ctx: EvalContext) -> list:
 
 
 def as_params(state) -> dict:
-  """The `params` dict evaluators receive, from a TrainState."""
+  """The `params` dict evaluators receive, from a TrainState.
+
+  'generator' is `state.ema[0]`, the copy with the first of `config.ema_decays`
+  (0.9999 per iteration in the paper configs: FastGen's `use_ema[0]`, the one
+  its inference uses), or the raw generator when the run keeps no EMA.
+  """
   generator = state.ema[0] if state.ema else state.gen
   return {"generator": generator, "raw": state.gen, "fake": state.fake, "disc": state.disc}
 

@@ -21,6 +21,7 @@ import PIL.Image
 from fdistill_jax import console
 from fdistill_jax.data import tfds as tfds_data
 from fdistill_jax.eval import metrics
+from fdistill_jax.io import limits
 from fdistill_jax.networks import inception
 
 
@@ -112,11 +113,30 @@ def fid_from_samples(images, ref_mu, ref_sigma, feature_fn, batch_size=256, meth
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
+MAX_IMAGE_SIDE = 4096    # folder images: larger ones are refused before decoding
+
+
+def _read_image(path, size=None):
+  """RGB uint8 pixels of one image file; its size is checked before decoding."""
+  try:
+    with PIL.Image.open(path) as im:
+      if max(im.size) > MAX_IMAGE_SIDE or (size is not None and im.size != size):
+        raise ValueError(f"{path}: image is {im.size[0]}x{im.size[1]}; expected "
+                         f"{'%dx%d' % size if size else f'at most {MAX_IMAGE_SIDE} per side'} "
+                         "like the other images of the folder.")
+      return np.asarray(im.convert("RGB"))
+  except (OSError, SyntaxError, EOFError, PIL.Image.DecompressionBombError) as e:
+    raise ValueError(f"{path}: cannot decode the image ({str(e)[:200]}): the file is corrupt "
+                     "or truncated.") from None
+
+
 def _folder_images(path):
   paths = sorted(p for p in pathlib.Path(path).rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
   if not paths:
     raise ValueError(f"No images ({', '.join(_IMAGE_SUFFIXES)}) found under {path}.")
-  return np.stack([np.asarray(PIL.Image.open(p).convert("RGB")) for p in paths])
+  first = _read_image(paths[0])
+  size = (first.shape[1], first.shape[0])
+  return np.stack([first] + [_read_image(p, size) for p in paths[1:]])
 
 
 def load_images(spec):
@@ -125,10 +145,11 @@ def load_images(spec):
     return tfds_data.read_images(spec), None
   if pathlib.Path(spec).is_dir():
     return _folder_images(spec), None
-  with np.load(spec, allow_pickle=False) as data:
-    if "images" not in data.files:
-      raise ValueError(f"{spec} holds {data.files}; expected an 'images' array (uint8 NHWC).")
-    return data["images"], (data["labels"] if "labels" in data.files else None)
+  data = limits.load_npz(spec, keys=("images", "labels"))   # headers checked first
+  if "images" not in data:
+    raise ValueError(f"{spec} holds {limits.npz_keys(spec)}; expected an 'images' array "
+                     "(uint8 NHWC).")
+  return data["images"], data.get("labels")
 
 
 def _check_images(images, where):
@@ -169,25 +190,31 @@ def reference_from_images(spec, feature_fn, batch_size=256, out=None, save_featu
   return {"mu": mu, "sigma": sigma, "features": features}
 
 
-def _load_reference(spec, feature_fn, batch_size):
-  """--ref: EDM statistics npz (maybe with features), or images to compute them from."""
+def _reference_stats_file(spec):
+  """The checked statistics when --ref is an EDM statistics npz; None for images."""
   if not spec.startswith("tfds:") and not pathlib.Path(spec).is_dir():
-    with np.load(spec, allow_pickle=False) as data:
-      is_stats = "mu" in data.files
-    if is_stats:
+    if "mu" in limits.npz_keys(spec):
       return metrics.load_reference_stats(spec)
-  return reference_from_images(spec, feature_fn, batch_size)
+  return None
 
 
 def evaluate(samples, ref, weights, mode="tf", batch_size=256, k=3, num_samples=None,
              method="sqrtm"):
-  """FID (+ precision/recall when reference features exist) as a JSON-able dict."""
-  feature_fn = load_feature_fn(weights, mode)
+  """FID (+ precision/recall when reference features exist) as a JSON-able dict.
+
+  Cheap checks come first: the reference statistics (finite, symmetric, PSD)
+  and the sample file are read and checked before any network runs.
+  """
+  if num_samples is not None and num_samples <= 0:
+    raise ValueError(f"--num_samples={num_samples} must be positive (or left unset for all).")
+  reference = _reference_stats_file(ref)
   images, _ = load_images(samples)
   images = _check_images(images[:num_samples], samples)
+  feature_fn = load_feature_fn(weights, mode)
   features = extract_features(images, feature_fn, batch_size,
                               what="Inception features of the samples")
-  reference = _load_reference(ref, feature_fn, batch_size)
+  if reference is None:
+    reference = reference_from_images(ref, feature_fn, batch_size)
   mu, sigma = metrics.feature_statistics(features)
   console.say("Frechet distance of %d samples (%s) ...", len(features), method)
   is_random = weights == RANDOM_INCEPTION

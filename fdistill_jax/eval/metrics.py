@@ -16,6 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
+from fdistill_jax.io import atomic
+from fdistill_jax.io import limits
+
+# Reference statistics: relative tolerances for symmetry and for negative eigenvalues.
+SYMMETRY_RTOL = 1e-6
+PSD_RTOL = 1e-6
+
 
 # ----------------------------------------------------------------------------
 # Frechet distance.
@@ -93,7 +100,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method="sqrtm"):
   else:
     raise ValueError(f"Unknown method {method!r}; use 'sqrtm' (EDM / pytorch-fid) or 'eigh'.")
   diff = mu1 - mu2
-  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
+  scale = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2))
+  distance = scale - 2.0 * float(trace_sqrt)
+  if not np.isfinite(distance):
+    raise ValueError(f"The Frechet distance is {distance}: the statistics hold NaN or infinite "
+                     "values; check the reference file (mu, sigma) and the features.")
+  if distance < -1e-6 * max(abs(scale), 1.0):
+    raise ValueError(f"The Frechet distance came out negative ({distance:g}): the covariances "
+                     "are not valid (symmetric positive semi-definite) statistics.")
+  return max(distance, 0.0)             # rounding can leave a tiny negative value
 
 
 # ----------------------------------------------------------------------------
@@ -201,19 +216,52 @@ def precision_recall(real_features, fake_features, k=3, batch_size=1000):
 
 
 def save_reference_stats(path, mu, sigma, **extra):
-  """Writes EDM-format reference statistics (`mu`, `sigma`, optional extras)."""
-  with open(path, "wb") as f:
-    np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), **extra)
+  """Writes EDM-format reference statistics (`mu`, `sigma`, optional extras), atomically."""
+  atomic.write_npz(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
+                   **extra)
+
+
+def check_reference_stats(mu, sigma, where="reference statistics"):
+  """Refuses statistics no feature set can have: sizes, NaN/inf, asymmetry, negative eigenvalues.
+
+  sigma must be symmetric to `SYMMETRY_RTOL` and positive semi-definite to
+  `PSD_RTOL` (its smallest eigenvalue >= -PSD_RTOL x its largest), relative to
+  its largest entry; otherwise FID is meaningless (and can come out negative).
+  """
+  mu, sigma = np.asarray(mu), np.asarray(sigma)
+  if mu.ndim != 1 or sigma.shape != mu.shape * 2:
+    raise ValueError(f"{where}: mu has shape {mu.shape} and sigma {sigma.shape}; expected [D] "
+                     "and [D, D].")
+  for name, value in (("mu", mu), ("sigma", sigma)):
+    if not np.issubdtype(value.dtype, np.floating) or not np.all(np.isfinite(value)):
+      raise ValueError(f"{where}: {name} holds NaN or infinite values (or is not float); "
+                       "recompute the statistics with --ref_from.")
+  sigma = sigma.astype(np.float64)
+  scale = max(float(np.max(np.abs(sigma))), np.finfo(np.float64).tiny)
+  asym = float(np.max(np.abs(sigma - sigma.T)))
+  if asym > SYMMETRY_RTOL * scale:
+    raise ValueError(f"{where}: sigma is not symmetric (max |sigma - sigma^T| = {asym:.3g}, "
+                     f"{asym / scale:.2g} of its largest entry); not a covariance matrix.")
+  eig = np.linalg.eigvalsh((sigma + sigma.T) / 2)
+  if eig[0] < -PSD_RTOL * max(eig[-1], 0.0) or eig[-1] < 0:
+    raise ValueError(f"{where}: sigma has a negative eigenvalue ({eig[0]:.3g}; largest "
+                     f"{eig[-1]:.3g}): not a covariance matrix.")
 
 
 def load_reference_stats(path):
-  """Reads EDM-format reference statistics; returns a dict with `mu`, `sigma`, ...
+  """Reads and checks EDM-format reference statistics; returns a dict with `mu`, `sigma`, ...
 
-  Pickled object arrays are refused (allow_pickle=False).
+  Every npz header is checked before its array is read (`io.limits.load_npz`:
+  plain numeric dtypes, sizes the file holds); `check_reference_stats` then
+  checks the values.
   """
-  with np.load(path, allow_pickle=False) as data:
-    stats = {key: data[key] for key in data.files}
+  stats = limits.load_npz(path)
   if "mu" not in stats or "sigma" not in stats:
     raise ValueError(f"{path} holds keys {sorted(stats)}, expected 'mu' and 'sigma' (EDM's "
                      "reference format); create one with --ref_from.")
+  check_reference_stats(stats["mu"], stats["sigma"], str(path))
+  if "features" in stats and (stats["features"].ndim != 2
+                              or stats["features"].shape[1:] != stats["mu"].shape):
+    raise ValueError(f"{path}: features have shape {stats['features'].shape}; expected "
+                     f"[N, {stats['mu'].shape[0]}].")
   return stats

@@ -7,8 +7,10 @@ renamed onto it (`os.replace` is atomic on POSIX file systems). A failure
 leaves the target as it was and removes the temporary.
 
 A directory written here carries a marker file (`MARKER`) naming the tool that
-wrote it; `replace_dir(..., overwrite=True)` only ever replaces a directory
-that holds such a marker, never a user's folder.
+wrote it and the entries it wrote; `write_dir(..., overwrite=True)` only ever
+replaces a directory that holds such a marker and nothing else (a file a user
+put inside, e.g. the input itself, makes it refuse), never a user's folder.
+`check_not_inside` refuses an output that would contain an input.
 """
 
 import json
@@ -29,6 +31,32 @@ def _tmp_name(path: str, kind: str) -> str:
   return os.path.join(head, f".{tail}.{kind}-{uuid.uuid4().hex[:8]}")
 
 
+def _inside(path: str, parent: str) -> bool:
+  path, parent = os.path.realpath(path), os.path.realpath(parent)
+  return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def check_not_inside(output: str, inputs, what: str = "the input") -> None:
+  """Refuses an output directory that is, or contains, one of `inputs`."""
+  for item in inputs:
+    if item and os.path.exists(item) and _inside(item, output):
+      raise OutputError(f"{what} {item} lies inside the output {output}: writing there would "
+                        "replace it; choose an output outside it.")
+
+
+def check_parent(path: str, what: str = "output") -> None:
+  """Refuses a target whose nearest existing ancestor is a file or not writable."""
+  ancestor = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(ancestor) and os.path.dirname(ancestor) != ancestor:
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    raise OutputError(f"{what} {path} cannot be created: {ancestor} is a file, not a "
+                      "directory; choose another path.")
+  if not os.access(ancestor, os.W_OK | os.X_OK):
+    raise OutputError(f"{what} {path} cannot be created: {ancestor} is not writable; choose "
+                      "another path.")
+
+
 def write_file(path: str, write: Callable[[str], Any]) -> str:
   """Calls `write(tmp_path)`, then renames the temporary onto `path`.
 
@@ -36,6 +64,9 @@ def write_file(path: str, write: Callable[[str], Any]) -> str:
     The absolute path written.
   """
   path = os.path.abspath(path)
+  if os.path.isdir(path):
+    raise OutputError(f"{path} is a directory; give a file name.")
+  check_parent(path, "file")
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = _tmp_name(path, "tmp")
   try:
@@ -74,10 +105,24 @@ def is_tool_output(path: str) -> bool:
   return os.path.isfile(os.path.join(path, MARKER))
 
 
+def _foreign_entries(path: str) -> list:
+  """Entries of a marked directory that its marker does not list (someone else's files)."""
+  try:
+    with open(os.path.join(path, MARKER), encoding="utf-8") as f:
+      record = json.loads(f.read(2**20))
+    written = set(record["entries"])
+  except (OSError, ValueError, KeyError, TypeError):
+    written = None            # a marker of an older version: it lists nothing
+  if written is None:
+    return []
+  return sorted(set(os.listdir(path)) - written - {MARKER})
+
+
 def check_output_dir(path: str, overwrite: bool, what: str = "output") -> None:
   """Refuses a target that is a file, or a non-empty directory not ours to replace."""
   if os.path.exists(path) and not os.path.isdir(path):
     raise OutputError(f"{what} {path} exists and is not a directory; choose another path.")
+  check_parent(path, what)
   if not os.path.isdir(path) or not os.listdir(path):
     return
   if not overwrite:
@@ -87,6 +132,11 @@ def check_output_dir(path: str, overwrite: bool, what: str = "output") -> None:
     raise OutputError(f"{what} directory {path} was not written by fdistill_jax (no {MARKER} "
                       "marker): --overwrite only replaces this tool's own outputs. Remove it "
                       "yourself or choose another path.")
+  foreign = _foreign_entries(path)
+  if foreign:
+    raise OutputError(f"{what} directory {path} holds files this tool did not write "
+                      f"({', '.join(foreign[:5])}): --overwrite would delete them. Move them "
+                      "out or choose another path.")
 
 
 def write_dir(path: str, fill: Callable[[str], Any], *, overwrite: bool = False,
@@ -108,8 +158,8 @@ def write_dir(path: str, fill: Callable[[str], Any], *, overwrite: bool = False,
   os.makedirs(tmp)
   try:
     fill(tmp)
-    with open(os.path.join(tmp, MARKER), "w") as f:
-      f.write(f"written by {tool}\n")
+    with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
+      json.dump({"tool": tool, "entries": sorted(os.listdir(tmp))}, f)
     check_output_dir(path, overwrite, what)
     _swap_in(tmp, path)
   finally:

@@ -70,6 +70,77 @@ DHARIWAL_TINY_ARCH = {
 ARCHS = {"cifar10": CIFAR10_ARCH, "imagenet64": IMAGENET64_ARCH,
          "songunet_tiny": SONGUNET_TINY_ARCH, "dhariwal_tiny": DHARIWAL_TINY_ARCH}
 
+# What an architecture may declare (EDM's networks sit far inside these bounds). Checked
+# before anything is built or traced, because the arguments often come from a file.
+MAX_RESOLUTION = 1024
+MAX_LEVELS = 8
+_INT_RANGES = {"img_resolution": (1, MAX_RESOLUTION), "img_channels": (1, 64),
+               "label_dim": (0, 100_000), "augment_dim": (0, 1024),
+               "model_channels": (1, 2048), "channel_mult_emb": (1, 16),
+               "channel_mult_noise": (1, 16), "num_blocks": (1, 32)}
+_CHOICES = {"precond": ("EDMPrecond",), "model_type": tuple(MODEL_TYPES),
+            "embedding_type": ("positional", "fourier"),
+            "encoder_type": ("standard", "skip", "residual"),
+            "decoder_type": ("standard", "skip")}
+
+
+def _is_int(v):
+  return type(v) is int
+
+
+def _is_real(v):
+  return type(v) in (int, float) and v == v   # not NaN
+
+
+def _int_list(arch, key, lo, hi, max_len):
+  value = arch[key]
+  if (not isinstance(value, (list, tuple)) or len(value) > max_len
+      or not all(_is_int(v) and lo <= v <= hi for v in value)):
+    raise ValueError(f"arch {key}={str(value)[:80]}: expected a list of at most {max_len} "
+                     f"integers in [{lo}, {hi}].")
+
+
+def check_arch(arch: Mapping[str, Any]) -> None:
+  """Checks EDMPrecond arguments (types, ranges, sizes) before anything is built.
+
+  The arguments usually come from a file (a snapshot's recorded `_init_kwargs`,
+  `arch.json`, `generator_spec.json`), so nothing here trusts them: integers
+  must be plain ints in `_INT_RANGES`, lists short, strings one of the known
+  choices, and the resolution divisible by 2 per encoder level.
+
+  Raises:
+    ValueError: naming the argument, its value and what is accepted.
+  """
+  if not isinstance(arch, Mapping) or not all(isinstance(k, str) for k in arch):
+    raise ValueError("arch must be a JSON object of EDMPrecond arguments.")
+  for key, (lo, hi) in _INT_RANGES.items():
+    if key in arch and not (_is_int(arch[key]) and lo <= arch[key] <= hi):
+      raise ValueError(f"arch {key}={str(arch[key])[:80]}: expected an integer in [{lo}, {hi}].")
+  for key, choices in _CHOICES.items():
+    if key in arch and arch[key] not in choices:
+      raise ValueError(f"arch {key}={str(arch[key])[:80]}: expected one of {list(choices)}.")
+  for key in ("img_resolution", "img_channels"):
+    if key not in arch:
+      raise ValueError(f"arch has no {key}: expected EDMPrecond arguments.")
+  if "channel_mult" in arch:
+    _int_list(arch, "channel_mult", 1, 16, MAX_LEVELS)
+  if "attn_resolutions" in arch:
+    _int_list(arch, "attn_resolutions", 1, MAX_RESOLUTION, 16)
+  if "resample_filter" in arch:
+    _int_list(arch, "resample_filter", 1, 1000, 8)
+  for key in ("dropout", "label_dropout"):
+    if key in arch and not (_is_real(arch[key]) and 0 <= arch[key] <= 1):
+      raise ValueError(f"arch {key}={str(arch[key])[:80]}: expected a number in [0, 1].")
+  for key in ("sigma_min", "sigma_max", "sigma_data"):
+    if key in arch and not (_is_real(arch[key]) and arch[key] >= 0):
+      raise ValueError(f"arch {key}={str(arch[key])[:80]}: expected a non-negative number.")
+  if "use_fp16" in arch and not isinstance(arch["use_fp16"], bool):
+    raise ValueError(f"arch use_fp16={str(arch['use_fp16'])[:80]}: expected true or false.")
+  levels = len(arch.get("channel_mult", (1, 2, 3, 4)))
+  if levels < 1 or arch["img_resolution"] % (1 << (levels - 1)):
+    raise ValueError(f"arch img_resolution={arch['img_resolution']} must be divisible by "
+                     f"2^{levels - 1} for {levels} channel_mult levels.")
+
 
 def edm_precond_coefficients(sigma, sigma_data):
   """EDM preconditioning (Karras et al. 2022, Table 1, Eq. 7).
@@ -161,8 +232,9 @@ def build_edm(arch: Mapping[str, Any], dtype=jnp.float32) -> EDMPrecond:
       and the preconditioning are float32).
 
   Raises:
-    ValueError: unknown model_type, precond or keys.
+    ValueError: unknown model_type, precond or keys, or values out of range (`check_arch`).
   """
+  check_arch(arch)
   arch = dict(arch)
   model_type = arch.get("model_type", "DhariwalUNet")
   if model_type not in MODEL_TYPES:

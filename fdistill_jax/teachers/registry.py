@@ -27,7 +27,12 @@ def build(config) -> base.Teacher:
 
 
 def _edm_student(spec, dtype):
-  module = networks.build_edm(spec["arch"], dtype=dtype)
+  """The generator of an EDM spec; its arch (from a workdir or export file) is checked first."""
+  arch = spec.get("arch")
+  if not isinstance(arch, dict):
+    raise ValueError("The generator spec has no 'arch' object (EDMPrecond arguments).")
+  networks.declared_param_count(arch)
+  module = networks.build_edm(arch, dtype=dtype)
   shape = (module.img_resolution, module.img_resolution, module.img_channels)
   return module, shape, int(module.label_dim)
 

@@ -61,6 +61,11 @@ def _evaluate(argv):
     return 0
   if not (FLAGS.samples and FLAGS.ref):
     raise ValueError("Give --samples and --ref (or --ref_from and --ref_out); see --help.")
+  if FLAGS.num_samples is not None and FLAGS.num_samples <= 0:
+    raise ValueError(f"--num_samples={FLAGS.num_samples} must be positive (or left unset for "
+                     "all samples).")
+  if FLAGS.batch_size <= 0 or FLAGS.k <= 0:
+    raise ValueError(f"--batch_size={FLAGS.batch_size} and --k={FLAGS.k} must be positive.")
   result = fid.evaluate(FLAGS.samples, FLAGS.ref, FLAGS.inception, FLAGS.preprocessing,
                         FLAGS.batch_size, FLAGS.k, FLAGS.num_samples, FLAGS.fid_method)
   out = FLAGS.out or str(pathlib.Path(FLAGS.samples).with_suffix("")) + "_metrics.json"

@@ -6,7 +6,9 @@ r"""One config over several variants and seeds, through the same engine, as one 
 
 runs `--config:VARIANT` with each seed (the seed sets `seed`, `data.seed` and the
 problem's own seed fields, the same for every variant), then writes
-`table.md` (mean +- std over seeds of the problem's measures), `sweep.json`
+`table.md` (mean +- std over seeds of the problem's measures; a problem with a
+reference, such as the toy's exact teacher samples, gets it as the first row,
+measured with each seed), `sweep.json`
 (every run's measures) and, where the problem has one, a figure of all
 variants side by side (`figure.png`, the first seed's runs).
 
@@ -51,22 +53,27 @@ FIGURE = "figure.png"
 
 
 class Table:
-  """How a problem's runs become a table row: result file, measures, seed fields, figure.
+  """How a problem's runs become a table row: result file, measures, seed fields,
+  figure, and optionally `reference(config) -> measures` with its row name.
 
   `figure(path, runs, config)`, if given, draws the variants side by side from
   `runs` = {variant: run directory} (one seed) and the first run's config.
   """
 
   def __init__(self, result_file: str, read: Callable[[dict], dict], columns,
-               seed_fields=(), figure: Optional[Callable] = None):
+               seed_fields=(), figure: Optional[Callable] = None, reference=None,
+               reference_name="reference"):
     self.result_file, self.read, self.columns, self.seed_fields, self.figure = (
         result_file, read, columns, seed_fields, figure)
+    self.reference, self.reference_name = reference, reference_name
 
 
 # evaluator name -> its table (the first evaluator of a config with a table wins).
 TABLES: dict[str, Table] = {
     "toy": Table(toy_report.METRICS_FILE, lambda r: r["final"], toy_report.COLUMNS,
-                 seed_fields=("toy.fit_seed",), figure=toy_report.sweep_figure),
+                 seed_fields=("toy.fit_seed",), figure=toy_report.sweep_figure,
+                 reference=toy_report.teacher_reference,
+                 reference_name="teacher (exact samples)"),
     # The first sampler's row (the one-step generator); the whole digits table, with the
     # teacher's rows and wall times, is `fdistill_jax.tools.digits_sweep`.
     "digits": Table(digits_report.METRICS_FILE, lambda r: r["rows"][0], digits_report.COLUMNS),
@@ -138,6 +145,9 @@ def sweep(config_path, workdir, variants, seeds, overrides=()):
   table = table_for(base)
   jobs = [(v, s) for v in variants for s in seeds]
   results, dirs, teachers = {}, {}, {}
+  if table.reference is not None:
+    results[table.reference_name] = [
+        table.reference(run_config(config_path, variants[0], s, overrides, table)) for s in seeds]
   for k, (variant, seed) in enumerate(jobs, 1):
     config = run_config(config_path, variant, seed, overrides, table)
     resolved = json.loads(config.to_json())

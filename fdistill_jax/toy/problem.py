@@ -28,7 +28,10 @@ def teacher_from_config(config) -> base.Teacher:
                       student_params=variables["params"],
                       sample_shape=(mixture.means.shape[1],), num_classes=0,
                       spec={"kind": "toy", "width": int(tc.width), "depth": int(tc.depth),
-                            "mixture": config.data.mixture})
+                            "mixture": config.data.mixture},
+                      identity={"kind": "toy", "mixture": config.data.mixture,
+                                **{k: int(tc[k]) for k in ("fit_seed", "fit_steps", "fit_batch",
+                                                           "width", "depth")}})
 
 
 def student_from_spec(spec, dtype=None):

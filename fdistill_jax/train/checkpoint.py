@@ -7,6 +7,9 @@ This module is the only one that names files in a run's workdir:
     generator_spec.json                 the generator's architecture (no teacher needed)
     config.json                         the resolved config of the run
     status.json                         {"state": "running"|"finished"|"preempted"|"failed", ...}
+    teacher.json                        the teacher's identity (content hash / fit settings)
+    run.lock                            held (flock) by the process running in the workdir
+    checkpoints_unreadable/<step>-<t>   checkpoints that failed to load, moved aside
     log.txt                             the full log (the console shows progress only)
     samples/step_NNNNNNN.png            one-step sample grids
     events.out.tfevents.*               TensorBoard scalars and images (clu writer)
@@ -15,20 +18,30 @@ A checkpoint holds the TrainState and the config it was made with; the frozen
 teacher is never in it. Orbax writes each step into a temporary directory and
 renames it when complete, so a run killed mid-save leaves only complete
 checkpoints visible; a latest checkpoint that cannot be read is skipped with a
-warning and the previous one is used (`newest_readable`).
+warning and the previous one is used (`newest_readable`); the training run
+moves it aside into checkpoints_unreadable/ (never deletes it), so that the
+step can be saved again. A state with any non-finite array is never saved
+(`nonfinite_leaves`), so every kept checkpoint is a good one.
 
 An exported generator (`export_generator`) is a directory with
 generator_spec.json, export.json and params/ (orbax), loadable without the
 training workdir: `load_generator(path) -> (module, params, info)`.
 """
 
+import contextlib
+import fcntl
+import functools
 import json
 import logging
 import os
+import shutil
+import socket
+import time
 from typing import Any, Callable, Optional
 
 from etils import epath
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -38,6 +51,9 @@ CHECKPOINTS = "checkpoints"
 GENERATOR_SPEC = "generator_spec.json"
 CONFIG_FILE = "config.json"
 STATUS_FILE = "status.json"
+TEACHER_FILE = "teacher.json"
+LOCK_FILE = "run.lock"
+UNREADABLE = "checkpoints_unreadable"
 LOG_FILE = "log.txt"
 SAMPLES = "samples"
 PARAMS_DIR = "params"                 # exported generator
@@ -47,7 +63,8 @@ DEFAULT_SIGMA_INIT = 80.0
 # Config fields that must match to resume: they change what the state means. (A change of
 # network sizes that no field here shows is caught by comparing the saved arrays' shapes.)
 COMPATIBLE_KEYS = ("divergence", "teacher.kind", "teacher.arch", "disc.resolutions",
-                   "disc.channels", "disc.features_from", "ema_decays", "compute_dtype")
+                   "disc.channels", "disc.features_from", "ema_decays", "compute_dtype",
+                   "disc.head", "loss.num_bins", "optim.clip_critic")
 
 _LOG = logging.getLogger(__name__)
 
@@ -112,17 +129,20 @@ def check_compatible(saved, config):
            if json.dumps(_lookup(saved, k), sort_keys=True)
            != json.dumps(_lookup(current, k), sort_keys=True)]
   if diffs:
-    lines = "\n".join(f"  {k}: checkpoint has {a!r}, config has {b!r}" for k, a, b in diffs)
-    raise CheckpointError("The checkpoint in the workdir was made with an incompatible config:\n"
-                     f"{lines}\nUse a new --workdir, or run with the checkpoint's settings.")
+    lines = "; ".join(f"{k}: checkpoint has {a!r}, config has {b!r}" for k, a, b in diffs)
+    raise CheckpointError("The checkpoint in the workdir was made with an incompatible config "
+                          f"({lines}). Use a new --workdir, or run with the checkpoint's "
+                          "settings.")
 
 
-def newest_readable(steps, read: Callable[[int], Any]):
+def newest_readable(steps, read: Callable[[int], Any],
+                    on_unreadable: Optional[Callable[[int, Exception], None]] = None):
   """(step, read(step)) for the newest step whose read succeeds; None if none.
 
   Steps are tried newest first; one whose read raises anything but
-  `CheckpointError` (a truncated or corrupt file) is skipped with a warning;
-  `CheckpointError` (an incompatible checkpoint, a bad request) propagates.
+  `CheckpointError` (a truncated or corrupt file) is skipped with a warning
+  and passed to `on_unreadable(step, error)`; `CheckpointError` (an
+  incompatible checkpoint, a bad request) propagates.
   """
   for step in sorted(steps, reverse=True):
     try:
@@ -131,7 +151,34 @@ def newest_readable(steps, read: Callable[[int], Any]):
       raise
     except Exception as e:  # pylint: disable=broad-except  (corrupt / truncated files)
       _LOG.warning("Skipping unreadable checkpoint at step %d: %s", step, e)
+      if on_unreadable is not None:
+        on_unreadable(step, e)
   return None
+
+
+def _sync(name):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def move_aside(mngr, step, error=None):
+  """Moves checkpoints/<step> to checkpoints_unreadable/<step>-<time> (never deletes it).
+
+  Leaving it in place would make the run skip it on every start and then fail
+  to save that step again (orbax refuses an existing step): a crash loop.
+  """
+  src = os.path.join(str(mngr.directory), str(step))
+  workdir = os.path.dirname(str(mngr.directory).rstrip("/"))
+  _sync(f"fdistill_move_aside_{step}_a")
+  if jax.process_index() == 0 and os.path.isdir(src):
+    dst = os.path.join(workdir, UNREADABLE, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    shutil.move(src, dst)
+    _LOG.warning("Moved the unreadable checkpoint of step %d to %s (%s); the run continues "
+                 "from an earlier one.", step, dst, str(error)[:200])
+  _sync(f"fdistill_move_aside_{step}_b")
+  mngr.reload()
 
 
 def _read_config(mngr, step):
@@ -150,19 +197,21 @@ def saved_config(workdir):
   return None if found is None else found[1]
 
 
-def restore_latest(mngr, abstract_state, config):
+def restore_latest(mngr, abstract_state, config, keep_unreadable=False):
   """Restores the newest readable checkpoint; returns the state or None.
 
   Checkpoints that fail to load (truncated or corrupt files) are skipped with a
-  warning, newest first. A checkpoint made with an incompatible config, or
-  whose arrays do not fit the run's networks, raises.
+  warning, newest first, and moved aside (`move_aside`) unless
+  `keep_unreadable`. A checkpoint made with an incompatible config, or whose
+  arrays do not fit the run's networks, raises.
   """
   def read(step):
     check_compatible(_read_config(mngr, step), config)
     _check_shapes(mngr, step, abstract_state)
     return mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))["state"]
-  found = newest_readable(mngr.all_steps(), read)
+  found = newest_readable(mngr.all_steps(), read,
+                          None if keep_unreadable else functools.partial(move_aside, mngr))
   if found is None:
     return None
   _LOG.info("Resumed from checkpoint at step %d.", found[0])
@@ -201,18 +250,106 @@ def _check_shapes(mngr, step, abstract_state):
   if saved is None:
     return                        # unreadable: newest_readable skips it
   want = _shapes(abstract_state)
-  diffs = [f"  {k}: checkpoint {saved.get(k)}, run {want.get(k)}"
+  diffs = [f"{k}: checkpoint {saved.get(k)}, run {want.get(k)}"
            for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
   if diffs:
     raise CheckpointError(f"The checkpoint at step {step} does not fit this run's networks "
-                     f"({len(diffs)} arrays differ), first:\n" + "\n".join(diffs[:8]) +
-                     "\nUse a new --workdir, or the teacher and sizes the run was made with.")
+                          f"({len(diffs)} arrays differ, first: " + "; ".join(diffs[:4]) +
+                          "). Use a new --workdir, or the teacher and sizes the run was made "
+                          "with.")
 
 
 def abstract(state):
   """ShapeDtypeStructs (with shardings) describing `state`, for restoring into."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
+
+@jax.jit
+def _finite_flags(tree):
+  return jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
+                      else jnp.bool_(True), tree)
+
+
+def nonfinite_leaves(state) -> list:
+  """Paths of the arrays of `state` holding a NaN or an infinity (checked before every save)."""
+  flags = jax.device_get(_finite_flags(state))
+  return [jax.tree_util.keystr(p) for p, ok in jax.tree_util.tree_flatten_with_path(flags)[0]
+          if not ok]
+
+
+# ----------------------------------------------------------------------------
+# One run per workdir, and the teacher it was made with.
+
+
+@contextlib.contextmanager
+def lock_workdir(workdir):
+  """Holds an exclusive lock on WORKDIR/run.lock while a run uses the workdir.
+
+  A second run on the same workdir fails at once with the holder's process id
+  and host. The lock (`flock`) dies with its process, so a crash or SIGKILL
+  leaves no stale lock. In a multi-process job process 0 holds it.
+  """
+  if jax.process_index() != 0:
+    yield
+    return
+  fd = os.open(path(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.read(fd, 500).decode(errors="replace").strip() or "another process"
+      raise CheckpointError(f"--workdir={workdir} is in use by {holder}; wait for that run to "
+                            "end (or stop it), or use another --workdir.") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} on {socket.gethostname()} (since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode())
+    yield
+  finally:
+    os.close(fd)
+
+
+def _same_teacher(saved, current):
+  if "sha256" in saved or "sha256" in current:
+    return saved.get("sha256") == current.get("sha256")
+  return saved == current
+
+
+def _describe_teacher(identity):
+  if "sha256" in identity:
+    return f"{identity.get('path', '?')} (sha256 {str(identity['sha256'])[:12]}...)"
+  return json.dumps(identity, sort_keys=True)
+
+
+def check_teacher(workdir, identity, allow_mismatch=False):
+  """Refuses to resume a run with another teacher than the one it was made with.
+
+  The workdir's teacher.json (written at the run's first start) is compared
+  with `identity` (a `teachers.base.Teacher.identity`); with `allow_mismatch`
+  a difference is only logged.
+  """
+  file = path(workdir, TEACHER_FILE)
+  if not identity or not os.path.isfile(file):
+    return
+  try:
+    saved = _read_json(file, "Teacher record")
+  except ValueError as e:
+    raise CheckpointError(f"{file} is not valid JSON ({e}); restore it or remove it to "
+                          "accept the current teacher.") from None
+  if _same_teacher(saved, identity):
+    return
+  message = (f"the run in {workdir} was made with teacher {_describe_teacher(saved)}, this run "
+             f"has {_describe_teacher(identity)}")
+  if allow_mismatch:
+    _LOG.warning("Resuming although %s (teacher.allow_mismatch=True).", message)
+    return
+  raise CheckpointError(f"Refusing to resume: {message}. Use a new --workdir, point the config "
+                        "back at the original teacher, or pass "
+                        "--config.teacher.allow_mismatch=True to continue with this one.")
+
+
+def write_teacher(workdir, identity):
+  if identity:
+    atomic.write_json(path(workdir, TEACHER_FILE), identity)
 
 # ----------------------------------------------------------------------------
 # The generator alone: reading it from a workdir, exporting it, loading it.
@@ -338,6 +475,24 @@ def load_generator(directory, *, which="ema", step=None, student_from_spec=None)
   return module, params, info
 
 
+def is_run_workdir(directory):
+  """True for a training workdir (it holds checkpoints/ or status.json)."""
+  return any(os.path.exists(os.path.join(directory, n)) for n in (CHECKPOINTS, STATUS_FILE))
+
+
+def check_export_target(workdir, out_dir):
+  """Refuses an export target that is, or contains, a run workdir (it would be replaced)."""
+  try:
+    atomic.check_not_inside(out_dir, [workdir], "the run workdir")
+  except atomic.OutputError as e:
+    raise CheckpointError(f"--export={out_dir} is (or contains) the run workdir {workdir}: "
+                          "exporting there would replace its checkpoints; choose a directory "
+                          "outside it.") from e
+  if os.path.isdir(out_dir) and is_run_workdir(out_dir):
+    raise CheckpointError(f"--export={out_dir} is a training workdir ({CHECKPOINTS}/ or "
+                          f"{STATUS_FILE} inside); choose another directory.")
+
+
 def export_generator(workdir, out_dir, *, which="ema", step=None, overwrite=False):
   """Writes the generator alone: generator_spec.json, params/ (orbax), export.json.
 
@@ -348,6 +503,7 @@ def export_generator(workdir, out_dir, *, which="ema", step=None, overwrite=Fals
     The absolute path of `out_dir`.
   """
   spec = _read_json(path(workdir, GENERATOR_SPEC), "Generator architecture")
+  check_export_target(workdir, out_dir)
   atomic.check_output_dir(os.path.abspath(out_dir), overwrite, "export")
   params, info = restore_generator_params(workdir, which, step)
 

@@ -123,6 +123,7 @@ class EDMTrainer(runner.Runner):
         teacher=self.module, student=self.module, heads=None, feature_keys=(),
         sample_shape=tuple(teacher.sample_shape), num_classes=int(teacher.num_classes))
     self.spec = teacher.spec
+    self.teacher_identity = teacher.identity  # what the run starts from (resume check)
     self.teacher_vars = None                  # nothing is frozen: the network is trained
     self.initial_params = teacher.variables["params"]
     self.optimizer = make_optimizer(config.edm)

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 import time
 
 from clu import metric_writers
@@ -48,9 +49,12 @@ _LOG = logging.getLogger(__name__)
 class Preempted(Exception):
   """The run was asked to stop (SIGTERM), saved its state and stopped early."""
 
-  def __init__(self, step):
-    super().__init__(f"Preempted at step {step}: the state is saved in the workdir; run the "
-                     "same command again to resume.")
+  def __init__(self, step, during_startup=False):
+    super().__init__(
+        f"Preempted during start-up at step {step}: nothing new to save; run the same command "
+        "again to continue." if during_startup else
+        f"Preempted at step {step}: the state is saved in the workdir; run the same command "
+        "again to resume.")
     self.step = step
 
 
@@ -62,8 +66,9 @@ class Trainer(runner.Runner):
     self.mesh = make_mesh(config, devices)
     if teacher is None:
       teacher = runner.load_teacher(config)
-    self.models = models_lib.from_teacher(teacher, config.disc)
+    self.models = models_lib.from_teacher(teacher, config.disc, config.student_dropout)
     self.spec = teacher.spec
+    self.teacher_identity = teacher.identity
     self.initial_params = teacher.student_params      # generator / fake score start here
     self.optimizers = state_lib.make_optimizers(config.optim)
     self.source = source if source is not None else data_registry.make_source(config.data)
@@ -93,7 +98,7 @@ class Trainer(runner.Runner):
         (student_params, heads_params), NamedSharding(self.mesh, P()))
     def init(student, heads):
       return state_lib.create_state(rng, student, student, heads, self.optimizers,
-                                    len(config.ema_decays))
+                                    len(config.ema_decays), config.loss.num_bins)
     shapes = jax.eval_shape(init, student_params, heads_params)
     self.state_sharding = tree_sharding(self.mesh, shapes)
     self.state = jax.jit(init, out_shardings=self.state_sharding)(student_params, heads_params)
@@ -139,6 +144,18 @@ def check_finite(metrics, step):
         "checkpoint is kept; lower the learning rates or enable loss.logit_clip.")
 
 
+def check_state_finite(state, step, last_saved):
+  """Refuses to save a state with any non-finite array (every saved checkpoint is good)."""
+  bad = ckpt_lib.nonfinite_leaves(state)
+  if bad:
+    kept = (f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None
+            else "no checkpoint was written")
+    raise FloatingPointError(
+        f"Non-finite values at step {step} in {len(bad)} arrays of the training state (first: "
+        f"{', '.join(bad[:3])}); nothing was saved and {kept}. Lower the learning rates or "
+        "enable loss.logit_clip.")
+
+
 class _SigtermFlag:
   """Single-process preemption: SIGTERM sets a flag the loop checks each iteration.
 
@@ -178,8 +195,12 @@ def check_workdir(workdir):
   except OSError as e:
     raise ValueError(f"--workdir={workdir} cannot be created ({e.strerror}); choose a "
                      "writable location.") from e
-  if not os.access(workdir, os.W_OK | os.X_OK):
-    raise ValueError(f"--workdir={workdir} is not writable; choose a writable location.")
+  try:                    # os.access says yes to root on a read-only file system: try it
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ValueError(f"--workdir={workdir} is not writable ({e.strerror}); choose a writable "
+                     "location.") from None
   return workdir
 
 
@@ -196,7 +217,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, sourc
   """
   config = _validated(config)
   workdir = check_workdir(workdir)
-  with console.log_to_file(_log_path(workdir)), _SigtermFlag() as sigterm:
+  with _SigtermFlag() as sigterm, ckpt_lib.lock_workdir(workdir), \
+      console.log_to_file(_log_path(workdir)):
     console.say("Building the run in %s (teacher: %s) ...", workdir, config.teacher.kind)
     trainer = make_trainer(config, source, teacher=teacher)
     return _run(trainer, workdir, sigterm)
@@ -210,7 +232,8 @@ def build_trainer(config, source=None, teacher=None):
 def run(trainer, workdir):
   """The loop of an already built Trainer (see `train_and_evaluate`)."""
   workdir = check_workdir(workdir)
-  with console.log_to_file(_log_path(workdir)), _SigtermFlag() as sigterm:
+  with _SigtermFlag() as sigterm, ckpt_lib.lock_workdir(workdir), \
+      console.log_to_file(_log_path(workdir)):
     return _run(trainer, workdir, sigterm)
 
 
@@ -226,18 +249,33 @@ def _log_path(workdir):
   return os.path.join(workdir, name)
 
 
+def _stop_if_requested(sigterm, trainer, workdir=None):
+  """SIGTERM during start-up: stop before the loop (exit 143), saving nothing new."""
+  if sigterm.requested:
+    if workdir is not None and jax.process_index() == 0:
+      ckpt_lib.write_status(workdir, "preempted", trainer.step)
+    error = Preempted(trainer.step, during_startup=True)
+    _LOG.warning("%s", error)
+    raise error
+
+
 def _run(trainer, workdir, sigterm):
   config = trainer.config
   _LOG.info("Resolved config (also in %s):\n%s", ckpt_lib.CONFIG_FILE, config)
   console.say("Config: %s", config_lib.summary(config))
   console.say("  (every field: %s and %s in the workdir)", ckpt_lib.CONFIG_FILE,
               os.path.basename(_log_path(workdir)))
+  _stop_if_requested(sigterm, trainer)
   mngr = ckpt_lib.manager(workdir, config)
   try:
+    if mngr.all_steps():
+      ckpt_lib.check_teacher(workdir, trainer.teacher_identity,
+                              config.teacher.get("allow_mismatch", False))
     restored = ckpt_lib.restore_latest(mngr, ckpt_lib.abstract(trainer.state), config)
     if restored is not None:
       trainer.state = restored
     _write_run_files(trainer, workdir)
+    _stop_if_requested(sigterm, trainer, workdir)
     writer = metric_writers.create_default_writer(workdir,
                                                   just_logging=jax.process_index() > 0)
     with metric_writers.ensure_flushes(writer):
@@ -255,6 +293,7 @@ def _write_run_files(trainer, workdir):
   atomic.write_json(ckpt_lib.path(workdir, ckpt_lib.GENERATOR_SPEC), trainer.spec)
   atomic.write_json(ckpt_lib.path(workdir, ckpt_lib.CONFIG_FILE),
                     json.loads(trainer.config.to_json()))
+  ckpt_lib.write_teacher(workdir, trainer.teacher_identity)
   ckpt_lib.write_status(workdir, "running", trainer.step)
 
 
@@ -345,6 +384,7 @@ def _loop(trainer, workdir, mngr, writer, sigterm):
       preempted = sigterm.requested or mngr.reached_preemption(step)
       if preempted or mngr.should_save(step):
         check_finite(jax.device_get(metrics), step)
+        check_state_finite(trainer.state, step, mngr.latest_step())
         ckpt_lib.save(mngr, step, trainer.state, config, force=True)
       if preempted:
         mngr.wait_until_finished()

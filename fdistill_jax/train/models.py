@@ -38,13 +38,35 @@ class Models:
   num_classes: int
 
 
-def from_teacher(teacher: base.Teacher, disc_config) -> Models:
-  """The run's Models: the teacher's networks plus heads at `disc.resolutions`."""
+def from_teacher(teacher: base.Teacher, disc_config, student_dropout=0.0) -> Models:
+  """The run's Models: the teacher's networks plus heads at `disc.resolutions`.
+
+  The student (generator and fake score) is the teacher's architecture with
+  every dropout rate set to `student_dropout` (DMD2 and FastGen: 0); the
+  teacher keeps its own.
+  """
   keys = tuple(int(k) for k in disc_config.resolutions)
-  heads = heads_lib.DiscriminatorHeads(keys=keys, channels=disc_config.channels)
-  return Models(teacher=teacher.module, student=teacher.student, heads=heads,
-                feature_keys=keys, sample_shape=tuple(teacher.sample_shape),
+  heads = heads_lib.DiscriminatorHeads(keys=keys, channels=disc_config.channels,
+                                       head=disc_config.head)
+  return Models(teacher=teacher.module, student=with_dropout(teacher.student, student_dropout),
+                heads=heads, feature_keys=keys, sample_shape=tuple(teacher.sample_shape),
                 num_classes=int(teacher.num_classes))
+
+
+def with_dropout(module: nn.Module, rate: float) -> nn.Module:
+  """A clone of `module` whose `dropout` fields (its own and its submodules') are `rate`.
+
+  Label dropout is left alone; modules without a `dropout` field are returned
+  unchanged.
+  """
+  changes = {}
+  for field in dataclasses.fields(module):
+    value = getattr(module, field.name, None)
+    if field.name == "dropout" and isinstance(value, (int, float)):
+      changes[field.name] = float(rate)
+    elif isinstance(value, nn.Module):
+      changes[field.name] = with_dropout(value, rate)
+  return module.clone(**changes) if changes else module
 
 
 def init_heads(models, teacher_vars, rng):

@@ -3,11 +3,14 @@
 `generator_step` updates the one-step generator with the f-distill loss
 (Eq. 4, weighted by h(r)) plus the non-saturating GAN loss; `critic_step`
 updates the fake-score network (denoising loss on stop-gradient generator
-samples) and the discriminator heads (GAN loss + R1). The training loop runs a
-critic step every iteration and a generator step every
-`fake_score_update_freq` iterations. Both are pure functions of
-(state, teacher_variables[, batch]); randomness is `fold_in(state.rng, step)`.
-The teacher's variables are an argument and never receive gradient.
+samples) and the discriminator heads (GAN loss + R1), then moves the EMA copies
+of the generator. The training loop runs a critic step every iteration and a
+generator step every `fake_score_update_freq` iterations (DMD2's schedule).
+Both are pure functions of (state, teacher_variables[, batch]); randomness is
+`fold_in(state.rng, step)`, learning rates are functions of `state.step` (the
+iteration). The teacher's variables are an argument and never receive
+gradient. The training settings and their sources (paper, FastGen, DMD2) are
+tabulated in the README ("Training settings").
 """
 
 import jax
@@ -69,8 +72,17 @@ def _karras_sigma(rng, batch, lc):
       min_index=lc.min_index, max_index=lc.max_index)
 
 
+def _ratio_clip(lc):
+  """`loss.ratio_clip` as the loss module takes it: (lo, hi), or None when ()."""
+  return tuple(float(v) for v in lc.ratio_clip) or None
+
+
 def generator_loss(gen_params, st, teacher_vars, rng, *, models, config, sharding=None):
-  """Generator objective: f-distill (Eq. 4) + gan_weight * non-saturating GAN."""
+  """Generator objective: f-distill (Eq. 4) + gan_weight * non-saturating GAN.
+
+  Returns (loss, (metrics, log_ratio_ema)): the second is the updated running
+  per-bin mean of stage 1 (unchanged when the f-distill term is off).
+  """
   lc, batch = config.loss, config.batch_size
   k_x, k_s, k_e = jax.random.split(rng, 3)
   x, labels = generator_samples(models, gen_params, k_x, batch, lc.sigma_init, sharding)
@@ -79,7 +91,7 @@ def generator_loss(gen_params, st, teacher_vars, rng, *, models, config, shardin
   d_teacher, feats = features(models, teacher_vars, st.fake, x_t, sigma, labels,
                               config.disc.features_from)
   logits = models.heads.apply({"params": st.disc}, feats)      # [B, heads]
-  metrics, total = {}, 0.0
+  metrics, total, log_ratio_ema = {}, 0.0, st.log_ratio_ema
   if lc.fdistill_weight > 0:
     d_teacher = _guided_teacher(models, teacher_vars, d_teacher, x_t, sigma, labels,
                                 lc.cfg_weight)
@@ -89,7 +101,10 @@ def generator_loss(gen_params, st, teacher_vars, rng, *, models, config, shardin
         divergence=config.divergence, time_weighting=lc.time_weighting,
         normalize_ratio=lc.normalize_ratio, normalize_weight=lc.normalize_weight,
         num_bins=lc.num_bins, sigma_min=lc.sigma_min, sigma_max=lc.sigma_max,
-        logit_clip=lc.logit_clip or None, ratio_clip=lc.ratio_clip or None)
+        logit_clip=lc.logit_clip or None, ratio_clip=_ratio_clip(lc),
+        ratio_ema_rate=lc.ratio_ema_rate, log_ratio_ema=st.log_ratio_ema,
+        bin_spacing=lc.bin_spacing)
+    log_ratio_ema = aux.pop("log_ratio_ema")
     total += lc.fdistill_weight * fd
     metrics["gen/fdistill_loss"] = fd
     metrics.update({f"fdistill/{k}": v for k, v in aux.items()})
@@ -98,50 +113,84 @@ def generator_loss(gen_params, st, teacher_vars, rng, *, models, config, shardin
     total += lc.gan_weight * gan
     metrics["gen/gan_loss"] = gan
   metrics["gen/loss"] = total
-  return total, metrics
+  return total, (metrics, log_ratio_ema)
 
 
 def generator_step(st, teacher_vars, *, models, optimizers, config, sharding=None):
-  """One generator update and EMA update; returns (new_state, metrics)."""
+  """One generator update at iteration `st.step`; returns (new_state, metrics).
+
+  The learning rate is the schedule's value at this iteration. The EMA copies
+  are not touched here: they follow the generator once per iteration in
+  `critic_step`.
+  """
   rng = jax.random.fold_in(jax.random.fold_in(st.rng, st.step), GEN)
   grad_fn = jax.value_and_grad(generator_loss, has_aux=True)
-  (_, metrics), grads = grad_fn(st.gen, st, teacher_vars, rng, models=models, config=config,
-                                sharding=sharding)
-  updates, gen_opt = optimizers.gen.update(grads, st.gen_opt, st.gen)
+  (_, (metrics, log_ratio_ema)), grads = grad_fn(
+      st.gen, st, teacher_vars, rng, models=models, config=config, sharding=sharding)
+  gen_opt = state_lib.with_learning_rate(st.gen_opt, optimizers.gen_lr(st.step))
+  updates, gen_opt = optimizers.gen.update(grads, gen_opt, st.gen)
   gen = optax.apply_updates(st.gen, updates)
-  ema = state_lib.update_ema(st.ema, gen, config.ema_decays)
   metrics["gen/grad_norm"] = optax.tree.norm(grads)
   metrics["lr/gen"] = state_lib.learning_rate(gen_opt)
-  return st.replace(gen=gen, gen_opt=gen_opt, ema=ema), metrics
+  return st.replace(gen=gen, gen_opt=gen_opt, log_ratio_ema=log_ratio_ema), metrics
+
+
+def fake_score_sigma(rng, batch, lc):
+  """Noise levels of the fake score's denoising loss (`loss.fake_sigma`).
+
+  'karras' (default): the generator loss's own distribution, indices uniform
+  on [min_index, max_index] of the Karras schedule (DMD2 / FastGen), so the
+  fake score learns where the f-distill gradient queries it. 'lognormal':
+  EDM's training distribution (P_mean, P_std), which puts 0.2% of its mass
+  above sigma = 10, where a third of the generator's queries are.
+  """
+  if lc.fake_sigma == "lognormal":
+    return losses.sample_sigma_lognormal(rng, (batch,), p_mean=lc.p_mean, p_std=lc.p_std)
+  return _karras_sigma(rng, batch, lc)
 
 
 def fake_score_loss(fake_params, models, x, labels, rng, lc):
-  """EDM denoising loss of the fake score on stop-gradient generator samples."""
+  """EDM-weighted denoising loss of the fake score on stop-gradient generator samples."""
   k_s, k_e, k_d = jax.random.split(rng, 3)
-  sigma = losses.sample_sigma_lognormal(k_s, (x.shape[0],), p_mean=lc.p_mean, p_std=lc.p_std)
+  sigma = fake_score_sigma(k_s, x.shape[0], lc)
   x_t = x + _bcast(sigma, x) * jax.random.normal(k_e, x.shape)
   denoised = models.student.apply({"params": fake_params}, x_t, sigma, labels,
                                   train=True, rngs={"dropout": k_d})
   return jnp.mean(losses.fake_score_loss(denoised, x, sigma))
 
 
-def disc_loss(disc_params, models, teacher_vars, fake_params, real_t, fake_t, sigma,
-              real_labels, fake_labels, config):
-  """Non-saturating GAN loss of the heads, plus (r1_gamma / 2) * R1 on real inputs."""
-  def feats(x_t, labels):
+def _noised(rng, x, lc):
+  """(x + sigma eps, sigma), sigma from the Karras indices of the generator loss."""
+  k_s, k_e = jax.random.split(rng)
+  sigma = _karras_sigma(k_s, x.shape[0], lc)
+  return x + _bcast(sigma, x) * jax.random.normal(k_e, x.shape), sigma
+
+
+def disc_loss(disc_params, fake_params, models, teacher_vars, real, real_labels, fake,
+              fake_labels, rng, config):
+  """Non-saturating GAN loss of the heads, plus (r1_gamma / 2) * R1 on real inputs.
+
+  Real and generated batches get independent noise levels and noise (DMD2,
+  FastGen `gan_use_same_t_noise=False`). With `disc.features_from='fake_score'`
+  the features depend on `fake_params`, so this loss also has a gradient for
+  the fake score's encoder (DMD2's setup; `critic_step` applies it).
+  """
+  k_real, k_fake = jax.random.split(rng)
+  real_t, real_sigma = _noised(k_real, real, config.loss)
+  fake_t, fake_sigma = _noised(k_fake, fake, config.loss)
+  def feats(x_t, sigma, labels):
     return features(models, teacher_vars, fake_params, x_t, sigma, labels,
                     config.disc.features_from)[1]
-  f_real = jax.lax.stop_gradient(feats(real_t, real_labels))
-  f_fake = jax.lax.stop_gradient(feats(fake_t, fake_labels))
-  l_real = models.heads.apply({"params": disc_params}, f_real)
-  l_fake = models.heads.apply({"params": disc_params}, f_fake)
+  l_real = models.heads.apply({"params": disc_params}, feats(real_t, real_sigma, real_labels))
+  l_fake = models.heads.apply({"params": disc_params}, feats(fake_t, fake_sigma, fake_labels))
   gan = jnp.mean(losses.gan_discriminator_loss(l_real, l_fake))
   metrics = {"disc/gan_loss": gan, "disc/real_logit": jnp.mean(l_real),
              "disc/fake_logit": jnp.mean(l_fake)}
   loss = gan
   if config.loss.r1_gamma > 0:
     def logit_fn(x_t):
-      return jnp.mean(models.heads.apply({"params": disc_params}, feats(x_t, real_labels)), -1)
+      return jnp.mean(models.heads.apply({"params": disc_params},
+                                         feats(x_t, real_sigma, real_labels)), -1)
     r1 = jnp.mean(losses.r1_penalty(logit_fn, real_t))
     loss += 0.5 * config.loss.r1_gamma * r1
     metrics["disc/r1"] = r1
@@ -149,31 +198,47 @@ def disc_loss(disc_params, models, teacher_vars, fake_params, real_t, fake_t, si
   return loss, metrics
 
 
-def critic_step(st, teacher_vars, batch, *, models, optimizers, config, sharding=None):
-  """One fake-score update and one discriminator update; returns (state, metrics)."""
-  lc, bsz = config.loss, config.batch_size
-  rng = jax.random.fold_in(jax.random.fold_in(st.rng, st.step), CRITIC)
-  k_x, k_f, k_s, k_r, k_g = jax.random.split(rng, 5)
-  x, fake_labels = generator_samples(models, st.gen, k_x, bsz, lc.sigma_init, sharding)
-  x = jax.lax.stop_gradient(x)
-
-  f_loss, f_grads = jax.value_and_grad(fake_score_loss)(st.fake, models, x, fake_labels, k_f, lc)
-  f_updates, fake_opt = optimizers.fake.update(f_grads, st.fake_opt, st.fake)
-
+def _critic_grads(st, models, teacher_vars, x, fake_labels, batch, rng, config):
+  """(fake-score loss, its gradient, discriminator gradient, metrics)."""
+  k_f, k_d = jax.random.split(rng)
+  f_loss, f_grads = jax.value_and_grad(fake_score_loss)(st.fake, models, x, fake_labels, k_f,
+                                                        config.loss)
   real, real_labels = batch["images"], _labels_or_none(batch["labels"])
-  sigma = _karras_sigma(k_s, bsz, lc)
-  real_t = real + _bcast(sigma, real) * jax.random.normal(k_r, real.shape)
-  fake_t = x + _bcast(sigma, x) * jax.random.normal(k_g, x.shape)
-  (_, metrics), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(
-      st.disc, models, teacher_vars, st.fake, real_t, fake_t, sigma, real_labels,
-      fake_labels, config)
-  d_updates, disc_opt = optimizers.disc.update(d_grads, st.disc_opt, st.disc)
+  args = (models, teacher_vars, real, real_labels, x, fake_labels, k_d, config)
+  w = config.disc.fake_score_gan_weight
+  if config.disc.features_from == "fake_score" and w > 0:
+    (_, metrics), (d_grads, gan_grads) = jax.value_and_grad(disc_loss, argnums=(0, 1),
+                                                            has_aux=True)(st.disc, st.fake, *args)
+    f_grads = jax.tree.map(lambda a, b: a + w * b, f_grads, gan_grads)
+  else:
+    (_, metrics), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(
+        st.disc, jax.lax.stop_gradient(st.fake), *args)
+  return f_loss, f_grads, d_grads, metrics
 
+
+def critic_step(st, teacher_vars, batch, *, models, optimizers, config, sharding=None):
+  """One fake-score and one discriminator update, then the EMA; returns (state, metrics).
+
+  This runs every iteration, after that iteration's generator update if any,
+  so the EMA copies move once per iteration with per-iteration decays.
+  """
+  rng = jax.random.fold_in(jax.random.fold_in(st.rng, st.step), CRITIC)
+  k_x, k_c = jax.random.split(rng)
+  x, fake_labels = generator_samples(models, st.gen, k_x, config.batch_size,
+                                     config.loss.sigma_init, sharding)
+  x = jax.lax.stop_gradient(x)
+  f_loss, f_grads, d_grads, metrics = _critic_grads(st, models, teacher_vars, x, fake_labels,
+                                                    batch, k_c, config)
+  fake_opt = state_lib.with_learning_rate(st.fake_opt, optimizers.fake_lr(st.step))
+  disc_opt = state_lib.with_learning_rate(st.disc_opt, optimizers.disc_lr(st.step))
+  f_updates, fake_opt = optimizers.fake.update(f_grads, fake_opt, st.fake)
+  d_updates, disc_opt = optimizers.disc.update(d_grads, disc_opt, st.disc)
   metrics.update({"fake/loss": f_loss, "fake/grad_norm": optax.tree.norm(f_grads),
                   "disc/grad_norm": optax.tree.norm(d_grads),
                   "lr/fake": state_lib.learning_rate(fake_opt),
                   "lr/disc": state_lib.learning_rate(disc_opt)})
   new = st.replace(step=st.step + 1,
                    fake=optax.apply_updates(st.fake, f_updates), fake_opt=fake_opt,
-                   disc=optax.apply_updates(st.disc, d_updates), disc_opt=disc_opt)
+                   disc=optax.apply_updates(st.disc, d_updates), disc_opt=disc_opt,
+                   ema=state_lib.update_ema(st.ema, st.gen, config.ema_decays))
   return new, metrics
