@@ -118,7 +118,9 @@ def weight_and_score_difference(trainer, num, sigma, seed, batch=640):
       log_ratio, jnp.full((num,), sigma), divergence=config.divergence,
       normalize_ratio=lc.normalize_ratio, normalize_weight=lc.normalize_weight,
       num_bins=lc.num_bins, sigma_min=lc.sigma_min, sigma_max=lc.sigma_max,
-      logit_clip=lc.logit_clip or None, ratio_clip=lc.ratio_clip or None)
+      logit_clip=lc.logit_clip or None, ratio_clip=tuple(lc.ratio_clip) or None,
+      ratio_ema_rate=lc.ratio_ema_rate, log_ratio_ema=trainer.state.log_ratio_ema,
+      bin_spacing=lc.bin_spacing)
   return np.exp(np.asarray(log_h, np.float64)), diff
 
 
