@@ -74,7 +74,7 @@ def _student(c):
   """f-distill of the digits teacher: the image configs' losses, heads, TTUR and EMA."""
   c.teacher.kind = "edm"
   c.teacher.path = ""                  # the teacher run's workdir: --config.teacher.path=DIR
-  c.total_steps = 1200                 # ~6-8 min on 2 shared CPU cores
+  c.total_steps = 1000                 # ~6-8 min on 2 shared CPU cores (load included)
   c.batch_size = 64
   c.fake_score_update_freq = 5         # TTUR: 5 critic updates per generator update
   c.ema_decays = (0.995,)              # per iteration (half-life ~140 iterations)

@@ -464,8 +464,8 @@ def teacher_from_config(config) -> base.Teacher:
                      "the workdir of a method='edm' run.")
   if pathlib.Path(path).is_dir():
     path = resolve_converted(path)            # a method='edm' workdir: its teacher/
-    arch = read_arch(path / ARCH_FILE)
     module, variables = load_converted(path, _dtype(config))
+    arch = read_arch(path / ARCH_FILE)
   else:
     arch, state_dict = read_teacher(path)
     variables = teacher_variables(arch, state_dict, path)
