@@ -237,7 +237,7 @@ def test_teacher_then_student_through_main(tmp_path, clf_path):
   """`python -m fdistill_jax.main` trains a CI-sized EDM teacher (configs/digits.py:
   teacher,runlocal), writes it as a converted teacher, and a JS student distilled from it
   (`--config.teacher.path=TEACHER`) ends with a classifier FD well below the teacher's own
-  one-step FD. Measured on the shared 2-core CPU: teacher 1 step FD 72, student FD MEASURED;
+  one-step FD. Measured on the shared 2-core CPU: teacher 1 step FD 72.0, student FD 36.1;
   asserted: student < 0.7 x teacher 1 step. Both runs are subprocesses on one CPU device,
   as a user runs them (eight simulated devices would triple the compile time)."""
   teacher_dir, student_dir = str(tmp_path / "teacher"), str(tmp_path / "student")
