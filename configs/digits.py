@@ -61,7 +61,7 @@ def _teacher(c):
   c.method = "edm"
   c.teacher.kind = "init"
   c.teacher.arch = ARCH
-  c.total_steps = 3000                 # ~9 min at ~6 it/s on 2 shared CPU cores
+  c.total_steps = 3000                 # ~14 min at ~4 it/s on the 2 shared, loaded cores
   c.batch_size = 64
   c.edm.lr = 2e-3
   c.edm.lr_warmup = 200
@@ -74,7 +74,7 @@ def _student(c):
   """f-distill of the digits teacher: the image configs' losses, heads, TTUR and EMA."""
   c.teacher.kind = "edm"
   c.teacher.path = ""                  # the teacher run's workdir: --config.teacher.path=DIR
-  c.total_steps = 1000                 # ~6-8 min on 2 shared CPU cores (load included)
+  c.total_steps = 1000                 # 8-13 min on the 2 shared, loaded CPU cores
   c.batch_size = 64
   c.fake_score_update_freq = 5         # TTUR: 5 critic updates per generator update
   c.ema_decays = (0.995,)              # per iteration (half-life ~140 iterations)

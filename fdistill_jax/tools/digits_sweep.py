@@ -121,16 +121,17 @@ def run_all(config_path, workdir, variants, seeds, teacher_seed, overrides=(), r
 
 
 COLUMNS = digits_report.COLUMNS + (("wall time (s)", lambda m: m["seconds"]),)
+WHOLE_NUMBERS = ("calls / sample", "wall time (s)")     # printed without decimals
 
 
-def _cell(values):
+def _cell(values, decimals=3):
   values = [v for v in values if v is not None]
   if not values:
     return "-"
   v = np.asarray(values, np.float64)
   if len(v) == 1:
-    return f"{v[0]:.3f}" if abs(v[0]) < 1000 else f"{v[0]:.0f}"
-  return f"{v.mean():.3f} ± {v.std():.3f}"
+    return f"{v[0]:.{decimals}f}"
+  return f"{v.mean():.{decimals}f} ± {v.std():.{decimals}f}"
 
 
 def markdown_table(rows, seeds):
@@ -138,8 +139,9 @@ def markdown_table(rows, seeds):
   lines = ["| row | " + " | ".join(c for c, _ in COLUMNS) + " |",
            "|" + "---|" * (len(COLUMNS) + 1)]
   for name, runs in rows.items():
-    lines.append(f"| {name} | " + " | ".join(_cell([fn(m) for m in runs]) for _, fn in COLUMNS)
-                 + " |")
+    cells = [_cell([fn(m) for m in runs], 0 if column in WHOLE_NUMBERS else 3)
+             for column, fn in COLUMNS]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + (f"\n\nStudents: mean ± std over seeds {', '.join(map(str, seeds))}"
                              if len(seeds) > 1 else f"\n\nStudents: seed {seeds[0]}") + \
       "; one teacher (its rows and the floor have no spread).\n"
