@@ -28,7 +28,8 @@ ABLATIONS = ("no_gan", "gan_only")
 def parse_arg(arg, default_divergence, extra_tokens=()):
   """Splits "js,runlocal" into (divergence, set of other tokens); checks names.
 
-  `extra_tokens`: the config file's own variant tokens (e.g. sd15's 'cfg5').
+  `extra_tokens`: a config file's own variant tokens (e.g. 'cfg5' in configs/sd15.py,
+  'teacher' in configs/digits.py).
   """
   tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
   known = set(DIVERGENCES) | set(ABLATIONS) | {"runlocal"} | set(extra_tokens)
@@ -60,6 +61,7 @@ def load_config_file(spec):
 def base_config():
   """Defaults every setting starts from; experiment files override them."""
   c = ml_collections.ConfigDict()
+  c.method = "fdistill"               # fdistill (distil a teacher) | edm (train one from data)
   c.seed = 0
   c.divergence = "js"
   c.total_steps = 1000
@@ -136,6 +138,12 @@ def base_config():
   c.data.label_key = "label"
   c.data.skip_unreadable = False      # edm: skip (and count) corrupt images instead of stopping
 
+  c.edm = ml_collections.ConfigDict()   # method=edm: EDM training of the teacher network
+  c.edm.lr = 1e-3                     # Adam learning rate (EDM: 1e-3 for CIFAR-10)
+  c.edm.lr_warmup = 0                 # iterations of linear learning-rate ramp-up
+  c.edm.ema_rampup = 0.05             # EMA half-life <= this x iterations done (EDM); 0: off
+  c.edm.sampler_steps = 18            # Heun steps of the evaluators' teacher samples; 0: none
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.fsdp = 1                     # >1: shard params/opt states over this many devices
 
@@ -204,6 +212,8 @@ def validate(config, num_devices, process_count=1):
   _check(all(0 <= d < 1 for d in config.ema_decays),
          f"ema_decays={tuple(config.ema_decays)} must each lie in [0, 1).")
   _check_safety(config)
+  if "edm" in config:
+    _validate_edm(config.edm)
 
 
 def _check_safety(config):
@@ -241,6 +251,15 @@ def _validate_recipe(config):
          f"disc.head={config.disc.head!r}; expected 'dmd2' or 'light'.")
   _check(config.disc.fake_score_gan_weight >= 0,
          f"disc.fake_score_gan_weight={config.disc.fake_score_gan_weight} must be >= 0.")
+
+
+def _validate_edm(ec):
+  """Checks of the method=edm fields (teacher training)."""
+  _check(ec.lr > 0, f"edm.lr={ec.lr} must be positive.")
+  _check(ec.lr_warmup >= 0, f"edm.lr_warmup={ec.lr_warmup} must be >= 0 (0: no ramp-up).")
+  _check(ec.ema_rampup >= 0, f"edm.ema_rampup={ec.ema_rampup} must be >= 0 (0: off).")
+  _check(ec.sampler_steps == 0 or ec.sampler_steps >= 2,
+         f"edm.sampler_steps={ec.sampler_steps}: EDM's Heun sampler needs >= 2 steps (0: none).")
 
 
 def flat_scalars(config):
@@ -298,6 +317,11 @@ def unknown_field(config, dotted):
 
 def summary(config):
   """One line for the console: what this run is, at a glance."""
+  if config.get("method", "fdistill") == "edm":
+    return (f"EDM training of teacher {config.teacher.kind} | {config.total_steps} iterations "
+            f"x batch {config.batch_size} | data {config.data.kind} | lr {config.edm.lr:g}, "
+            f"warm-up {config.edm.lr_warmup} | EMA {tuple(config.ema_decays)} | evaluators "
+            f"{','.join(config.eval.evaluators)}")
   return (f"{config.divergence} | {config.total_steps} iterations x batch {config.batch_size}"
           f" | generator step every {config.fake_score_update_freq} | teacher "
           f"{config.teacher.kind}{':' + config.teacher.path if config.teacher.path else ''}"

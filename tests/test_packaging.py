@@ -24,7 +24,7 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 # Import name -> distribution name, where they differ.
 DISTRIBUTIONS = {"PIL": "pillow", "absl": "absl-py", "ml_collections": "ml-collections",
                  "orbax": "orbax-checkpoint", "tensorflow_datasets": "tensorflow-datasets",
-                 "ml_dtypes": "ml-dtypes"}
+                 "ml_dtypes": "ml-dtypes", "sklearn": "scikit-learn"}
 
 
 def source_packages():
@@ -38,7 +38,8 @@ def test_every_subpackage_is_found_by_the_package_discovery():
   found = setuptools.find_packages(where=str(REPO),
                                    **PYPROJECT["tool"]["setuptools"]["packages"]["find"])
   assert sorted(found) == source_packages()
-  for name in ("io", "teachers", "data", "train", "eval", "toy", "tools", "sd", "networks.sd"):
+  for name in ("io", "teachers", "data", "train", "eval", "toy", "digits", "tools", "sd",
+               "networks.sd"):
     assert f"fdistill_jax.{name}" in found, name
 
 
@@ -51,9 +52,11 @@ def _dist_name(requirement):
 
 def test_module_level_imports_are_declared_dependencies():
   """Every third-party module the package imports at module level is in [project]
-  dependencies (imports inside functions are optional features: the 'sd' extra)."""
+  dependencies (imports inside functions are optional features: the 'sd' and 'digits'
+  extras)."""
   declared = {_dist_name(r) for r in PYPROJECT["project"]["dependencies"]}
-  optional = {_dist_name(r) for r in PYPROJECT["project"]["optional-dependencies"]["sd"]}
+  extras = PYPROJECT["project"]["optional-dependencies"]
+  optional = {_dist_name(r) for r in extras["sd"] + extras["digits"]}
   missing = {}
   for path in PACKAGE.rglob("*.py"):
     tree = ast.parse(path.read_text())

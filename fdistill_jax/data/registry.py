@@ -6,6 +6,7 @@ from fdistill_jax.data import edm_dataset
 from fdistill_jax.data import sources
 from fdistill_jax.data import tfds
 from fdistill_jax.data import webdataset
+from fdistill_jax.digits import data as digits_data
 from fdistill_jax.toy import problem as toy_problem
 
 SOURCES: dict[str, Callable[[Any], sources.Source]] = {
@@ -15,6 +16,7 @@ SOURCES: dict[str, Callable[[Any], sources.Source]] = {
     "toy": toy_problem.make_source,
     "webdataset": webdataset.webdataset_source,
     "captions": webdataset.captions_source,
+    "digits": digits_data.make_source,
 }
 
 

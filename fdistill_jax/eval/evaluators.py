@@ -3,15 +3,20 @@
 The training loop builds the evaluators `config.eval.evaluators` names from
 `EVALUATORS` once, with an `EvalContext` (the run's static pieces), and calls
 each at its own period and after the last iteration. An evaluator receives
-`params` (a dict: 'generator' = the weights sampling uses, the first EMA copy
-or the raw generator; 'raw', 'fake', 'disc') and the step, returns scalars to
-log (possibly none), and writes its files only on process 0. It compiles what
-it needs once, at construction or first call.
+`params` (a dict from the training method: for f-distill 'generator' = the
+weights sampling uses, the first EMA copy or the raw generator; 'raw', 'fake',
+'disc'; for EDM teacher training 'denoiser' and 'raw') and the step, returns
+scalars to log (possibly none), and writes its files only on process 0. It
+compiles what it needs once, at construction or first call. How the trained
+network makes samples comes from the method too (`EvalContext.samplers`, the
+first being the one grids and FID use).
 
   grid   PNG of one-step samples from fixed noise (every `sample_every`), also
          to TensorBoard
   fid    FID against reference statistics (every `eval.fid_every`)
   toy    the toy report: metrics.json and toy.png after the last iteration
+  digits the digits report (classifier FD, precision, recall, class accuracy
+         of every sampler): digits_metrics.json after the last iteration
 """
 
 import dataclasses
@@ -24,6 +29,7 @@ from fdistill_jax.data import pixels
 from fdistill_jax.eval import figures
 from fdistill_jax.eval import fid as fid_lib
 from fdistill_jax.eval import metrics
+from fdistill_jax.digits import report as digits_report
 from fdistill_jax.eval import sampling
 from fdistill_jax.toy import report as toy_report
 
@@ -41,6 +47,8 @@ class EvalContext:
     writer: a clu metric writer (images, scalars).
     initial_params: the parameters the generator started from.
     samples_dir: where sample grids go.
+    samplers: how the trained network makes samples (`sampling.ModelSampler`s,
+      from the method); empty means the one-step generator (`model_samplers`).
   """
   config: Any
   workdir: str
@@ -50,10 +58,15 @@ class EvalContext:
   writer: Any
   initial_params: Any
   samples_dir: str
+  samplers: tuple = ()
 
   @property
   def is_primary(self):
     return jax.process_index() == 0
+
+  def model_samplers(self) -> tuple:
+    """The method's samplers, or the one-step generator with the config's sigma_init."""
+    return tuple(self.samplers) or (one_step_sampler(self.models, self.config.loss.sigma_init),)
 
 
 class Evaluator:
@@ -65,12 +78,21 @@ class Evaluator:
     raise NotImplementedError
 
 
+def one_step_sampler(models, sigma_init) -> sampling.ModelSampler:
+  """The f-distill generator: one call of `models.student` with the 'generator' params."""
+  return sampling.one_step_model_sampler(models.student, models.sample_shape,
+                                         models.num_classes, sigma_init, "generator")
+
+
 def generator_sampler(ctx: EvalContext, batch) -> sampling.BatchSampler:
-  """A compiled one-step sampler of the run's generator (sigma_init from the config)."""
-  m = ctx.models
-  fn = sampling.generator_batch_fn(m.student, m.sample_shape, m.num_classes,
-                                   ctx.config.loss.sigma_init)
-  return sampling.BatchSampler(fn, batch, ctx.devices)
+  """A compiled sampler of the run's first `ModelSampler` (the one-step generator when
+  distilling); sample it with `params[params_key(ctx)]`."""
+  return sampling.BatchSampler(ctx.model_samplers()[0].batch_fn, batch, ctx.devices)
+
+
+def params_key(ctx: EvalContext) -> str:
+  """The `params` entry the first sampler reads ('generator' when distilling)."""
+  return ctx.model_samplers()[0].params_key
 
 
 class SampleGrid(Evaluator):
@@ -80,17 +102,19 @@ class SampleGrid(Evaluator):
     self.ctx, self.every = ctx, int(ctx.config.sample_every)
     self.num = int(ctx.config.num_sample_images)
     self.sampler = generator_sampler(ctx, self.num)
+    self.key = params_key(ctx)
     self.seed = int(ctx.config.seed) + 2
 
   def __call__(self, params, step):
-    x, labels = self.sampler(params["generator"], self.num, seed=self.seed)
+    x, labels = self.sampler(params[self.key], self.num, seed=self.seed)
     if not self.ctx.is_primary or x.ndim != 4:
       return {}
     images = pixels.to_uint8(x)
     figures.save_image_grid(
         images, os.path.join(self.ctx.samples_dir, f"step_{step:07d}.png"),
         labels=labels if self.ctx.models.num_classes else None,
-        title=f"one-step samples, step {step} ({self.ctx.config.divergence}; labels: class)")
+        title=f"{self.ctx.model_samplers()[0].name} samples, step {step} "
+              f"({_run_name(self.ctx.config)}; labels: class)")
     self.ctx.writer.write_images(step, {"samples": figures.image_grid(images)[None]})
     return {}
 
@@ -108,17 +132,23 @@ class PeriodicFID(Evaluator):
     self.ref = metrics.load_reference_stats(ec.ref)
     self.feature_fn = fid_lib.load_feature_fn(ec.inception)
     self.sampler = generator_sampler(ctx, min(ctx.config.batch_size, self.num))
+    self.key = params_key(ctx)
     self.seed = int(ctx.config.seed) + 3
 
   def samples(self, params):
     """The images FID is computed on (uint8 NHWC)."""
-    return self.sampler(params["generator"], self.num, seed=self.seed,
+    return self.sampler(params[self.key], self.num, seed=self.seed,
                         postprocess=pixels.to_uint8, what="FID samples")[0]
 
   def __call__(self, params, step):
     value = fid_lib.fid_from_samples(self.samples(params), self.ref["mu"], self.ref["sigma"],
                                      self.feature_fn)
     return {"eval/fid": value}
+
+
+def _run_name(config):
+  method = config.get("method", "fdistill")
+  return config.divergence if method == "fdistill" else f"{method} training"
 
 
 def _grid(ctx):
@@ -134,6 +164,7 @@ EVALUATORS: dict[str, Callable[[EvalContext], Optional[Evaluator]]] = {
     "grid": _grid,
     "fid": _fid,
     "toy": toy_report.ToyReport,
+    "digits": digits_report.DigitsReport,
 }
 
 

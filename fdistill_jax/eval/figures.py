@@ -84,6 +84,31 @@ def save_image_grid(images, path, *, ncols=None, labels: Optional[Sequence] = No
   return save_figure(fig, path)
 
 
+def save_image_grids(path, grids: Mapping[str, np.ndarray], *, ncols=10, title="",
+                     panel_inches=3.0, dpi=100):
+  """PNG of several titled image grids side by side (e.g. one per sampler).
+
+  Args:
+    path: output PNG path.
+    grids: {panel title: images [N, H, W, C] in [-1, 1] or uint8}, tiled row-major
+      `ncols` per row.
+    title: the figure's title.
+  """
+  n = len(grids)
+  fig, axes = plt.subplots(1, n, figsize=(panel_inches * n, panel_inches + 0.5), dpi=dpi,
+                           squeeze=False)
+  for ax, (name, images) in zip(axes[0], grids.items()):
+    grid = image_grid(images, ncols=ncols, pad=1, pad_value=128)
+    ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255,
+              interpolation="nearest")
+    ax.set_title(name, fontsize=8)
+    ax.set_axis_off()
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  return save_figure(fig, path)
+
+
 def default_extent(mixture, margin_stds=5.0):
   """Square (lo, hi) containing all means +- margin_stds * std, centred at 0."""
   half = float(np.abs(mixture.means).max() + margin_stds * mixture.std)
@@ -218,5 +243,47 @@ def plot_curves(path, x, curves: Mapping[str, np.ndarray], *, xlabel, ylabel, ti
   ax.legend(fontsize=8, loc=legend_loc)
   if title:
     ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  return save_figure(fig, path)
+
+
+def plot_panels(path, panels: Mapping[str, Mapping[str, tuple]], *, xlabel, ylabel, title="",
+                ncols=3, log_x=False, log_y=False, notes=""):
+  """A grid of line plots, one panel per entry, each with its own legend.
+
+  Args:
+    path: output PNG path.
+    panels: {panel title: {legend label: (x, y) or (x, y, y standard error)}};
+      a standard error is drawn as a shaded band.
+    xlabel, ylabel, title: axis labels (shared by every panel) and the figure's title.
+    ncols: panels per row.
+    log_x, log_y: logarithmic axes.
+    notes: a line of text under the title.
+  """
+  n = len(panels)
+  ncols = min(ncols, n)
+  nrows = int(math.ceil(n / ncols))
+  fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), dpi=100,
+                           squeeze=False)
+  for ax, (name, curves) in zip(axes.flat, panels.items()):
+    for label, curve in curves.items():
+      x, y = np.asarray(curve[0]), np.asarray(curve[1])
+      line, = ax.plot(x, y, label=label, linewidth=1.6, marker=".", markersize=3)
+      if len(curve) > 2:
+        err = np.asarray(curve[2])
+        ax.fill_between(x, y - err, y + err, color=line.get_color(), alpha=0.2, linewidth=0)
+    if log_x:
+      ax.set_xscale("log")
+    if log_y:
+      ax.set_yscale("log")
+    ax.set_title(name, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+  for ax in list(axes.flat)[n:]:
+    ax.set_axis_off()
+  if title or notes:
+    fig.suptitle(title + (f"\n{notes}" if notes else ""), fontsize=10)
   fig.tight_layout()
   return save_figure(fig, path)

@@ -14,6 +14,7 @@ device count, and a batch's indices can be sharded like the batch itself.
 Unconditional models get label -1 (`sample_labels`) and no one-hot (`one_hot`).
 """
 
+import dataclasses
 import math
 from typing import Callable, Optional, Sequence
 
@@ -90,6 +91,43 @@ def teacher_batch_fn(module, sampler_kwargs, classes=None):
                                      latents=z_i[None], **sampler_kwargs)[0]
     return jax.vmap(one)(churn, z, one_hot(labels, num_classes)), labels
   return fn
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSampler:
+  """One way a run's network makes samples, for evaluators.
+
+  Attributes:
+    name: what a table row calls it, e.g. 'one-step generator', 'Heun, 18 steps'.
+    calls: network evaluations per sample (1 for a one-step generator; EDM's
+      Heun sampler with N steps: 2N - 1).
+    params_key: the entry of the evaluators' `params` dict it samples with.
+    batch_fn: fn(params, key, indices) -> (x, int labels), as `generator_batch_fn`
+      returns (labels uniform over the classes unless built with `classes`).
+    make: classes -> a batch_fn drawing classes[i % len] (fixed labels, e.g. grids).
+  """
+  name: str
+  calls: int
+  params_key: str
+  batch_fn: Callable
+  make: Callable
+
+
+def one_step_model_sampler(module, sample_shape, num_classes, sigma_init, params_key,
+                           name="one-step generator"):
+  """x = G(sigma_init z, sigma_init, c) with the params under `params_key` (1 call)."""
+  make = lambda classes=None: generator_batch_fn(module, sample_shape, num_classes, sigma_init,
+                                                 classes)
+  return ModelSampler(name, 1, params_key, make(), make)
+
+
+def heun_model_sampler(module, sampler_kwargs, params_key, name=None):
+  """EDM's Heun sampler on the denoiser whose params are under `params_key` (2N - 1 calls)."""
+  steps = int(sampler_kwargs.get("num_steps", 18))
+  def make(classes=None):
+    fn = teacher_batch_fn(module, sampler_kwargs, classes)
+    return lambda params, key, indices: fn({"params": params}, key, indices)
+  return ModelSampler(name or f"Heun, {steps} steps", 2 * steps - 1, params_key, make(), make)
 
 
 class BatchSampler:

@@ -11,6 +11,8 @@ Inputs (`read_teacher`):
   `.safetensors`: an `EDMPrecond.state_dict()` plus an architecture JSON
   (EDMPrecond kwargs, like the fixtures' `*_config.json`).
 * a directory written by `convert`: `arch.json` + `variables/` (orbax).
+* the workdir of a teacher trained here (`method='edm'`, `fdistill_jax.train.edm`):
+  it holds the same layout under `teacher/` (`trained_teacher_dir`).
 
 Command line (`fdistill_jax.tools.convert`):
 
@@ -41,6 +43,7 @@ from fdistill_jax.teachers import base
 PathLike = Union[str, os.PathLike]
 ARCH_FILE = "arch.json"
 VARIABLES_DIR = "variables"
+TRAINED_DIR = "teacher"               # a method='edm' workdir's converted teacher
 SOURCE_FILE = "source.json"            # the converted file's name and SHA-256
 MAX_ARCH_BYTES = 2**20
 MAX_EXPANSION = 64                     # converted variables/: float32 bytes per byte on disk
@@ -284,6 +287,20 @@ def save_converted(output: PathLike, arch: Mapping[str, Any], variables,
     raise ConversionError(str(e)) from e
 
 
+def trained_teacher_dir(workdir: PathLike) -> str:
+  """Where a `method='edm'` run writes its teacher in the converted layout: WORKDIR/teacher."""
+  return os.path.join(os.path.abspath(workdir), TRAINED_DIR)
+
+
+def resolve_converted(directory: PathLike) -> pathlib.Path:
+  """A converted directory itself, or the teacher a `method='edm'` workdir holds."""
+  directory = pathlib.Path(directory).absolute()
+  trained = directory / TRAINED_DIR
+  if not (directory / ARCH_FILE).is_file() and (trained / ARCH_FILE).is_file():
+    return trained
+  return directory
+
+
 def _saved_shapes(directory: pathlib.Path) -> Optional[dict]:
   """{path: shape} of a converted directory's orbax metadata (nothing is read but it)."""
   try:
@@ -295,7 +312,8 @@ def _saved_shapes(directory: pathlib.Path) -> Optional[dict]:
 
 
 def load_converted(directory: PathLike, dtype=jnp.float32):
-  """(module, variables) from a directory written by `convert`.
+  """(module, variables) from a directory written by `convert` (or the workdir of a
+  method='edm' run: its `teacher/`).
 
   `arch.json` is checked (`check_arch`), its parameter bytes may be at most
   `MAX_EXPANSION` x the size of `variables/` on disk (orbax compresses; zeros
@@ -303,11 +321,12 @@ def load_converted(directory: PathLike, dtype=jnp.float32):
   shapes (orbax metadata) are compared with the ones it declares before anything
   is restored: the restore allocates exactly what the checked architecture needs.
   """
-  directory = pathlib.Path(directory).absolute()
+  directory = resolve_converted(directory)
   if not (directory / ARCH_FILE).is_file() or not (directory / VARIABLES_DIR).is_dir():
     raise ConversionError(f"{directory} is not a converted teacher: expected "
                           f"{ARCH_FILE} and {VARIABLES_DIR}/ (run "
-                          "python -m fdistill_jax.tools.convert first).")
+                          "python -m fdistill_jax.tools.convert first), or the workdir of a "
+                          f"finished method='edm' run (it writes {TRAINED_DIR}/ at the end).")
   arch = read_arch(directory / ARCH_FILE)
   try:
     count = networks.declared_param_count(arch)
@@ -436,19 +455,35 @@ def _image_teacher(module, variables, where, arch, identity) -> base.Teacher:
 
 
 def teacher_from_config(config) -> base.Teacher:
-  """`teacher.kind='edm'`: an EDM snapshot, state dict or converted directory."""
+  """`teacher.kind='edm'`: an EDM snapshot, state dict, converted directory, or the
+  workdir of a teacher trained with method='edm'."""
   path = config.teacher.path
   if not path:
     raise ValueError("teacher.kind='edm' needs --config.teacher.path: an EDM snapshot "
-                     "(.pkl) or a directory written by python -m fdistill_jax.tools.convert.")
+                     "(.pkl), a directory written by python -m fdistill_jax.tools.convert, or "
+                     "the workdir of a method='edm' run.")
   if pathlib.Path(path).is_dir():
-    arch = read_arch(pathlib.Path(path) / ARCH_FILE)
+    path = resolve_converted(path)            # a method='edm' workdir: its teacher/
     module, variables = load_converted(path, _dtype(config))
+    arch = read_arch(path / ARCH_FILE)
   else:
     arch, state_dict = read_teacher(path)
     variables = teacher_variables(arch, state_dict, path)
     module = networks.build_edm(arch, _dtype(config))
   return _image_teacher(module, variables, path, arch, teacher_identity(path))
+
+
+def initialized_teacher(config) -> base.Teacher:
+  """`teacher.kind='init'`: EDM's own initialisation of `teacher.arch` (`module.init`:
+  Xavier-uniform layers, near-zero last layers), the start of a method='edm' run."""
+  arch = config.teacher.arch.to_dict()
+  module = networks.build_edm(arch, dtype=_dtype(config))
+  r, c = module.img_resolution, module.img_channels
+  labels = jnp.zeros((1, module.label_dim)) if module.label_dim else None
+  init = jax.jit(lambda key: module.init(key, jnp.zeros((1, r, r, c)), jnp.ones((1,)), labels))
+  variables = jax.device_get(init(jax.random.PRNGKey(config.seed + 1)))
+  return _image_teacher(module, variables, "teacher.arch", arch,
+                        {"kind": "init", "arch": arch, "seed": config.seed + 1})
 
 
 def random_teacher(config) -> base.Teacher:

@@ -14,6 +14,7 @@ from fdistill_jax.toy import problem as toy_problem
 TEACHERS: dict[str, Callable[..., base.Teacher]] = {
     "edm": edm.teacher_from_config,
     "random": edm.random_teacher,
+    "init": edm.initialized_teacher,
     "toy": toy_problem.teacher_from_config,
     "sd15": sd.teacher_from_config,
     "sd15_random": sd.random_teacher,

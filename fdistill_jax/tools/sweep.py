@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from fdistill_jax import config_lib
+from fdistill_jax.digits import report as digits_report
 from fdistill_jax.io import atomic
 from fdistill_jax.teachers import registry as teacher_registry
 from fdistill_jax.tools import cli
@@ -73,6 +74,9 @@ TABLES: dict[str, Table] = {
                  seed_fields=("toy.fit_seed",), figure=toy_report.sweep_figure,
                  reference=toy_report.teacher_reference,
                  reference_name="teacher (exact samples)"),
+    # The first sampler's row (the one-step generator); the whole digits table, with the
+    # teacher's rows and wall times, is `fdistill_jax.tools.digits_sweep`.
+    "digits": Table(digits_report.METRICS_FILE, lambda r: r["rows"][0], digits_report.COLUMNS),
 }
 
 

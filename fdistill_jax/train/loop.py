@@ -1,16 +1,19 @@
 """Mesh, sharded initialisation, jitted steps and the training loop.
 
 `train_and_evaluate(config, workdir)` is the whole job: it checks the config
-and the workdir, loads the frozen teacher from the registry, builds (or
-resumes) the TrainState sharded over a `jax.sharding.Mesh` of all devices,
-and runs Algorithm 1 of the paper: a critic step (fake score +
-discriminator) every iteration and a generator step every
-`fake_score_update_freq` iterations. Nothing in a step assumes a single
-process: each process feeds its share of the global batch. The loop knows no
-problem by name: teacher, data and evaluators come from registries.
+and the workdir, builds the training method `config.method` names (`METHODS`),
+resumes its state from the newest checkpoint, and runs its iterations,
+evaluators, checkpoints and preemption handling. Methods: 'fdistill'
+(`Trainer`, below) loads the frozen teacher from the registry, builds the
+TrainState sharded over a `jax.sharding.Mesh` of all devices, and runs
+Algorithm 1 of the paper: a critic step (fake score + discriminator) every
+iteration and a generator step every `fake_score_update_freq` iterations;
+'edm' (`train.edm`) trains an EDM denoiser, a teacher, with EDM's own loss.
+Nothing in a step assumes a single process: each process feeds its share of
+the global batch. The loop knows no problem by name: teacher, data and
+evaluators come from registries.
 """
 
-import contextlib
 import functools
 import json
 import logging
@@ -24,22 +27,22 @@ from clu import periodic_actions
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fdistill_jax import config_lib
 from fdistill_jax.data import registry as data_registry
-from fdistill_jax.data import sources as data_sources
 from fdistill_jax.eval import evaluators as evaluators_lib
 from fdistill_jax.io import atomic
-from fdistill_jax.teachers import registry as teacher_registry
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax import console
+from fdistill_jax.train import edm as edm_method
 from fdistill_jax.train import models as models_lib
+from fdistill_jax.train import runner
 from fdistill_jax.train import state as state_lib
 from fdistill_jax.train import steps
 from fdistill_jax.train import warm_start
-
-BATCH_AXES = ("data", "fsdp")
+# The mesh helpers live in `train.runner` (shared by every method); re-exported here.
+from fdistill_jax.train.runner import BATCH_AXES, make_mesh, param_sharding, tree_sharding  # noqa: F401
 PREEMPTED_EXIT_CODE = 143     # 128 + SIGTERM: "stopped on request", state saved
 _LOG = logging.getLogger(__name__)
 
@@ -56,42 +59,14 @@ class Preempted(Exception):
     self.step = step
 
 
-def make_mesh(config, devices=None):
-  """A (data, fsdp) mesh over all devices; fsdp=1 keeps parameters replicated."""
-  devices = np.asarray(jax.devices() if devices is None else devices)
-  return Mesh(devices.reshape(-1, config.mesh.fsdp), BATCH_AXES)
-
-
-def param_sharding(mesh, leaf):
-  """Shards a leaf's largest axis divisible by the fsdp size; else replicates."""
-  n = mesh.shape["fsdp"]
-  shape = getattr(leaf, "shape", ())
-  if n == 1 or not shape:
-    return NamedSharding(mesh, P())
-  for i in sorted(range(len(shape)), key=lambda i: -shape[i]):
-    if shape[i] % n == 0:
-      spec = [None] * len(shape)
-      spec[i] = "fsdp"
-      return NamedSharding(mesh, P(*spec))
-  return NamedSharding(mesh, P())
-
-
-def tree_sharding(mesh, tree):
-  return jax.tree.map(functools.partial(param_sharding, mesh), tree)
-
-
-class Trainer:
-  """The mesh, the jitted steps and the sharded state of one run."""
+class Trainer(runner.Runner):
+  """The 'fdistill' method: the mesh, the jitted steps and the sharded state of one run."""
 
   def __init__(self, config, source=None, devices=None, teacher=None):
     self.config = config
     self.mesh = make_mesh(config, devices)
     if teacher is None:
-      start = time.time()
-      console.say("Loading the teacher (%s%s) ...", config.teacher.kind,
-                  f": {config.teacher.path}" if config.teacher.path else "")
-      teacher = teacher_registry.build(config)
-      console.say("Teacher ready in %s.", console.format_duration(time.time() - start))
+      teacher = runner.load_teacher(config)
     self.models = models_lib.from_teacher(teacher, config.disc, config.student_dropout)
     self.spec = teacher.spec
     self.teacher_identity = teacher.identity
@@ -131,19 +106,6 @@ class Trainer:
     self.state_sharding = tree_sharding(self.mesh, shapes)
     self.state = jax.jit(init, out_shardings=self.state_sharding)(student_params, heads_params)
 
-  def to_global(self, local):
-    """This process's rows of a batch -> global jax.Arrays sharded over the mesh."""
-    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(
-        self.batch_sharding, np.asarray(a)), local)
-
-  def batches(self, start):
-    """Prefetched global batches from `start` on; each process reads its own rows."""
-    host = self.models.conditioning.host     # e.g. captions -> token ids, on the host
-    return data_sources.Prefetcher(
-        self.source, start, global_batch_size=self.config.batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        buffer_size=self.config.data.prefetch, transform=lambda b: self.to_global(host(b)))
-
   def iteration(self, step, batch):
     """Iteration `step` of Algorithm 1; returns its metrics (device arrays, not synced)."""
     metrics = {}
@@ -154,22 +116,26 @@ class Trainer:
       self.state, critic_metrics = self.critic_step(self.state, self.teacher_vars, batch)
     return {**metrics, **critic_metrics}
 
-  @contextlib.contextmanager
-  def _first_call(self, what):
-    """Says what compiles and how long it took (the first call of a jitted step traces
-    and compiles it, or loads it from JAX's compilation cache; dispatch is async)."""
-    if what in self._compiled:
-      yield
-      return
-    console.say("Compiling the %s ...", what)
-    start = time.time()
-    yield
-    self._compiled.add(what)
-    console.say("  compiled the %s in %s.", what, console.format_duration(time.time() - start))
+  def eval_params(self):
+    """The `params` dict evaluators receive ('generator', 'raw', 'fake', 'disc')."""
+    return evaluators_lib.as_params(self.state)
 
-  @property
-  def step(self):
-    return int(jax.device_get(self.state.step))
+  def samplers(self):
+    """The one-step generator (`generator` params, sigma_init from the config)."""
+    return (evaluators_lib.one_step_sampler(self.models, self.config.loss.sigma_init),)
+
+
+# config.method -> the class that trains it (see `train.runner` for the interface).
+METHODS = {"fdistill": Trainer, "edm": edm_method.EDMTrainer}
+
+
+def make_trainer(config, source=None, devices=None, teacher=None):
+  """The training method `config.method` names, built (teacher loaded, state initialised)."""
+  method = config.get("method", "fdistill")
+  if method not in METHODS:
+    raise ValueError(f"method={method!r}; expected one of {sorted(METHODS)} (fdistill: distil "
+                     "a teacher; edm: train an EDM teacher from data).")
+  return METHODS[method](config, source, devices=devices, teacher=teacher)
 
 
 def check_finite(metrics, step):
@@ -257,13 +223,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, sourc
   with _SigtermFlag() as sigterm, ckpt_lib.lock_workdir(workdir), \
       console.log_to_file(_log_path(workdir)):
     console.say("Building the run in %s (teacher: %s) ...", workdir, config.teacher.kind)
-    trainer = Trainer(config, source, teacher=teacher)
+    trainer = make_trainer(config, source, teacher=teacher)
     return _run(trainer, workdir, sigterm)
 
 
 def build_trainer(config, source=None, teacher=None):
-  """Checks the config (before any teacher is loaded) and builds the Trainer."""
-  return Trainer(_validated(config), source, teacher=teacher)
+  """Checks the config (before any teacher is loaded) and builds its method's trainer."""
+  return make_trainer(_validated(config), source, teacher=teacher)
 
 
 def run(trainer, workdir):
@@ -372,13 +338,13 @@ def _evaluator_actions(trainer, workdir, writer):
       config=config, workdir=workdir, models=trainer.models, teacher_vars=trainer.teacher_vars,
       devices=tuple(trainer.mesh.devices.flat), writer=writer,
       initial_params=trainer.initial_params,
-      samples_dir=ckpt_lib.path(workdir, ckpt_lib.SAMPLES))
+      samples_dir=ckpt_lib.path(workdir, ckpt_lib.SAMPLES), samplers=trainer.samplers())
   actions = []
   for name, ev in evaluators_lib.build(config.eval.evaluators, ctx):
     def run(step, t, name=name, ev=ev):
       del t
       console.say("Evaluating '%s' at step %d ...", name, step)
-      scalars = ev(evaluators_lib.as_params(trainer.state), step)
+      scalars = ev(trainer.eval_params(), step)
       if scalars:
         writer.write_scalars(step, scalars)
         console.say("  %s", ", ".join(f"{k} {v:.4g}" for k, v in sorted(scalars.items())))
@@ -433,6 +399,7 @@ def _loop(trainer, workdir, mngr, writer, sigterm):
         _LOG.warning("%s", error)
         raise error
   mngr.wait_until_finished()
+  trainer.finish(workdir)
   if jax.process_index() == 0:
     ckpt_lib.write_status(workdir, "finished", step)
   console.say("Finished at step %d; checkpoints, logs and results are in %s.", step, workdir)

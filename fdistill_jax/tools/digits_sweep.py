@@ -1,0 +1,168 @@
+r"""The digits table in one command: teacher, every divergence, both ablations, as markdown.
+
+  python -m fdistill_jax.tools.digits_sweep --workdir=runs/digits --seeds=0
+
+trains (or reuses) the digits classifier in WORKDIR/classifier, the EDM teacher
+(`configs/digits.py:teacher`, seed `--teacher_seed`, shared by every seed) and,
+for each seed, a distillation run of each variant (`--variants`; default the
+six divergences, 'no_gan' and 'gan_only') plus forward KL without the two-stage
+normalisation ('fkl_unnormalised', for Fig. 5(b) of `tools.analysis`), all
+through the same engine as `python -m fdistill_jax.main`. It then writes
+WORKDIR/table.md and WORKDIR/sweep.json with one row per
+
+  held-out vs train split (floor)     the measures of real digits
+  teacher, Heun 18 steps (35 calls)   EDM's sampler on the teacher
+  teacher, 1 step                     the teacher's denoiser at sigma_max (the
+                                      student's starting point)
+  each variant                        the one-step student (EMA weights)
+
+and the columns FD, precision, recall, class accuracy (`digits.report`),
+network calls per sample and the wall time of the run (seconds, compilation
+and evaluation included; the teacher rows share the teacher run's). Runs are
+kept in WORKDIR/VARIANT/seedS_HASH (`tools.sweep`: HASH digests the resolved
+config), so a rerun reuses finished runs, resumes interrupted ones from their
+checkpoints, and reruns what a changed setting affects. `--runlocal` makes every
+run CI-sized.
+"""
+
+import json
+import os
+import time
+
+from absl import flags
+import numpy as np
+
+from fdistill_jax import console
+from fdistill_jax.digits import report as digits_report
+from fdistill_jax.io import atomic
+from fdistill_jax.tools import cli
+from fdistill_jax.tools import sweep
+from fdistill_jax.train import checkpoint as ckpt_lib
+from fdistill_jax.train import loop
+
+FLAGS = cli.new_flags()
+flags.DEFINE_string("workdir", None, "Sweep directory (classifier, teacher, one run per "
+                    "variant and seed, table.md).", flag_values=FLAGS)
+flags.DEFINE_string("config", "configs/digits.py", "The digits config file.", flag_values=FLAGS)
+flags.DEFINE_list("variants", ["rkl", "softened_rkl", "js", "squared_hellinger", "fkl",
+                               "jeffreys", "no_gan", "gan_only"],
+                  "Distillation variants of the config, one row each.", flag_values=FLAGS)
+flags.DEFINE_list("seeds", ["0"], "Seeds of the distillation runs (mean +- std over them).",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("teacher_seed", 0, "Seed of the one teacher run.", flag_values=FLAGS)
+flags.DEFINE_bool("unnormalised", True, "Also run forward KL without the two-stage "
+                  "normalisation (Fig. 5(b)).", flag_values=FLAGS)
+flags.DEFINE_bool("runlocal", False, "CI-sized runs (the configs' 'runlocal').",
+                  flag_values=FLAGS)
+flags.DEFINE_multi_string("set", [], "Config override FIELD=VALUE for every run, repeatable.",
+                          flag_values=FLAGS)
+
+TEACHER = "teacher"
+UNNORMALISED = "fkl_unnormalised"      # forward KL, both normalisation stages off
+UNNORMALISED_SET = (("loss.normalize_ratio", False), ("loss.normalize_weight", False))
+RUN_TIME = "sweep_time.json"          # written into each run directory
+TABLE_FILE, RESULTS_FILE = "table.md", "sweep.json"
+_TABLE = sweep.Table(digits_report.METRICS_FILE, lambda r: r, digits_report.COLUMNS)
+
+
+def _token(variant, runlocal):
+  return f"{variant},runlocal" if runlocal else variant
+
+
+def run_one(config_path, workdir, name, variant, seed, overrides, runlocal):
+  """Runs (or reuses, or resumes) one run; returns (run dir, its digits_metrics.json, seconds)."""
+  config = sweep.run_config(config_path, _token(variant, runlocal), seed, overrides, _TABLE)
+  resolved = json.loads(config.to_json())
+  run_dir = sweep.run_dir_for(workdir, name, seed, resolved)
+  done = os.path.join(run_dir, digits_report.METRICS_FILE)
+  if os.path.exists(done) and os.path.exists(os.path.join(run_dir, RUN_TIME)):
+    console.say("%s seed %s: done earlier with this config (reused).", name, seed)
+  else:
+    console.say("%s seed %s -> %s", name, seed, run_dir)
+    atomic.write_json(os.path.join(run_dir, sweep.RUN_CONFIG), resolved)
+    resumed = os.path.isdir(ckpt_lib.path(run_dir, ckpt_lib.CHECKPOINTS))
+    load, start = os.getloadavg(), time.time()
+    loop.train_and_evaluate(config, run_dir)
+    atomic.write_json(os.path.join(run_dir, RUN_TIME), {
+        "seconds": time.time() - start, "resumed": resumed,
+        "load_average_1_5_15min_at_start": list(load),
+        "load_average_1_5_15min_at_end": list(os.getloadavg()),
+        "cpu_count": os.cpu_count()})
+  return run_dir, _read(done), _read(os.path.join(run_dir, RUN_TIME))["seconds"]
+
+
+def _read(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def run_all(config_path, workdir, variants, seeds, teacher_seed, overrides=(), runlocal=False,
+            unnormalised=True):
+  """Every run of the table; returns ({row: [measures per seed]}, {row: [run dirs]})."""
+  workdir = os.path.abspath(workdir)
+  common = [("digits.classifier", os.path.join(workdir, "classifier"))] + list(overrides)
+  teacher_dir, teacher, seconds = run_one(config_path, workdir, TEACHER, TEACHER, teacher_seed,
+                                          common, runlocal)
+  rows = {teacher["floor"]["name"]: [dict(teacher["floor"], seconds=None)]}
+  for row in teacher["rows"]:
+    rows[row["name"]] = [dict(row, seconds=seconds)]
+  dirs = {TEACHER: [teacher_dir]}
+  students = [(v, v, []) for v in variants]
+  if unnormalised:
+    students.append((UNNORMALISED, "fkl", list(UNNORMALISED_SET)))
+  for name, variant, extra in students:
+    for seed in seeds:
+      run_dir, result, seconds = run_one(
+          config_path, workdir, name, variant, seed,
+          common + [("teacher.path", teacher_dir)] + extra, runlocal)
+      rows.setdefault(name, []).append(dict(result["rows"][0], seconds=seconds))
+      dirs.setdefault(name, []).append(run_dir)
+  return rows, dirs
+
+
+COLUMNS = digits_report.COLUMNS + (("wall time (s)", lambda m: m["seconds"]),)
+WHOLE_NUMBERS = ("calls / sample", "wall time (s)")     # printed without decimals
+
+
+def _cell(values, decimals=3):
+  values = [v for v in values if v is not None]
+  if not values:
+    return "-"
+  v = np.asarray(values, np.float64)
+  if len(v) == 1:
+    return f"{v[0]:.{decimals}f}"
+  return f"{v.mean():.{decimals}f} ± {v.std():.{decimals}f}"
+
+
+def markdown_table(rows, seeds):
+  """One row per entry of `rows`; each cell the value, or mean ± std over seeds."""
+  lines = ["| row | " + " | ".join(c for c, _ in COLUMNS) + " |",
+           "|" + "---|" * (len(COLUMNS) + 1)]
+  for name, runs in rows.items():
+    cells = [_cell([fn(m) for m in runs], 0 if column in WHOLE_NUMBERS else 3)
+             for column, fn in COLUMNS]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + (f"\n\nStudents: mean ± std over seeds {', '.join(map(str, seeds))}"
+                             if len(seeds) > 1 else f"\n\nStudents: seed {seeds[0]}") + \
+      "; one teacher (its rows and the floor have no spread).\n"
+
+
+def main(argv):
+  del argv
+  if not FLAGS.workdir:
+    raise ValueError("--workdir=DIR is required (the sweep's directory).")
+  overrides = [sweep.parse_override(t) for t in FLAGS.set]
+  rows, dirs = run_all(FLAGS.config, FLAGS.workdir, FLAGS.variants, FLAGS.seeds,
+                       FLAGS.teacher_seed, overrides, FLAGS.runlocal, FLAGS.unnormalised)
+  text = markdown_table(rows, FLAGS.seeds)
+  atomic.write_json(os.path.join(FLAGS.workdir, RESULTS_FILE),
+                    {"rows": rows, "run_dirs": dirs, "seeds": FLAGS.seeds})
+  atomic.write_text(os.path.join(FLAGS.workdir, TABLE_FILE), text)
+  print(text)
+  return 0
+
+
+cli_main = cli.entry_point(main, "digits_sweep", FLAGS, __doc__)
+
+if __name__ == "__main__":
+  cli_main()

@@ -1,0 +1,275 @@
+"""Real images end to end: the digits data, classifier and measures, EDM teacher training
+(its loss, preconditioning, EMA and learning rate against independent computations), the
+weight-variance analysis (Fig. 4(b)) against closed forms and Monte Carlo, the digits
+sweep's bookkeeping, and one slow run: teacher -> student -> evaluation through `main`.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import digits as digits_config
+from fdistill_jax import networks
+from fdistill_jax.digits import classifier as classifier_lib
+from fdistill_jax.digits import data
+from fdistill_jax.digits import report
+from fdistill_jax.eval import metrics
+from fdistill_jax.eval import weights
+from fdistill_jax.io import atomic
+from fdistill_jax.teachers import edm as edm_teachers
+from fdistill_jax.tools import analysis
+from fdistill_jax.tools import digits_sweep
+from fdistill_jax.train import edm as edm_method
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "digits.py")
+
+
+@pytest.fixture(scope="module")
+def clf_path(tmp_path_factory):
+  """A folder holding the evaluation classifier, trained once for this module (~30 s)."""
+  path = str(tmp_path_factory.mktemp("digits") / "classifier")
+  classifier_lib.load_or_train(path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def clf(clf_path):
+  return classifier_lib.load_or_train(clf_path)                  # read from the cache
+
+
+def test_the_split_is_fixed_disjoint_and_stratified():
+  idx = data.split_indices()
+  train, held = idx["train"], idx["heldout"]
+  assert len(train) + len(held) == 1797 and not set(train) & set(held)
+  _, labels = data.load("heldout")
+  assert np.all(np.abs(np.bincount(labels) - 0.2 * np.bincount(data._all_digits()[1])) <= 0.5)
+  images, _ = data.load("train")
+  assert images.shape == (len(train), 8, 8, 1) and images.min() == -1 and images.max() == 1
+  values = np.unique(np.round((images + 1) * 8, 6))               # the 17 levels 0..16
+  np.testing.assert_array_equal(values, np.arange(17))
+
+
+def test_the_source_refuses_other_sizes():
+  c = digits_config.get_config("js").data
+  c.resolution = 16
+  with pytest.raises(ValueError, match="native 8x8"):
+    data.make_source(c)
+
+
+def test_the_classifier_measure_can_fail(clf, clf_path):
+  """Held-out vs train: FD small; noise and blank images: FD large, precision and
+  class accuracy near zero. (Measured: FD 1.9 vs 400 for N(0, 0.5^2) noise.)"""
+  ref = report.Reference(clf)
+  floor = ref.floor()
+  assert floor["fd"] < 5.0 and floor["precision"] > 0.8 and floor["recall"] > 0.8
+  assert clf.meta["heldout_accuracy"] > 0.95
+  images, labels = data.load("train")
+  rng = np.random.default_rng(0)
+  noise = np.clip(rng.normal(0, 0.5, images.shape), -1, 1).astype(np.float32)
+  bad = ref.measure(noise, labels)
+  assert bad["fd"] > 20 * floor["fd"] and bad["fd"] > 100
+  assert bad["precision"] < 0.1 and bad["recall"] < 0.1 and bad["class_accuracy"] < 0.3
+  # The right images with the wrong labels: the FD cannot see it, class accuracy does.
+  shuffled = ref.measure(images, (labels + 1) % 10)
+  assert shuffled["fd"] == pytest.approx(floor["fd"]) and shuffled["class_accuracy"] < 0.05
+  # The cache holds the trained network: reading it back gives the same features.
+  np.testing.assert_allclose(classifier_lib.load_or_train(clf_path).features_and_logits(
+      images[:8])[0], clf.features_and_logits(images[:8])[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("mu", [0.5, 1.5, 3.0])
+def test_weight_variance_matches_closed_forms(mu):
+  """Var_q[h] / E_q[h]^2 for q = N(0, 1), p = N(mu, 1): E_q[r^k] = exp(k (k - 1) mu^2 / 2),
+  so forward KL (h = r) gives exp(mu^2) - 1, squared Hellinger (h = sqrt r / 2) exp(mu^2/4) - 1,
+  Jeffreys (h = r + 1) (exp(mu^2) - 1) / 4, reverse KL 0. Tolerance 1e-9 relative."""
+  v = lambda name: weights.normalized_weight_variance(name, mu)
+  np.testing.assert_allclose(v("fkl"), np.expm1(mu**2), rtol=1e-9)
+  np.testing.assert_allclose(v("squared_hellinger"), np.expm1(mu**2 / 4), rtol=1e-9)
+  np.testing.assert_allclose(v("jeffreys"), np.expm1(mu**2) / 4, rtol=1e-9)
+  assert v("rkl") == 0.0
+
+
+def test_weight_variance_matches_monte_carlo_for_js():
+  """JS (h = r / (r + 1)) has no closed form: 4e6 draws from q, 5 standard errors."""
+  mu, n = 1.5, 4_000_000
+  x = np.random.default_rng(0).normal(size=n)
+  h = 1.0 / (1.0 + np.exp(-(mu * x - mu**2 / 2)))
+  estimate = h.var() / h.mean() ** 2
+  # delta-method standard error of var/mean^2 from the per-sample influence function
+  m, v = h.mean(), h.var()
+  influence = ((h - m) ** 2 - v) / m**2 - 2 * v * (h - m) / m**3
+  se = influence.std() / np.sqrt(n)
+  assert abs(weights.normalized_weight_variance("js", mu) - estimate) < 5 * se
+
+
+def test_binned_means():
+  x = np.arange(10.0)[::-1]
+  xm, ym, _ = weights.binned_means(x, 2 * x, 5)
+  np.testing.assert_allclose(xm, [0.5, 2.5, 4.5, 6.5, 8.5])
+  np.testing.assert_allclose(ym, 2 * xm)
+
+
+TINY_ARCH = dict(digits_config.ARCH, model_channels=16, channel_mult=[1], dropout=0.0)
+
+
+def test_edm_loss_and_preconditioning_match_an_independent_computation():
+  """`train.edm.denoising_loss` = EDM's loss, recomputed here in float64 numpy from the raw
+  U-Net output F: sigma = exp(P_mean + P_std n), D = c_skip y' + c_out F(c_in y'; log(sigma)/4),
+  y' = y + sigma e, loss = mean_b lambda(sigma_b) mean_pixels (D - y)^2 with EDM's c_* and
+  lambda (Karras et al. 2022, Table 1). Tolerance 1e-5 relative (float32 network)."""
+  module = networks.build_edm(TINY_ARCH)
+  params = networks.random_variables(module, seed=3)["params"]
+  images, labels = data.load("train")
+  y, c = images[:8], jax.nn.one_hot(labels[:8], 10)
+  rng = jax.random.PRNGKey(7)
+  loss, sigma = edm_method.denoising_loss(params, module, y, c, rng, -1.2, 1.2)
+
+  k_sigma, k_noise, _ = jax.random.split(rng, 3)
+  s = np.exp(-1.2 + 1.2 * np.asarray(jax.random.normal(k_sigma, (8,)), np.float64))
+  np.testing.assert_allclose(sigma, s, rtol=1e-6)
+  noisy = y + s[:, None, None, None] * np.asarray(jax.random.normal(k_noise, y.shape))
+  sd = 0.5
+  c_skip, c_out = sd**2 / (s**2 + sd**2), s * sd / np.sqrt(s**2 + sd**2)
+  c_in, c_noise = 1 / np.sqrt(s**2 + sd**2), np.log(s) / 4
+  raw = np.asarray(module.model.apply({"params": params["model"]},
+                                      jnp.asarray(c_in[:, None, None, None] * noisy, jnp.float32),
+                                      jnp.asarray(c_noise, jnp.float32), c, None), np.float64)
+  denoised = c_skip[:, None, None, None] * noisy + c_out[:, None, None, None] * raw
+  lam = (s**2 + sd**2) / (s * sd) ** 2
+  expected = np.mean(lam * np.mean((denoised - y) ** 2, axis=(1, 2, 3)))
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+def test_edm_ema_and_learning_rate_follow_edm():
+  """EMA decay: EDM's beta = 0.5 ** (batch / min(halflife, cur_nimg * rampup)) with
+  cur_nimg = (t + 1) * batch; learning rate lr * min((t + 1) / warmup, 1)."""
+  decay, rampup, batch = 0.999, 0.05, 64
+  halflife_img = np.log(0.5) / np.log(decay) * batch
+  for t in (0, 10, 1000, 30000):
+    expected = 0.5 ** (batch / min(halflife_img, (t + 1) * batch * rampup))
+    np.testing.assert_allclose(float(edm_method.ema_decay(decay, jnp.int32(t), rampup)),
+                               expected, rtol=1e-5)
+  assert float(edm_method.ema_decay(decay, jnp.int32(5), 0.0)) == pytest.approx(decay)
+  ec = ml_collections.ConfigDict(dict(lr=2e-3, lr_warmup=100))
+  opt = edm_method.make_optimizer(ec)
+  p = {"w": jnp.ones(3)}
+  st = opt.init(p)
+  for t in range(3):
+    _, st = opt.update({"w": jnp.ones(3)}, st, p)
+    np.testing.assert_allclose(float(st.hyperparams["learning_rate"]), 2e-3 * (t + 1) / 100,
+                               rtol=1e-6)
+
+
+def test_a_finished_teacher_workdir_is_a_teacher_path(tmp_path):
+  """What the edm method writes (WORKDIR/teacher) loads through teacher.kind='edm'."""
+  module = networks.build_edm(TINY_ARCH)
+  variables = networks.random_variables(module, seed=1)
+  edm_teachers.save_converted(edm_teachers.trained_teacher_dir(tmp_path), TINY_ARCH, variables)
+  c = digits_config.get_config("js")
+  c.teacher.path = str(tmp_path)
+  teacher = edm_teachers.teacher_from_config(c)
+  assert teacher.sample_shape == (8, 8, 1) and teacher.num_classes == 10
+  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(teacher.variables)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  c.teacher.path = str(tmp_path / "nothing")
+  os.makedirs(c.teacher.path)
+  with pytest.raises(ValueError, match="finished method='edm' run"):
+    edm_teachers.teacher_from_config(c)
+
+
+def test_the_digits_sweep_chains_teacher_and_students(tmp_path, monkeypatch):
+  """The sweep runs the teacher once, points every student at it, reuses finished runs,
+  and writes every row of the table (floor, two teacher rows, students)."""
+  calls = []
+
+  def fake_run(config, workdir):
+    calls.append((config.method, config.divergence, config.teacher.path, config.seed,
+                  config.loss.normalize_weight))
+    row = lambda name, calls_, fd: {"name": name, "calls": calls_, "fd": fd, "precision": 0.9,
+                                   "recall": 0.8, "class_accuracy": 0.95}
+    rows = ([row("teacher, Heun 18 steps", 35, 2.0), row("teacher, 1 step", 1, 70.0)]
+            if config.method == "edm" else [row("one-step generator", 1, 3.0 + config.seed)])
+    atomic.write_json(os.path.join(workdir, report.METRICS_FILE),
+                      {"rows": rows, "floor": dict(row("held-out vs train split (floor)", 0, 1.9))})
+  monkeypatch.setattr(digits_sweep.loop, "train_and_evaluate", fake_run)
+  args = (CONFIG, str(tmp_path), ["js", "no_gan"], ["0", "1"], 0)
+  rows, dirs = digits_sweep.run_all(*args, runlocal=True)
+  teacher_dir = dirs["teacher"][0]
+  assert calls[0][0] == "edm" and len(calls) == 1 + 2 * 2 + 2
+  assert all(c[2] == teacher_dir for c in calls[1:])
+  assert [c[4] for c in calls[-2:]] == [False, False]          # fkl_unnormalised
+  assert list(rows) == ["held-out vs train split (floor)", "teacher, Heun 18 steps",
+                        "teacher, 1 step", "js", "no_gan", "fkl_unnormalised"]
+  table = digits_sweep.markdown_table(rows, ["0", "1"])
+  assert "| js | 3.500 ± 0.500 |" in table and "| teacher, 1 step | 70.000 |" in table
+  digits_sweep.run_all(*args, runlocal=True)
+  assert len(calls) == 7                                        # all reused
+
+
+def test_fig4b_and_fig5b_figures(tmp_path):
+  """Fig. 4(b) from the quadrature, Fig. 5(b) from TensorBoard scalars of two runs."""
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  runs = {}
+  for label, scale in (("normalised", 1.0), ("unnormalised", 30.0)):
+    run_dir = str(tmp_path / label)
+    writer = metric_writers.create_default_writer(run_dir)
+    for step in (50, 100, 150):
+      writer.write_scalars(step, {analysis.LOSS_TAG: scale * (1 + 0.1 * step / 50)})
+    writer.close()
+    runs[label] = run_dir
+  path, spread = analysis.figure5b(str(tmp_path / "f5b.png"), runs)
+  assert os.path.getsize(path) > 1000 and set(spread) == set(runs)
+  path, final = analysis.figure4b(str(tmp_path / "f4b.png"), 2.0, num=5)
+  assert os.path.getsize(path) > 1000
+  np.testing.assert_allclose(final["fkl"], np.expm1(4.0), rtol=1e-9)
+
+
+@pytest.mark.slow
+def test_teacher_then_student_through_main(tmp_path, clf_path):
+  """`python -m fdistill_jax.main` trains a CI-sized EDM teacher (configs/digits.py:
+  teacher,runlocal), writes it as a converted teacher, and a JS student distilled from it
+  (`--config.teacher.path=TEACHER`) ends with a classifier FD well below the teacher's own
+  one-step FD. Measured on the shared 2-core CPU: teacher 1 step FD 72.0, student FD 36.1;
+  asserted: student < 0.7 x teacher 1 step. Both runs are subprocesses on one CPU device,
+  as a user runs them (eight simulated devices would triple the compile time)."""
+  teacher_dir, student_dir = str(tmp_path / "teacher"), str(tmp_path / "student")
+  common = [f"--config.digits.classifier={clf_path}"]
+  run_main([f"--config={CONFIG}:teacher,runlocal", f"--workdir={teacher_dir}"] + common)
+  assert os.path.isfile(os.path.join(teacher_dir, "teacher", "arch.json"))
+  teacher = _read_json(os.path.join(teacher_dir, report.METRICS_FILE))
+  assert [r["calls"] for r in teacher["rows"]] == [1]          # runlocal: no Heun row
+  run_main([f"--config={CONFIG}:js,runlocal", f"--workdir={student_dir}",
+            f"--config.teacher.path={teacher_dir}"] + common)
+  student = _read_json(os.path.join(student_dir, report.METRICS_FILE))
+  one_step_teacher, one_step_student = teacher["rows"][0]["fd"], student["rows"][0]["fd"]
+  print(f"teacher 1 step FD {one_step_teacher:.2f}, student FD {one_step_student:.2f}")
+  assert one_step_student < 0.7 * one_step_teacher
+  assert _read_json(os.path.join(student_dir, "status.json"))["state"] == "finished"
+  # Fig. 6's measurement on the trained student: h is normalised (batch mean 1).
+  trainer = analysis.restore_trainer(student_dir)
+  h, diff = analysis.weight_and_score_difference(trainer, 128, 1.0, 0, batch=128)
+  assert h.shape == diff.shape == (128,) and np.all(np.isfinite(h)) and np.all(diff > 0)
+  np.testing.assert_allclose(h.mean(), 1.0, rtol=1e-4)
+
+
+def _read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def run_main(args):
+  """`python -m fdistill_jax.main ARGS` on one CPU device, sharing the tests' compile cache."""
+  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or ""}
+  out = subprocess.run([sys.executable, "-m", "fdistill_jax.main"] + args, cwd=REPO, env=env,
+                       capture_output=True, text=True, check=False, timeout=900)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
