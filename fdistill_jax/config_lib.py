@@ -25,6 +25,15 @@ DIVERGENCES = tuple(divergences.DIVERGENCES)
 ABLATIONS = ("no_gan", "gan_only")
 
 
+def set_field(config, dotted, value):
+  """config['a']['b'] = value for dotted = 'a.b' (as `--config.a.b=value` does)."""
+  *path, last = dotted.split(".")
+  node = config
+  for part in path:
+    node = node[part]
+  node[last] = value
+
+
 def parse_arg(arg, default_divergence, extra_tokens=()):
   """Splits "js,runlocal" into (divergence, set of other tokens); checks names.
 

@@ -71,11 +71,7 @@ def tiny_config(arg="js,tiny", **overrides):
   c = sd15.get_config(arg)
   c.teacher.tokenizer = str(TOKENIZER)
   for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
+    config_lib.set_field(c, k, v)
   return c
 
 

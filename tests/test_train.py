@@ -42,11 +42,7 @@ def small_toy(arg="js", **overrides):
   c.batch_size, c.total_steps, c.fake_score_update_freq = 16, 3, 2
   c.log_every, c.checkpoint_every, c.sample_every = 1, 0, 0
   for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
+    config_lib.set_field(c, k, v)
   return c
 
 

@@ -200,15 +200,8 @@ _TENSOR_GLOBALS = _tensor_globals()
 class RestrictedUnpickler(unpickler.RestrictedUnpickler):
   """`unpickler.RestrictedUnpickler` with torch tensors and storages (module docstring).
 
-  Args:
-    file: binary file object positioned at a pickle (reads never go past its end).
-    extra_allowed: more `(module, name) -> object` entries; the object is what
-      the pickle gets instead of the real global (use `record_class` for
-      classes whose instances should just keep their state).
-    persistent_load: handler for persistent ids (torch archives); by default
-      any persistent id is an error.
-    torchscript: also allow TorchScript records (`__torch__.*` classes).
-    budget: byte allowance for arrays (default: `limits.Budget.for_size` of the input).
+  Takes the base class's arguments (file, extra_allowed, persistent_load,
+  torchscript, budget).
   """
 
   def budgeted_globals(self, budget, nesting) -> dict:

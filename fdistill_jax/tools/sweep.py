@@ -92,11 +92,7 @@ def _set(config, dotted, value):
   message = config_lib.unknown_field(config, dotted)
   if message:
     raise ValueError(f"--set={dotted}=...: {message}")
-  *path, last = dotted.split(".")
-  node = config
-  for part in path:
-    node = node[part]
-  node[last] = value
+  config_lib.set_field(config, dotted, value)
 
 
 def parse_override(text) -> tuple[str, Any]:
