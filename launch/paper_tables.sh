@@ -56,15 +56,7 @@ case "$LAUNCHER" in
   *) echo "LAUNCHER=$LAUNCHER: expected local, slurm or tpu_pod." >&2; exit 2 ;;
 esac
 
-show() {  # show ARGS...: print them as one shell-quoted line (plain words stay as they are)
-  local out=() a
-  for a in "$@"; do
-    if [[ $a =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$a")
-    elif [[ $a != *"'"* ]]; then out+=("'$a'")
-    else out+=("$(printf '%q' "$a")"); fi
-  done
-  echo "${out[*]}"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"   # show
 
 data_flags() {  # data_flags c10|in64
   case "$DATA:$1" in

@@ -37,15 +37,7 @@ JAX_VERSION=${JAX_VERSION:-0.10.2}                   # as pinned in requirements
 DRY_RUN=${DRY_RUN:-0}                                # 1: print the commands, run nothing
 # -----------------------------------------------------------------------------
 
-show() {  # show ARGS...: print them as one shell-quoted line (plain words stay as they are)
-  local out=() a
-  for a in "$@"; do
-    if [[ $a =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$a")
-    elif [[ $a != *"'"* ]]; then out+=("'$a'")
-    else out+=("$(printf '%q' "$a")"); fi
-  done
-  echo "${out[*]}"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"   # show
 
 do_or_print() {  # do_or_print COMMAND...: run it, or with DRY_RUN=1 print it (shell-quoted)
   if [[ $DRY_RUN == 1 ]]; then
