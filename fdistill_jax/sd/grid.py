@@ -30,6 +30,7 @@ import numpy as np
 
 from fdistill_jax.eval import figures
 from fdistill_jax.sd import run_sampling
+from fdistill_jax.sd import sampling as sd_sampling
 
 DEFAULT_PROMPTS = (
     "A motorcycle parked in a parking space next to another motorcycle.",
@@ -81,6 +82,8 @@ class T2IGrid:
     self.tokens = self.run.tokenize(self.prompts)
     steps = int(ec.get("grid_steps", 50))
     sampler = ec.get("grid_sampler", "ddim")
+    if sampler not in sd_sampling.SAMPLERS:
+      raise ValueError(f"eval.grid_sampler={sampler!r}; expected one of {sd_sampling.SAMPLERS}.")
     cfg = grid_cfg(config)
     self.teacher_name = f"teacher: {sampler.upper()}, {steps} steps, CFG {cfg:g}"
     batch = len(self.prompts)
