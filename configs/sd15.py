@@ -20,6 +20,10 @@ generator maps sigma_max z to a clean latent, and the f-distill / GAN / fake
 score noise levels are the Karras schedule on that range (this engine's
 choice; DMD2 samples discrete timesteps uniformly in [20, 980]).
 
+Evaluation: 't2i_grid' every `sample_every` = 1000 iterations: fixed prompts, the frozen
+teacher's 50-step guided DDIM image beside the one-step student's (fdistill_jax/sd/grid.py;
+`python -m fdistill_jax.tools.sample --workdir=DIR --prompt=...` samples a run).
+
 Variants: any divergence, 'no_gan' / 'gan_only', 'cfg5' (CFG 5), 'runlocal'
 (a short run of the real model), 'tiny' (random tiny SD networks for tests:
 set teacher.tokenizer to a CLIP tokenizer folder and data.path to shards of

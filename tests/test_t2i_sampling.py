@@ -84,7 +84,8 @@ def test_teacher_sampling_equals_sd_sampling_on_the_same_networks(run):
   """The run's frozen teacher with 3 guided DDIM steps = `sd.sampling.sample` on a Pipeline
   of the same variables and SD 1.5's own scheduler config (text encoding, guided
   denoiser, schedule and decoding all on the other path; uint8 rounding: atol 1).
-  sd.sampling is checked against diffusers' DDIM pipeline in test_sd_sample.py."""
+  sd.sampling's DDIM levels and steps are checked against diffusers' DDIMScheduler loop in
+  test_sd_denoiser.py."""
   t = run.teacher
   tv = run.teacher_vars["params"]
   pipe = pipeline_lib.Pipeline(
@@ -142,7 +143,8 @@ def test_tools_sample_writes_the_t2i_npz_and_grid(run, run8, tmp_path):  # noqa:
     assert data["images"].shape == (4, 16, 16, 3) and data["images"].dtype == np.uint8
     np.testing.assert_array_equal(data["prompt_index"], [0, 0, 1, 1])
     assert list(data["prompts"]) == [PROMPTS[0], "a red car"] and int(data["seed"]) == 5
-    want, _ = run_sampling.generate(run, [PROMPTS[0], "a red car"], seed=5, num_per_prompt=2)
+    want, _ = run_sampling.generate(run, [PROMPTS[0], "a red car"], seed=5, batch=3,
+                                    num_per_prompt=2)   # the CLI's program: compile cache
     np.testing.assert_allclose(data["images"].astype(int), want.astype(int), atol=1)
   assert PIL.Image.open(grid).size[0] > 100
   assert "a red car" in (tmp_path / "g.png.txt").read_text()
