@@ -20,6 +20,10 @@ generator maps sigma_max z to a clean latent, and the f-distill / GAN / fake
 score noise levels are the Karras schedule on that range (this engine's
 choice; DMD2 samples discrete timesteps uniformly in [20, 980]).
 
+Evaluation: 't2i_grid' every `sample_every` = 1000 iterations: fixed prompts, the frozen
+teacher's 50-step guided DDIM image beside the one-step student's (fdistill_jax/sd/grid.py;
+`python -m fdistill_jax.tools.sample --workdir=DIR --prompt=...` samples a run).
+
 Variants: any divergence, 'no_gan' / 'gan_only', 'cfg5' (CFG 5), 'runlocal'
 (a short run of the real model), 'tiny' (random tiny SD networks for tests:
 set teacher.tokenizer to a CLIP tokenizer folder and data.path to shards of
@@ -27,6 +31,7 @@ set teacher.tokenizer to a CLIP tokenizer folder and data.path to shards of
 """
 
 from fdistill_jax import config_lib
+from fdistill_jax.sd import grid as sd_grid
 
 EXTRA_TOKENS = ("cfg5", "tiny")
 # Tiny random SD networks (tests): 8x8 latents of 16x16 images, U-Net features at 8 and 4.
@@ -72,8 +77,13 @@ def get_config(arg="js"):
   c.data.resolution = 512
   c.data.num_classes = 0
   c.data.caption_key = "caption"          # kind=captions, .jsonl: the prompt's field
-  c.eval.evaluators = ()                  # text-to-image evaluation: not yet in this engine
-  c.sample_every = 0
+  c.eval.evaluators = ("t2i_grid",)      # teacher | student images of fixed prompts
+  c.eval.grid_prompts = sd_grid.DEFAULT_PROMPTS   # COCO-2014 captions (fdistill_jax/sd/grid.py)
+  c.eval.grid_prompts_file = ""           # a text file, one prompt per line: replaces grid_prompts
+  c.eval.grid_steps = 50                  # the teacher column: guided DDIM steps, made once
+  c.eval.grid_sampler = "ddim"
+  c.eval.grid_cfg = 0.0                   # 0: loss.cfg_weight (the teacher the student matches)
+  c.sample_every = 1000
   c.checkpoint_every = 1000
   if "runlocal" in flags:
     c.total_steps, c.batch_size, c.log_every, c.checkpoint_every = 10, 8, 5, 10
@@ -98,3 +108,6 @@ def _tiny(c):
   c.data.resolution = 16
   c.data.prefetch = 1
   c.log_every, c.checkpoint_every, c.keep_checkpoints = 1, 2, 2
+  c.sample_every = 2
+  c.eval.grid_prompts = sd_grid.DEFAULT_PROMPTS[:2]
+  c.eval.grid_steps = 2

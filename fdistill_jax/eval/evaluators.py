@@ -17,6 +17,8 @@ first being the one grids and FID use).
   toy    the toy report: metrics.json and toy.png after the last iteration
   digits the digits report (classifier FD, precision, recall, class accuracy
          of every sampler): digits_metrics.json after the last iteration
+  t2i_grid  text-to-image runs: fixed prompts, the frozen teacher's images
+         beside the one-step student's (every `sample_every`; `sd.grid`)
 """
 
 import dataclasses
@@ -31,6 +33,7 @@ from fdistill_jax.eval import fid as fid_lib
 from fdistill_jax.eval import metrics
 from fdistill_jax.digits import report as digits_report
 from fdistill_jax.eval import sampling
+from fdistill_jax.sd import grid as t2i_grid
 from fdistill_jax.toy import report as toy_report
 
 
@@ -165,6 +168,7 @@ EVALUATORS: dict[str, Callable[[EvalContext], Optional[Evaluator]]] = {
     "fid": _fid,
     "toy": toy_report.ToyReport,
     "digits": digits_report.DigitsReport,
+    "t2i_grid": t2i_grid.build,
 }
 
 

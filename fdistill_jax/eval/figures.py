@@ -6,6 +6,7 @@ colour bar. `image_grid` (numpy only) also feeds TensorBoard's image summaries.
 
 import math
 import os
+import textwrap
 from typing import Callable, Mapping, Optional, Sequence
 
 import matplotlib
@@ -107,6 +108,57 @@ def save_image_grids(path, grids: Mapping[str, np.ndarray], *, ncols=10, title="
     fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   return save_figure(fig, path)
+
+
+def save_captioned_columns(path, columns: Mapping[str, np.ndarray], captions: Sequence[str], *,
+                           title="", tile_inches=2.0, max_dpi=256):
+  """PNG of side-by-side columns of images, one caption per row (e.g. teacher | student).
+
+  Args:
+    path: output PNG path.
+    columns: {column title: images [R, H, W, C] in [-1, 1] or uint8}; row r of
+      every column shows captions[r].
+    captions: R captions (prompts), written above their row, wrapped.
+    title: the figure's title.
+    tile_inches: the side of each tile; the dpi shows images up to `max_dpi *
+      tile_inches` pixels (512 by default) at their own resolution.
+  """
+  names = list(columns)
+  images = [pixels.to_uint8(columns[n]) for n in names]
+  rows, h = len(captions), images[0].shape[1]
+  if any(len(x) != rows for x in images):
+    raise ValueError(f"every column needs {rows} images (one per caption), got "
+                     f"{[len(x) for x in images]}.")
+  dpi = int(min(max_dpi, max(100, h / tile_inches)))
+  ncols, width_chars = len(names), int(_caption_chars(len(names), tile_inches))
+  wrapped = [textwrap.fill(str(c), width_chars, max_lines=2, placeholder=" ...")
+             for c in captions]
+  head, caption_h, gap = 0.3 + (0.2 if title else 0.0), 0.34, 0.05
+  width = ncols * tile_inches + (ncols - 1) * gap + 0.1
+  height = head + rows * (tile_inches + caption_h) + 0.05
+  fig, axes = plt.subplots(rows, ncols, figsize=(width, height), dpi=dpi, squeeze=False)
+  fig.subplots_adjust(left=0.05 / width, right=1 - 0.05 / width, bottom=0.05 / height,
+                      top=1 - (head + caption_h) / height, wspace=gap / tile_inches,
+                      hspace=caption_h / tile_inches)
+  for r in range(rows):
+    for c in range(ncols):
+      ax = axes[r, c]
+      ax.imshow(images[c][r], interpolation="nearest")
+      ax.set_xticks([])
+      ax.set_yticks([])
+    axes[r, 0].set_title(wrapped[r], fontsize=7, loc="left", pad=2)
+  for c, name in enumerate(names):
+    box = axes[0, c].get_position()
+    fig.text((box.x0 + box.x1) / 2, 1 - (head - 0.05) / height, name, ha="center", va="top",
+             fontsize=8, fontweight="bold")
+  if title:
+    fig.text(0.5, 1 - 0.04 / height, title, ha="center", va="top", fontsize=8)
+  return save_figure(fig, path)
+
+
+def _caption_chars(ncols, tile_inches, chars_per_inch=15):
+  """Characters of a 7-point caption that fit across `ncols` tiles."""
+  return max(20, ncols * tile_inches * chars_per_inch)
 
 
 def default_extent(mixture, margin_stds=5.0):

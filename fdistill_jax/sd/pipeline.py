@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from fdistill_jax.teachers.base import ConversionError
 from fdistill_jax.networks import sd as sd_nets
-from fdistill_jax.sd import configs, denoiser, ldm, names, weights
+from fdistill_jax.sd import configs, denoiser, distill, ldm, names, weights
 
 COMPONENTS = ("unet", "text_encoder", "vae")
 WEIGHT_STEMS = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
@@ -103,14 +103,14 @@ class Pipeline:
 
   def decode(self, latents, variables=None):
     """U-Net latents -> images in about [-1, 1] (NHWC, float32). Traceable."""
-    z = jnp.asarray(latents, jnp.float32) / self.scaling_factor + self.shift_factor
+    z = distill.to_vae_latents(latents, self.scaling_factor, self.shift_factor)
     return self.vae.apply(variables or self.variables["vae"], z, method="decode")
 
   def encode(self, images, rng=None, variables=None):
     """Images in [-1, 1] -> U-Net latents: the posterior mean, or a sample when `rng` is given."""
     mean, logvar = self.vae.apply(variables or self.variables["vae"], images, method="encode")
     z = mean if rng is None else sd_nets.sample_latent(rng, mean, logvar)
-    return (z - self.shift_factor) * self.scaling_factor
+    return distill.to_unet_latents(z, self.scaling_factor, self.shift_factor)
 
 
 def _folder_variables(folder, modules, variant) -> dict:

@@ -9,6 +9,9 @@ r"""One-step samples of a distilled generator, teacher samples, and generator ex
   # the generator alone (EMA weights): spec + orbax params + export.json
   python -m fdistill_jax.tools.sample --workdir=DIR --export=generators/cifar10_js
   python -m fdistill_jax.tools.sample --workdir=generators/cifar10_js --num=50000 --out=s.npz
+  # a text-to-image (sd15) run: one image per prompt (x4), the npz and a captioned grid
+  python -m fdistill_jax.tools.sample --workdir=DIR --prompt="a photo of a cat" \
+      --prompts_file=prompts.txt --num_per_prompt=4 --out=samples.npz --grid=grid.png
   # the EDM teacher with EDM's Heun sampler, same output format
   python -m fdistill_jax.tools.sample --teacher=teachers/cifar10 --teacher_preset=cifar10 \
       --num=50000 --out=teacher.npz
@@ -20,6 +23,14 @@ Sample i of seed s uses the noise and label of `fdistill_jax.eval.sampling`
 count. `--labels=3` gives every sample class 3; `--labels=0,3,7` cycles.
 Unconditional models get label -1. The toy generator writes float32 `samples`
 [N, 2] instead of `images`, and its --grid is a scatter plot.
+
+Text-to-image runs (generator kind 'sd15') take prompts instead of labels and
+--num: image i shows prompt i // num_per_prompt, from the noise of (seed, i)
+(`fdistill_jax.sd.run_sampling`; the run's teacher supplies the text tower
+and the VAE). The npz has `images` (uint8 NHWC), `prompt_index`, `prompts`
+and `seed`, as `tools.sample_t2i` writes, and --grid captions each tile with
+its prompt (prompts also in GRID.txt). An exported sd15 generator holds the
+U-Net alone and is sampled from its training workdir instead.
 """
 
 import os
@@ -32,8 +43,10 @@ from fdistill_jax.eval import edm_sampler
 from fdistill_jax.eval import figures
 from fdistill_jax.eval import sampling
 from fdistill_jax.io import atomic
+from fdistill_jax.sd import run_sampling
 from fdistill_jax.teachers import edm
 from fdistill_jax.tools import cli
+from fdistill_jax.tools import sample_t2i
 from fdistill_jax.toy import mixture as toy_mixture
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax import console
@@ -54,7 +67,14 @@ flags.DEFINE_string("which", "ema", "ema (first EMA copy) | ema:K | raw.", flag_
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readable one).", flag_values=FLAGS)
 flags.DEFINE_string("labels", "uniform", "uniform | a class index | e.g. 0,3,7.", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "Seed of the noise and labels.", flag_values=FLAGS)
-flags.DEFINE_integer("batch", 256, "Global batch (all devices).", flag_values=FLAGS)
+flags.DEFINE_integer("batch", None, f"Global batch (all devices); default 256, "
+                     f"{run_sampling.DEFAULT_BATCH} for text-to-image runs.", flag_values=FLAGS)
+flags.DEFINE_multi_string("prompt", [], "Text-to-image runs: a prompt (repeatable).",
+                          flag_values=FLAGS)
+flags.DEFINE_string("prompts_file", None, "Text-to-image runs: a text file, one prompt per line.",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("num_per_prompt", 1, "Text-to-image runs: images per prompt.",
+                     flag_values=FLAGS)
 flags.DEFINE_enum("teacher_preset", "cifar10", sorted(edm_sampler.EDM_SAMPLER_PRESETS),
                   "EDM sampler settings for --teacher.", flag_values=FLAGS)
 flags.DEFINE_integer("num_steps", None, "Override the preset's number of steps.", flag_values=FLAGS)
@@ -128,15 +148,43 @@ def run(f=FLAGS):
                                      overwrite=f.overwrite)
   if not f.out:
     raise ValueError("--out=PATH.npz is required (or --export=OUT_DIR).")
-  if f.num <= 0 or f.batch <= 0:
-    raise ValueError(f"--num={f.num} and --batch={f.batch} must both be positive.")
-  common = dict(labels=f.labels, seed=f.seed, batch=f.batch)
+  if f.workdir and run_sampling.is_t2i_run(f.workdir):
+    return sample_text_to_image(f)
+  if f.prompt or f.prompts_file:
+    raise ValueError("--prompt/--prompts_file are for text-to-image runs (generator kind "
+                     "'sd15'); this model is conditioned on class labels: use --labels and "
+                     "--num (tools.sample_t2i samples an SD model itself).")
+  batch = 256 if f.batch is None else f.batch
+  if f.num <= 0 or batch <= 0:
+    raise ValueError(f"--num={f.num} and --batch={batch} must both be positive.")
+  common = dict(labels=f.labels, seed=f.seed, batch=batch)
   if f.teacher:
     (x, y), spec = sample_teacher(f.teacher, f.num, preset=f.teacher_preset,
                                   num_steps=f.num_steps, arch=f.arch, **common), None
   else:
     x, y, spec = sample_generator(f.workdir, f.num, which=f.which, step=f.step, **common)
   write_samples(f.out, x, y, f.grid, spec)
+  return os.path.abspath(f.out)
+
+
+def sample_text_to_image(f):
+  """The one-step student of a text-to-image run for --prompt/--prompts_file (module docstring)."""
+  if not (f.prompt or f.prompts_file):
+    raise ValueError(f"{f.workdir} is a text-to-image run: give --prompt and/or "
+                     "--prompts_file (one prompt per line).")
+  if f["num"].present or f.labels != "uniform":
+    raise ValueError("--num and --labels do not apply to a text-to-image run: it makes "
+                     "--num_per_prompt images per prompt.")
+  if f.num_per_prompt < 1:
+    raise ValueError(f"--num_per_prompt={f.num_per_prompt} must be positive.")
+  prompts = sample_t2i.read_prompts(f.prompt, f.prompts_file)
+  run = run_sampling.load_run(f.workdir, which=f.which, step=f.step)
+  console.say("Sampling %s weights of step %s (%s).", run.info["which"], run.info["step"],
+              run.info["source"])
+  images, prompt_index = run_sampling.generate(
+      run, prompts, seed=f.seed, batch=run_sampling.DEFAULT_BATCH if f.batch is None else f.batch,
+      num_per_prompt=f.num_per_prompt)
+  sample_t2i.write_outputs(images, prompt_index, prompts, f.seed, out=f.grid, npz=f.out)
   return os.path.abspath(f.out)
 
 
