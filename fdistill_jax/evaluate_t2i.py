@@ -4,7 +4,7 @@ Thin on purpose, as `main.py`: the tool is `fdistill_jax.tools.evaluate_t2i` (it
 has the commands), the library `fdistill_jax.sd.t2i_metrics` and `fdistill_jax.sd.coco`.
 """
 
-from fdistill_jax.tools.evaluate_t2i import cli_main
+from fdistill_jax.tools.evaluate_t2i import FLAGS, cli_main, main  # noqa: F401  (the tool's API)
 
 if __name__ == "__main__":
   cli_main()

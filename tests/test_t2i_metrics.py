@@ -284,6 +284,20 @@ def _samples(path, images, captions, index=None, **override):
   return path
 
 
+def test_load_samples_maps_stored_images_and_reads_compressed_ones(tmp_path):
+  images = np.random.default_rng(3).integers(0, 256, (5, 12, 10, 3), np.uint8)
+  arrays = {"images": images, "prompts": np.asarray(["a cat", "a dog"]),
+            "prompt_index": np.array([0, 1, 0, 1, 1], np.int32)}
+  np.savez(tmp_path / "s.npz", **arrays)
+  np.savez_compressed(tmp_path / "c.npz", **arrays)
+  stored, prompts = coco.load_samples(tmp_path / "s.npz")
+  compressed, prompts_c = coco.load_samples(tmp_path / "c.npz")
+  assert isinstance(stored, np.memmap) and not isinstance(compressed, np.memmap)
+  np.testing.assert_array_equal(stored, images)
+  np.testing.assert_array_equal(compressed, images)
+  assert prompts == prompts_c == ["a cat", "a dog", "a cat", "a dog", "a dog"]
+
+
 def test_cli_make_ref_and_score(tmp_path, capsys, clip_folders):
   """Reference stats of a folder, then FID and CLIP score (tied tiny CLIP: the four colour
   images with their captions score 1) in one JSON, written atomically.

@@ -260,8 +260,40 @@ def _text_array(path, key):
     return [str(p) for p in data[key]]
 
 
+def _mapped_images(path):
+  """The `images` member memory-mapped when stored uncompressed (np.savez; 30k x 512^2 x 3
+  bytes is 24 GB), else read whole; None when the member is not a plain uint8 array."""
+  with zipfile.ZipFile(path) as archive:
+    info = archive.getinfo("images.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+      return None
+    with open(path, "rb") as f:
+      f.seek(info.header_offset)
+      local = f.read(30)
+      if len(local) < 30 or local[:4] != b"PK\x03\x04":
+        raise ValueError(f"{path}: corrupt zip entry for 'images'.")
+      start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(
+          local[28:30], "little")
+      f.seek(start)
+      version = np.lib.format.read_magic(f)
+      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0)
+      shape, fortran, dtype = read_header(f)
+      offset = f.tell()
+  if dtype != np.uint8 or fortran or len(shape) != 4:
+    return None
+  if int(np.prod(shape)) > info.file_size - (offset - start):
+    raise ValueError(f"{path}: 'images' claims shape {shape} but the file holds fewer bytes: "
+                     "truncated or corrupt.")
+  return np.memmap(path, np.uint8, "r", offset=offset, shape=tuple(shape))
+
+
 def load_samples(path) -> tuple:
-  """(images uint8 [N, H, W, 3], prompts [N]) of a samples npz, checked (module docstring)."""
+  """(images uint8 [N, H, W, 3], prompts [N]) of a samples npz, checked (module docstring).
+
+  Images stored uncompressed (as `io.atomic.write_npz` writes them) are memory-mapped and
+  read batch by batch by the metrics.
+  """
   if not pathlib.Path(path).is_file():
     raise FileNotFoundError(f"--samples={path} does not exist.")
   keys = limits.npz_keys(path)
@@ -269,8 +301,11 @@ def load_samples(path) -> tuple:
   if missing:
     raise ValueError(f"{path} lacks {missing} (has {keys}); expected the npz of "
                      "tools.sample_t2i / tools.sample: images, prompts, prompt_index.")
-  arrays = limits.load_npz(path, keys=("images", "prompt_index"))
-  images, index = arrays["images"], arrays["prompt_index"]
+  images = _mapped_images(path)
+  arrays = limits.load_npz(path, keys=("prompt_index",) if images is not None
+                           else ("images", "prompt_index"))
+  images = arrays["images"] if images is None else images
+  index = arrays["prompt_index"]
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"{path}: images are {images.dtype} of shape {images.shape}; expected uint8 "
                      "NHWC RGB [N, H, W, 3].")
