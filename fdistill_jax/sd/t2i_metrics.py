@@ -120,22 +120,24 @@ class ClipScorer:
   """Per-pair CLIP cosine of uint8 images and prompts (module docstring), jitted and
   batch-sharded over a 1-D ('data',) mesh of `devices` (default: all), as `eval.fid.FeatureFn`."""
 
-  def __init__(self, folder, prefix: str = DMD2_PREFIX, eval_res: int = coco.EVAL_RES,
+  def __init__(self, clip, prefix: str = DMD2_PREFIX, eval_res: int = coco.EVAL_RES,
                devices=None, dtype=jnp.float32):
-    self.clip = load_clip(folder, dtype)
+    """`clip`: a transformers CLIPModel folder, or a `Clip` already loaded."""
+    self.clip = clip if isinstance(clip, Clip) else load_clip(clip, dtype)
     self.prefix, self.eval_res = prefix, eval_res
     devices = tuple(devices or jax.devices())
     mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
     batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    self._fn = jax.jit(functools.partial(_pair_cosine, self.clip.vision, self.clip.text),
-                       in_shardings=(replicated, batch, batch), out_shardings=batch)
+    self.pair_cosine = jax.jit(functools.partial(_pair_cosine, self.clip.vision, self.clip.text),
+                               in_shardings=(replicated, batch, batch), out_shardings=batch)
     self._variables = jax.device_put(self.clip.variables, replicated)
     self.num_devices = len(devices)
 
   def pixels(self, images) -> np.ndarray:
     size = self.clip.vision.vision_model.image_size
-    return np.stack([clip_pixels(np.asarray(im), size, self.eval_res) for im in images])
+    return np.stack(coco.host_map(lambda im: clip_pixels(np.asarray(im), size, self.eval_res),
+                                  images))
 
   def tokens(self, prompts) -> np.ndarray:
     return self.clip.tokenizer([self.prefix + p for p in prompts])
@@ -153,7 +155,7 @@ class ClipScorer:
       idx = list(range(start, stop)) + [stop - 1] * pad     # fixed shapes: one compile
       pixels = self.pixels([images[i] for i in idx])
       tokens = self.tokens([prompts[i] for i in idx])
-      out.append(np.asarray(self._fn(self._variables, pixels, tokens))[:stop - start])
+      out.append(np.asarray(self.pair_cosine(self._variables, pixels, tokens))[:stop - start])
       progress(stop)
     return np.concatenate(out).astype(np.float32)
 
