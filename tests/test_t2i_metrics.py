@@ -327,7 +327,7 @@ def test_cli_make_ref_and_score(tmp_path, capsys, clip_folders):
   assert np.isfinite(written["fid"]) and written["fid"] > 0
   assert 0.5 - 1e-3 < written["clip_score"] < 1   # (4 x 1 + 4 noise pairs in [-1, 1)) / 8
   assert written["clip_score_x100"] >= 100 * written["clip_score"] - 1e-4
-  assert "not ported" in written["in_batch_similarity"]
+  assert "in_batch_similarity" not in written and written["dino"] is None   # no --dino
 
 
 def test_cli_bad_inputs_say_what_and_write_nothing(tmp_path, capsys, clip_folders):

@@ -24,8 +24,9 @@ here. The paper's 0.292 (f-distill JS) and 0.287 (DMD2) are on this raw-cosine s
 comparable only with the same CLIP weights (ViT-L/14, SD's own text tower, gives other
 values).
 
-In-batch similarity (the paper's Table 8, mean pairwise cosine of DINO features of the
-images of one prompt) is NOT ported: no DINO network exists here.
+In-batch similarity (the paper's Table 8): the mean pairwise cosine of DINO features of the
+images of one prompt, Particle Guidance's protocol (`sd.dino`), when a DINO folder is given
+and the samples hold several images per prompt.
 """
 
 import dataclasses
@@ -44,6 +45,7 @@ from fdistill_jax.eval import metrics
 from fdistill_jax.networks.sd import clip as clip_nets
 from fdistill_jax.sd import clip_score
 from fdistill_jax.sd import coco
+from fdistill_jax.sd import dino as dino_lib
 from fdistill_jax.sd import configs, names, pipeline, weights
 
 DMD2_PREFIX = "A photo depicts "
@@ -207,16 +209,19 @@ class T2IMetrics:
     fid_method: `metrics.frechet_distance`'s method ("eigh": fast, for periodic evaluation).
     feature_fn: an Inception feature function already built (`fid.make_feature_fn`), instead
       of `inception`.
+    dino: a transformers ViTModel folder (facebook/dino-vitb8) for the in-batch similarity
+      (`sd.dino`), computed over the prompts that have several images; `dino_batch_size`
+      images per DINO batch (full-resolution ViT-B/8: 4097 tokens at 512 pixels).
   """
 
   def __init__(self, ref: Optional[str] = None, inception: Optional[str] = None,
                clip: Optional[str] = None, *, protocol: str = "dmd2",
                eval_res: int = coco.EVAL_RES, preprocessing: str = "tf",
                fid_method: str = "eigh", prefix: str = DMD2_PREFIX, batch_size: int = 64,
-               feature_fn=None):
-    if not (ref or clip):
-      raise ValueError("nothing to evaluate: give reference statistics (FID) and/or a CLIP "
-                       "folder (CLIP score).")
+               feature_fn=None, dino: Optional[str] = None, dino_batch_size: int = 8):
+    if not (ref or clip or dino):
+      raise ValueError("nothing to evaluate: give reference statistics (FID), a CLIP folder "
+                       "(CLIP score) and/or a DINO folder (in-batch similarity).")
     if ref and not (inception or feature_fn):
       raise ValueError("FID needs Inception weights (--inception) besides --ref.")
     coco.Resized([], protocol, eval_res)      # checks the protocol's name early
@@ -229,6 +234,8 @@ class T2IMetrics:
       feature_fn = fid.load_feature_fn(inception, preprocessing)
     self.feature_fn = feature_fn
     self.clip = ClipScorer(clip, prefix, eval_res) if clip else None
+    self.dino = dino_lib.DinoFeatures(dino) if dino else None
+    self.dino_batch_size = dino_batch_size
 
   def fid(self, images) -> float:
     features = fid.extract_features(coco.Resized(images, self.protocol, self.eval_res),
@@ -239,7 +246,8 @@ class T2IMetrics:
                                     method=self.fid_method)
 
   def __call__(self, images, prompts) -> dict:
-    """{'fid', 'clip_score', 'clip_score_x100', 'num_samples'} (keys for what was configured)."""
+    """{'fid', 'clip_score', 'clip_score_x100', 'in_batch_similarity', 'num_samples'} (keys
+    for what was configured)."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images are {images.dtype} of shape {images.shape}; expected uint8 NHWC "
@@ -247,9 +255,14 @@ class T2IMetrics:
     if len(prompts) != len(images):
       raise ValueError(f"{len(images)} images but {len(prompts)} prompts; give one prompt per "
                        "image.")
+    if self.dino is not None:
+      dino_lib.groups_of(prompts)           # refuses prompts with one image each, up front
     out = {"num_samples": len(images)}
     if self.ref is not None:
       out["fid"] = self.fid(images)
     if self.clip is not None:
       out.update(clip_summary(self.clip(images, prompts, self.batch_size)))
+    if self.dino is not None:
+      out["in_batch_similarity"] = dino_lib.similarity_of(images, prompts, self.dino,
+                                                          self.dino_batch_size)
     return out

@@ -1,4 +1,4 @@
-r"""COCO-2014 zero-shot evaluation of text-to-image samples: FID and CLIP score.
+r"""COCO-2014 zero-shot evaluation of text-to-image samples: FID, CLIP score, in-batch similarity.
 
   # 1. 30k prompts, one caption per val2014 image, deterministic in --seed:
   python -m fdistill_jax.evaluate_t2i --write_prompts=coco30k.txt \
@@ -9,11 +9,14 @@ r"""COCO-2014 zero-shot evaluation of text-to-image samples: FID and CLIP score.
   # 3. Score a samples npz (images + prompts from tools.sample_t2i / tools.sample):
   python -m fdistill_jax.evaluate_t2i --samples=samples.npz --ref=coco2014_val.npz \
       --inception=pt_inception-2015-12-05-6726825d.pth --clip=CLIP-ViT-g-14 --out=metrics.json
+  # In-batch similarity (DINO; several images per prompt, e.g. sample_t2i --num_per_prompt=4):
+  python -m fdistill_jax.evaluate_t2i --samples=samples4.npz --dino=dino-vitb8
 
 --captions and --ref_images also take tfds:coco_captions (prepared under --data_dir; never
 downloaded). The protocol (DMD2 / GigaGAN: square crop, LANCZOS 256, clean-fid bicubic 299;
-CLIP score as raw cosine with "A photo depicts ") is in `fdistill_jax.sd.coco` and
-`fdistill_jax.sd.t2i_metrics`. The JSON result goes to stdout and --out; progress to stderr.
+CLIP score as raw cosine with "A photo depicts "; in-batch similarity as Particle Guidance)
+is in `fdistill_jax.sd.coco`, `fdistill_jax.sd.t2i_metrics` and `fdistill_jax.sd.dino`.
+The JSON result goes to stdout and --out; progress to stderr.
 """
 
 import json
@@ -38,6 +41,9 @@ flags.DEFINE_string("inception", None, f"Inception weights: {inception.SUPPORTED
                     "'random' for tests.", flag_values=FLAGS)
 flags.DEFINE_string("clip", None, "transformers CLIPModel folder (config.json, weights, "
                     "tokenizer files) for the CLIP score.", flag_values=FLAGS)
+flags.DEFINE_string("dino", None, "transformers ViTModel folder (facebook/dino-vitb8) for the "
+                    "in-batch similarity (needs several images per prompt).", flag_values=FLAGS)
+flags.DEFINE_integer("dino_batch_size", 8, "Images per DINO batch.", flag_values=FLAGS)
 flags.DEFINE_string("out", None, "JSON output (default: SAMPLES_t2i_metrics.json).",
                     flag_values=FLAGS)
 flags.DEFINE_string("make_ref", None, "Write reference statistics (npz) of --ref_images.",
@@ -125,20 +131,22 @@ def _make_ref():
 
 
 def _score():
-  if not (FLAGS.ref or FLAGS.clip):
-    raise ValueError("--samples needs --ref (with --inception) for FID and/or --clip for the "
-                     "CLIP score.")
+  if not (FLAGS.ref or FLAGS.clip or FLAGS.dino):
+    raise ValueError("--samples needs --ref (with --inception) for FID, --clip for the CLIP "
+                     "score and/or --dino for the in-batch similarity.")
+  if FLAGS.dino_batch_size <= 0:
+    raise ValueError(f"--dino_batch_size={FLAGS.dino_batch_size} must be positive.")
   out = FLAGS.out or str(pathlib.Path(FLAGS.samples).with_suffix("")) + "_t2i_metrics.json"
   atomic.check_parent(out, "--out")
   images, prompts = coco.load_samples(FLAGS.samples)     # cheap checks before any network
   metrics = t2i_metrics.T2IMetrics(
       FLAGS.ref, FLAGS.inception, FLAGS.clip, protocol=FLAGS.protocol, eval_res=FLAGS.eval_res,
       preprocessing=FLAGS.preprocessing, fid_method=FLAGS.fid_method, prefix=FLAGS.prefix,
-      batch_size=FLAGS.batch_size)
+      batch_size=FLAGS.batch_size, dino=FLAGS.dino, dino_batch_size=FLAGS.dino_batch_size)
   result = metrics(images, prompts)
   result.update(samples=FLAGS.samples, ref=FLAGS.ref, clip=FLAGS.clip,
                 protocol=FLAGS.protocol, eval_res=FLAGS.eval_res, fid_method=FLAGS.fid_method,
-                clip_prefix=FLAGS.prefix, in_batch_similarity="not ported (no DINO network)")
+                clip_prefix=FLAGS.prefix, dino=FLAGS.dino)
   if FLAGS.inception == fid.RANDOM_INCEPTION:
     result["inception"] = "random (tests only, NOT FID)"
   elif FLAGS.ref:
