@@ -5,10 +5,12 @@ and `main/test_folder_sd.py`), which takes it from GigaGAN's evaluation (Kang et
 2023, mingukkang/GigaGAN `evaluation/`), the protocol behind the COCO-30k numbers that
 f-distill's Table 4 compares with DMD2:
 
-* Prompts: N = 30k (image, caption) pairs of COCO val2014, one caption per image (GigaGAN:
-  30k images sampled from val2014, for each one of its ~5 captions at random).
-  `choose_captions` draws them deterministically from a seed: a seeded permutation of the
-  sorted image ids, then one seeded caption index per chosen image.
+* Prompts: N = 30k captions of COCO val2014, one per image (the COCO-30k convention: 30k
+  val2014 images, for each one of its ~5 captions at random). DMD2 ships its own draw as a
+  text file (`main/coco_eval/captions_coco14_test.txt`, one prompt per line): to use exactly
+  those prompts, generate from that file. `choose_captions` makes a fresh draw,
+  deterministic in a seed: a seeded permutation of the sorted image ids, then one seeded
+  caption index per chosen image.
 * Resize before Inception (`RESIZE_PROTOCOLS`, default "dmd2"), the same for generated and
   reference images: centre-crop the square of the shorter side (torchvision's
   `center_crop`, offset int(round((h - s) / 2))), PIL LANCZOS resize to `eval_res` = 256
@@ -254,14 +256,15 @@ def read_prompts(path) -> list:
 
 
 def _text_array(path, key):
-  """A unicode array member of an npz, its header checked against the member's size first."""
+  """A 1-D string member (unicode, or UTF-8 bytes) of an npz as a list, its header checked
+  against the member's size before numpy allocates it."""
   with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as f:
     size = archive.getinfo(f"{key}.npy").file_size
     version = np.lib.format.read_magic(f)
     read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                    else np.lib.format.read_array_header_2_0)
     shape, fortran, dtype = read_header(f)
-    if dtype.kind != "U" or len(shape) != 1:
+    if dtype.kind not in "US" or len(shape) != 1:
       raise ValueError(f"{path}: '{key}' is {dtype} of shape {shape}; expected a 1-D array of "
                        "strings (np.asarray(list_of_prompts)).")
     if shape[0] * dtype.itemsize > size:
@@ -269,7 +272,7 @@ def _text_array(path, key):
                        f"holds {size}: corrupt.")
     del fortran
   with np.load(path, allow_pickle=False) as data:
-    return [str(p) for p in data[key]]
+    return [p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in data[key].tolist()]
 
 
 def _mapped_images(path):

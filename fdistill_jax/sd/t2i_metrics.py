@@ -3,6 +3,7 @@ r"""COCO zero-shot metrics of text-to-image samples: FID and CLIP score (DMD2's 
   metrics = T2IMetrics(ref="coco2014_val_256.npz", inception="pt_inception-2015-12-05.pth",
                        clip="CLIP-ViT-g-14-laion2B-s12B-b42K")   # built once
   metrics(images_uint8, prompts)   # -> {"fid": ..., "clip_score": ..., "clip_score_x100": ...}
+  # dino="dino-vitb8" adds "in_batch_similarity" (several images per prompt; sd/dino.py)
 
 Command line: `python -m fdistill_jax.evaluate_t2i` (`tools/evaluate_t2i.py`). The prompts,
 the resize protocol and the reference images are described in `fdistill_jax.sd.coco`.
@@ -199,7 +200,7 @@ def check_protocol(stats, protocol, eval_res, where="--ref"):
 
 
 class T2IMetrics:
-  """FID and CLIP score of (uint8 images, prompts), built once (module docstring).
+  """FID, CLIP score and in-batch similarity of (uint8 images, prompts), built once.
 
   Args:
     ref: reference statistics npz (`reference_stats` / evaluate_t2i --make_ref); None: no FID.
