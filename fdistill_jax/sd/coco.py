@@ -62,14 +62,15 @@ def center_crop_square(image: np.ndarray) -> np.ndarray:
 
 
 def crop_resize(image: np.ndarray, size: int = EVAL_RES) -> np.ndarray:
-  """uint8 [size, size, 3]: square centre crop, then PIL LANCZOS (DMD2's `resize_and_center_crop`)."""
+  """uint8 [size, size, 3]: square centre crop, PIL LANCZOS (DMD2's `resize_and_center_crop`)."""
   im = PIL.Image.fromarray(center_crop_square(np.asarray(image, np.uint8)))
   return np.asarray(im.resize((size, size), PIL.Image.Resampling.LANCZOS))
 
 
 def clean_resize(image: np.ndarray, size: int = INCEPTION_RES) -> np.ndarray:
-  """float32 [size, size, C] in [0, 255]: clean-fid's "clean" resize (PIL BICUBIC per channel, 'F' mode)."""
-  channels = [np.asarray(PIL.Image.fromarray(image[..., c].astype(np.float32), mode="F")
+  """float32 [size, size, C] in [0, 255]: clean-fid's "clean" resize (PIL BICUBIC per channel
+  on float32 'F' images)."""
+  channels = [np.asarray(PIL.Image.fromarray(image[..., c].astype(np.float32))
                          .resize((size, size), PIL.Image.Resampling.BICUBIC))
               for c in range(image.shape[-1])]
   return np.clip(np.stack(channels, axis=-1), 0, 255)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fdistill_jax import console
+from fdistill_jax.eval import fid
 from fdistill_jax.networks import vit
 from fdistill_jax.sd import configs, names, pipeline, weights
 
@@ -127,7 +128,6 @@ def in_batch_similarity(features, groups) -> float:
 
 def similarity_of(images, prompts, feature_fn, batch_size=8) -> float:
   """In-batch similarity of uint8 images generated from `prompts` (one per image)."""
-  from fdistill_jax.eval import fid  # pylint: disable=g-import-not-at-top
   groups = groups_of(prompts)
   index = sorted(i for g in groups for i in g)
   position = {i: n for n, i in enumerate(index)}
