@@ -22,7 +22,10 @@ choice; DMD2 samples discrete timesteps uniformly in [20, 980]).
 
 Evaluation: 't2i_grid' every `sample_every` = 1000 iterations: fixed prompts, the frozen
 teacher's 50-step guided DDIM image beside the one-step student's (fdistill_jax/sd/grid.py;
-`python -m fdistill_jax.tools.sample --workdir=DIR --prompt=...` samples a run).
+`python -m fdistill_jax.tools.sample --workdir=DIR --prompt=...` samples a run); 't2i'
+every `eval.fid_every` iterations (0 here: set it with eval.prompts and eval.ref /
+eval.inception and/or eval.clip): FID and CLIP score of one-step images of
+`eval.num_samples` prompts (fdistill_jax/sd/t2i_evaluator.py).
 
 Variants: any divergence, 'no_gan' / 'gan_only', 'cfg5' (CFG 5), 'runlocal'
 (a short run of the real model), 'tiny' (random tiny SD networks for tests:
@@ -77,12 +80,16 @@ def get_config(arg="js"):
   c.data.resolution = 512
   c.data.num_classes = 0
   c.data.caption_key = "caption"          # kind=captions, .jsonl: the prompt's field
-  c.eval.evaluators = ("t2i_grid",)      # teacher | student images of fixed prompts
+  c.eval.evaluators = ("t2i_grid", "t2i")  # teacher | student grids; FID / CLIP score
   c.eval.grid_prompts = sd_grid.DEFAULT_PROMPTS   # COCO-2014 captions (fdistill_jax/sd/grid.py)
   c.eval.grid_prompts_file = ""           # a text file, one prompt per line: replaces grid_prompts
   c.eval.grid_steps = 50                  # the teacher column: guided DDIM steps, made once
   c.eval.grid_sampler = "ddim"
   c.eval.grid_cfg = 0.0                   # 0: loss.cfg_weight (the teacher the student matches)
+  c.eval.prompts = ""                     # 't2i' (every eval.fid_every): a prompts file (COCO)
+  c.eval.num_samples = 5000               # its first N prompts, one image each
+  c.eval.clip = ""                        # a transformers CLIPModel folder; "": no CLIP score
+  c.eval.batch = 16                       # images per jitted sampling call
   c.sample_every = 1000
   c.checkpoint_every = 1000
   if "runlocal" in flags:

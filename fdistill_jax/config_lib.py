@@ -215,7 +215,8 @@ def validate(config, num_devices, process_count=1):
          f"disc.features_from={config.disc.features_from!r}; expected 'teacher' or 'fake_score'.")
   _check(len(config.disc.resolutions) > 0, "disc.resolutions is empty.")
   _validate_recipe(config)
-  _check(config.eval.fid_every <= 0 or (config.eval.inception and config.eval.ref),
+  _check(config.eval.fid_every <= 0 or "fid" not in config.eval.evaluators
+         or (config.eval.inception and config.eval.ref),
          "eval.fid_every > 0 needs eval.inception (Inception weights) and eval.ref "
          "(reference statistics .npz); set both or set eval.fid_every=0.")
   _check(all(0 <= d < 1 for d in config.ema_decays),

@@ -25,6 +25,7 @@ from fdistill_jax.tools import cli
 from fdistill_jax.tools import sample
 from fdistill_jax.train import checkpoint as ckpt_lib
 from test_t2i import run8, shards  # noqa: F401  (module fixtures: the shared tiny run)
+from test_t2i_metrics import _features, clip_folders  # noqa: F401  (stand-in Inception, tiny CLIP)
 
 PROMPTS = ["a photo of a cat", "two dogs playing in the snow", "a red car"]
 
@@ -127,7 +128,7 @@ def test_grid_prompts_come_from_the_file_or_the_config(tmp_path):
   ec.grid_prompts_file = str(tmp_path / "p.txt")
   assert sd_grid.grid_prompts(ec) == ["one", "two"]
   ec.grid_prompts_file = str(tmp_path / "missing.txt")
-  with pytest.raises(FileNotFoundError, match="one prompt per line"):
+  with pytest.raises(FileNotFoundError, match="eval.grid_prompts_file=.*one prompt per line"):
     sd_grid.grid_prompts(ec)
 
 
@@ -177,3 +178,56 @@ def test_from_models_refuses_a_class_conditional_run():
                         conditioning=conditioning.LabelConditioning(10, (8, 8, 3)))
   with pytest.raises(run_sampling.RunError, match="not text-conditional"):
     run_sampling.from_models(m, {}, 80.0)
+
+
+def _eval_context(run8, **eval_fields):  # noqa: F811
+  """What the 't2i' evaluator reads of an EvalContext, for the run's networks."""
+  import types  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from fdistill_jax.teachers import registry  # pylint: disable=g-import-not-at-top
+  from fdistill_jax.train import models as models_lib  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(run8, ckpt_lib.CONFIG_FILE)) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.eval.update(eval_fields)
+  teacher = registry.build(config)
+  return types.SimpleNamespace(config=config, models=models_lib.from_teacher(teacher, config.disc),
+                               teacher_vars=teacher.variables, devices=tuple(jax.devices()))
+
+
+def test_t2i_evaluator_scores_the_students_images_of_the_first_prompts(run, run8, tmp_path,
+                                                                        monkeypatch, clip_folders):  # noqa: F811
+  """The periodic 't2i' evaluator = T2IMetrics (FID with a stand-in feature function, CLIP
+  score with a tiny CLIP) of `run_sampling.generate`'s images of the first
+  `eval.num_samples` prompts from seed + 3, computed here on the other path (exact: the
+  same images give the same numbers, float equality up to 1e-9)."""
+  from fdistill_jax.sd import t2i_evaluator  # pylint: disable=g-import-not-at-top
+  from fdistill_jax.sd import t2i_metrics  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(t2i_metrics.fid, "load_feature_fn", lambda *a, **k: _features)
+  rng = np.random.default_rng(0)
+  ref_images = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+  t2i_metrics.reference_stats(ref_images, _features, tmp_path / "ref.npz", batch_size=8)
+  (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS + ["unused prompt"]) + "\n")
+  fields = dict(fid_every=2, num_samples=3, prompts=str(tmp_path / "prompts.txt"),
+                ref=str(tmp_path / "ref.npz"), inception="stand-in",
+                clip=str(clip_folders[0]["tied"]), batch=2)
+  ctx = _eval_context(run8, **fields)
+  evaluator = t2i_evaluator.build(ctx)
+  assert evaluator.every == 2 and evaluator.prompts == PROMPTS
+  got = evaluator({"generator": run.generator_params}, 2)
+
+  images, _ = run_sampling.generate(run, PROMPTS, seed=int(ctx.config.seed) + 3)
+  want = t2i_metrics.T2IMetrics(str(tmp_path / "ref.npz"), feature_fn=_features,
+                                clip=str(clip_folders[0]["tied"]))(images, PROMPTS)
+  assert set(got) == {"eval/fid", "eval/clip_score", "eval/clip_score_x100"}
+  for k in ("fid", "clip_score", "clip_score_x100"):
+    assert got[f"eval/{k}"] == pytest.approx(want[k], rel=1e-9, abs=1e-9), k
+  assert got["eval/fid"] > 0
+
+  assert t2i_evaluator.build(_eval_context(run8, **{**fields, "fid_every": 0})) is None
+  for change, message in (({"prompts": ""}, "needs eval.prompts"),
+                          ({"num_samples": 9}, "holds 4 prompts"),
+                          ({"ref": "", "clip": ""}, "nothing to compute"),
+                          ({"inception": ""}, "eval.inception is not")):
+    with pytest.raises(ValueError, match=message):
+      t2i_evaluator.build(_eval_context(run8, **{**fields, **change}))
+

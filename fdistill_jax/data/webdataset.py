@@ -197,12 +197,16 @@ def webdataset_source(config) -> TextSource:
   return source
 
 
-def read_prompts(path, caption_key="caption") -> tuple[list, int]:
-  """(non-empty prompts, number of empty ones skipped) of a .txt or .jsonl file."""
+def read_prompts(path, caption_key="caption", what="data.path") -> tuple[list, int]:
+  """(non-empty prompts, number of empty ones skipped) of a .txt or .jsonl file.
+
+  The one prompts-file reader (training captions, evaluation prompts, grids,
+  the sampling tools); `what` names the setting the path came from in errors.
+  """
   p = pathlib.Path(path)
   if not p.is_file():
-    raise ValueError(f"data.path={path!r} is not a file; expected a .txt (one prompt per "
-                     "line) or .jsonl prompts file.")
+    raise FileNotFoundError(f"{what}={str(path)!r} is not a file; expected a .txt (one prompt "
+                            "per line) or .jsonl prompts file.")
   if p.stat().st_size > MAX_PROMPT_FILE_BYTES:
     raise ValueError(f"{path}: {p.stat().st_size} bytes is over the 1 GiB limit for a prompts "
                      "file; split it.")

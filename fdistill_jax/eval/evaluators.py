@@ -19,6 +19,8 @@ first being the one grids and FID use).
          of every sampler): digits_metrics.json after the last iteration
   t2i_grid  text-to-image runs: fixed prompts, the frozen teacher's images
          beside the one-step student's (every `sample_every`; `sd.grid`)
+  t2i    text-to-image runs: FID and CLIP score of one-step images of
+         `eval.prompts` (every `eval.fid_every`; `sd.t2i_evaluator`)
 """
 
 import dataclasses
@@ -34,6 +36,7 @@ from fdistill_jax.eval import metrics
 from fdistill_jax.digits import report as digits_report
 from fdistill_jax.eval import sampling
 from fdistill_jax.sd import grid as t2i_grid
+from fdistill_jax.sd import t2i_evaluator
 from fdistill_jax.toy import report as toy_report
 
 
@@ -169,6 +172,7 @@ EVALUATORS: dict[str, Callable[[EvalContext], Optional[Evaluator]]] = {
     "toy": toy_report.ToyReport,
     "digits": digits_report.DigitsReport,
     "t2i_grid": t2i_grid.build,
+    "t2i": t2i_evaluator.build,
 }
 
 

@@ -28,6 +28,7 @@ import os
 
 import numpy as np
 
+from fdistill_jax.data import webdataset
 from fdistill_jax.eval import figures
 from fdistill_jax.sd import run_sampling
 from fdistill_jax.sd import sampling as sd_sampling
@@ -41,23 +42,12 @@ DEFAULT_PROMPTS = (
 TB_TAG = "t2i_samples"
 
 
-def read_prompts_file(path):
-  """Non-blank lines of a text file (stripped); a missing or empty file raises."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"eval.grid_prompts_file={path!r} does not exist: expected a text "
-                            "file with one prompt per line.")
-  with open(path, encoding="utf-8") as f:
-    prompts = [line.strip() for line in f if line.strip()]
-  if not prompts:
-    raise ValueError(f"eval.grid_prompts_file={path!r} holds no prompt (one per line).")
-  return prompts
-
-
 def grid_prompts(eval_config):
   """The grid's prompts: the file's lines, else `eval.grid_prompts` (module docstring)."""
   path = eval_config.get("grid_prompts_file", "")
-  prompts = read_prompts_file(path) if path else list(eval_config.get("grid_prompts",
-                                                                      DEFAULT_PROMPTS))
+  if path:
+    return webdataset.read_prompts(path, what="eval.grid_prompts_file")[0]
+  prompts = list(eval_config.get("grid_prompts", DEFAULT_PROMPTS))
   if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
     raise ValueError(f"eval.grid_prompts={prompts!r}: give at least one non-empty prompt.")
   return prompts

@@ -71,7 +71,8 @@ flags.DEFINE_integer("batch", None, f"Global batch (all devices); default 256, "
                      f"{run_sampling.DEFAULT_BATCH} for text-to-image runs.", flag_values=FLAGS)
 flags.DEFINE_multi_string("prompt", [], "Text-to-image runs: a prompt (repeatable).",
                           flag_values=FLAGS)
-flags.DEFINE_string("prompts_file", None, "Text-to-image runs: a text file, one prompt per line.",
+flags.DEFINE_string("prompts_file", None, "Text-to-image runs: a .txt (one prompt per line) or .jsonl "
+                    "of prompts.",
                     flag_values=FLAGS)
 flags.DEFINE_integer("num_per_prompt", 1, "Text-to-image runs: images per prompt.",
                      flag_values=FLAGS)

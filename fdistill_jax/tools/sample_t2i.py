@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fdistill_jax import console
+from fdistill_jax.data import webdataset
 from fdistill_jax.eval import figures
 from fdistill_jax.io import atomic
 from fdistill_jax.sd import denoiser as denoiser_lib
@@ -33,8 +34,8 @@ FLAGS = cli.new_flags()
 flags.DEFINE_string("model", None, "diffusers model folder, or a single-file .safetensors/.ckpt.",
                     flag_values=FLAGS)
 flags.DEFINE_multi_string("prompt", [], "Prompt (repeatable).", flag_values=FLAGS)
-flags.DEFINE_string("prompts_file", None, "Text file with one prompt per line (blank lines "
-                    "skipped).", flag_values=FLAGS)
+flags.DEFINE_string("prompts_file", None, "A .txt (one prompt per line; blank lines "
+                    "skipped) or .jsonl ('caption' field) of prompts.", flag_values=FLAGS)
 flags.DEFINE_integer("num_per_prompt", 1, "Images per prompt.", flag_values=FLAGS)
 flags.DEFINE_integer("steps", 50, "Sampling steps (network evaluations: 2 x steps with CFG).",
                      flag_values=FLAGS)
@@ -62,11 +63,10 @@ flags.DEFINE_string("tokenizer_dir", None, "Tokenizer folder (default: MODEL/tok
 
 
 def read_prompts(prompts, prompts_file):
-  """--prompt values, then the lines of --prompts_file; at least one required."""
+  """--prompt values, then those of --prompts_file (.txt or .jsonl); at least one required."""
   out = list(prompts)
   if prompts_file:
-    with open(prompts_file, encoding="utf-8") as f:
-      out += [line.strip() for line in f if line.strip()]
+    out += webdataset.read_prompts(prompts_file, what="--prompts_file")[0]
   if not out:
     raise ValueError("give --prompt and/or --prompts_file (one prompt per line).")
   return out
