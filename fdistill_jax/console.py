@@ -51,11 +51,29 @@ def log_to_file(path):
     root.setLevel(previous)
 
 
+class _ProgressHandler(logging.StreamHandler):
+  """Progress lines to the current `sys.stdout`, looked up at every line (not the stdout of
+  the moment the handler was made, which a test harness or a redirect may have closed since),
+  or to the stream `progress_on` sets."""
+  _fdistill_progress = True
+
+  def __init__(self):
+    self.override = None
+    super().__init__(sys.stdout)
+
+  @property
+  def stream(self):
+    return self.override if self.override is not None else sys.stdout
+
+  @stream.setter
+  def stream(self, value):   # StreamHandler.__init__ and setStream assign it
+    self.override = None if value is sys.stdout else value
+
+
 def _progress_logger():
   logger = logging.getLogger(PROGRESS_LOGGER)
   if not any(getattr(h, "_fdistill_progress", False) for h in logger.handlers):
-    handler = logging.StreamHandler(sys.stdout)
-    handler._fdistill_progress = True  # pylint: disable=protected-access
+    handler = _ProgressHandler()
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
@@ -67,11 +85,11 @@ def _progress_logger():
 def progress_on(stream):
   """Progress lines go to `stream` inside the block (stderr when stdout carries a result)."""
   handler = next(h for h in _progress_logger().handlers if getattr(h, "_fdistill_progress", False))
-  previous = handler.setStream(stream)
+  previous, handler.override = handler.override, stream
   try:
     yield
   finally:
-    handler.setStream(previous)
+    handler.override = previous
 
 
 def say(message, *args):

@@ -1,6 +1,7 @@
 """Console progress lines: durations, ETA from the measured rate, compilation excluded."""
 
 import logging
+import sys
 
 import pytest
 
@@ -53,3 +54,22 @@ def test_progress_on_a_short_run_shows_seconds(monkeypatch, caplog):
   assert any("| ETA 6s" in line or "| ETA 7s" in line for line in lines), lines
   assert lines[-1].startswith("step 30/30 (100%) | 3.00 it/s | ETA 0s"), lines
   assert not any("0m" in line for line in lines), lines
+
+
+def test_progress_lines_follow_the_current_stdout(monkeypatch):
+  """say() writes to the sys.stdout of the moment it is called, not the one the handler
+  was made with (a closed capture of an earlier test, a finished redirect); progress_on
+  overrides it inside its block only."""
+  import io  # pylint: disable=g-import-not-at-top
+  first = io.StringIO()
+  monkeypatch.setattr(sys, "stdout", first)
+  console.say("one")
+  first.close()                                 # the stream the handler first saw
+  second, other = io.StringIO(), io.StringIO()
+  monkeypatch.setattr(sys, "stdout", second)
+  console.say("two")
+  with console.progress_on(other):
+    console.say("three")
+  console.say("four")
+  assert second.getvalue().split() == ["two", "four"]
+  assert other.getvalue().split() == ["three"]

@@ -7,7 +7,6 @@ import sys
 import numpy as np
 import pytest
 
-from fdistill_jax import console
 from fdistill_jax.networks import vit
 from fdistill_jax.sd import dino
 from fdistill_jax.tools import cli
@@ -65,14 +64,6 @@ def test_in_batch_similarity_is_the_mean_off_diagonal_cosine():
   assert dino.in_batch_similarity(np.ones((3, 5)) / np.sqrt(5), [[0, 1, 2]]) == pytest.approx(1)
   with pytest.raises(ValueError, match="several images per prompt"):
     dino.groups_of(["a", "b"])
-
-
-@pytest.fixture(autouse=True)
-def _progress_on_live_stdout():
-  """As in test_t2i_metrics: console's progress handler must not hold a closed capture."""
-  handler = next(h for h in console._progress_logger().handlers  # pylint: disable=protected-access
-                 if getattr(h, "_fdistill_progress", False))
-  handler.stream = sys.stdout
 
 
 def test_cli_dino_in_batch_similarity(tmp_path, capsys, tiny_vit):

@@ -15,7 +15,6 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from fdistill_jax import console
 from fdistill_jax.sd import coco
 from fdistill_jax.sd import t2i_metrics
 from fdistill_jax.tools import cli
@@ -224,15 +223,6 @@ def _annotations(path, seed=0, shuffle=False):
     rows = [r for i in order for r in rows if r["image_id"] == 100 + i]
   path.write_text(json.dumps({"info": {}, "images": [], "annotations": rows}))
   return path
-
-
-@pytest.fixture(autouse=True)
-def _progress_on_live_stdout():
-  """console's progress handler keeps the stdout it was made with; when that was an earlier
-  test's (now closed) capture, `progress_on` fails flushing it. Runs before capsys."""
-  handler = next(h for h in console._progress_logger().handlers  # pylint: disable=protected-access
-                 if getattr(h, "_fdistill_progress", False))
-  handler.stream = sys.stdout
 
 
 def run(args, capsys=None):
