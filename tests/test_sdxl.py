@@ -209,3 +209,25 @@ def test_time_ids():
                                 [[512, 512, 8, 4, 1024, 768]] * 2)
   assert sdxl.time_ids(1, 1024, 1024).dtype == np.float32
   assert isinstance(jnp.asarray(sdxl.time_ids(1, 64, 64)), jax.Array)
+
+
+def test_engine_teacher_matches_the_pipeline(pipe, reference):
+  """The engine's SDXLLatentDenoiser: encode_text equals diffusers' encode_prompt, and
+  D(x; sigma, cond) on the pytree equals the pipeline's denoiser (checked above against diffusers)."""
+  from fdistill_jax.sd import sdxl_distill  # pylint: disable=g-import-not-at-top
+  teacher = sdxl_distill.SDXLLatentDenoiser(
+      pipe.unet, tuple(float(s) for s in pipe.schedule.sigmas), text_encoder=pipe.text_encoder,
+      vae=pipe.vae, text_encoder_2=pipe.text_encoder_2)
+  tv = {"params": {k: v["params"] for k, v in pipe.variables.items()}}
+  ids, ids_2 = pipe.tokenize(PROMPTS[:2])
+  cond = jax.jit(lambda v, a, b: teacher.apply(v, a, b, method="encode_text"))(tv, ids, ids_2)
+  with torch.no_grad():
+    context, _, pooled, _ = reference.encode_prompt(PROMPTS[:2], device="cpu",
+                                                    do_classifier_free_guidance=False)
+  assert rel_err(cond["context"], context.numpy()) < TOL
+  assert rel_err(cond["pooled"], pooled.numpy()) < TOL
+  cond["time_ids"] = pipe.time_ids(2, 64, 64)
+  x = np.random.default_rng(3).standard_normal((2, 8, 8, 4)).astype(np.float32) * 3
+  sigma = np.array([0.5, 3.0], np.float32)
+  ours = jax.jit(teacher.apply)(tv, x, sigma, cond)
+  assert rel_err(ours, jax.jit(pipe.denoiser())(x, sigma, cond)) < TOL

@@ -96,12 +96,17 @@ def time_ids(batch: int, height: int, width: int, crop=(0, 0), original=None) ->
   return np.broadcast_to(row, (batch, 6)).copy()
 
 
+def prompt_embeddings(states, states_2, pooled_2) -> dict:
+  """{'context': [N, L, C1 + C2], 'pooled': [N, P]} from both towers' hidden_states and the
+  second tower's text_embeds: diffusers' SDXL encode_prompt (module docstring)."""
+  context = jnp.concatenate([states[PENULTIMATE], states_2[PENULTIMATE]], axis=-1)
+  return {"context": context, "pooled": pooled_2}
+
+
 def _encode(text_encoder, text_encoder_2, variables, ids, ids_2):
-  """(context [N, L, C1 + C2], pooled [N, P]): diffusers' SDXL encode_prompt (module docstring)."""
   _, _, states = text_encoder.apply(variables["text_encoder"], ids, True)
   pooled, _, states_2 = text_encoder_2.apply(variables["text_encoder_2"], ids_2, True)
-  context = jnp.concatenate([states[PENULTIMATE], states_2[PENULTIMATE]], axis=-1)
-  return context, pooled
+  return prompt_embeddings(states, states_2, pooled)
 
 
 @dataclasses.dataclass
@@ -126,8 +131,7 @@ class SDXLPipeline(pipeline.Pipeline):
     ids, ids_2 = self.tokenize(prompts)
     fn = self._jit("sdxl_text", lambda v, a, b: _encode(self.text_encoder, self.text_encoder_2,
                                                          v, a, b))
-    context, pooled = fn(self.variables, jnp.asarray(ids), jnp.asarray(ids_2))
-    return {"context": context, "pooled": pooled}
+    return fn(self.variables, jnp.asarray(ids), jnp.asarray(ids_2))
 
   def unconditional(self, n: int = 1) -> dict:
     """The CFG negative: zeros (force_zeros_for_empty_prompt) or the empty prompt's encoding."""
