@@ -23,9 +23,10 @@ shares with SD 1.5).
 Discriminator input: Table 5 lists resolution (16). At 1024 px the SDXL U-Net's
 features have heights 128, 64 and 32 (its last block does not downsample), so
 there is no 16x16 feature; the heads read the mid block's 32x32 output
-(`disc.resolutions = (0,)`, MID), the bottleneck that FastGen's
-`Discriminator_SDXL_Res1024_Config` (all_res [64, 32, 32, 32]) ends on; at
-512 px the same bottleneck is 16x16 (FastGen's Res512 config).
+(`disc.resolutions = (0,)`, MID), as FastGen's SDXL f-distill config does:
+its `Discriminator_SDXL_Res1024_Config` (all_res [64, 32, 32, 32], no
+feature_indices) reads only the last, bottleneck entry. At 512 px the same
+bottleneck is 16x16 (FastGen's Res512 config), perhaps Table 5's (16).
 
 Variants: any divergence, 'no_gan' / 'gan_only', 'runlocal', 'tiny' (random
 tiny SDXL networks for tests: set teacher.tokenizer and teacher.tokenizer_2
