@@ -6,6 +6,7 @@
   denoise = sd.cfg_denoiser(pipe.denoiser(), pipe.encode_prompts([""])[0], 7.5)
   images, prompt_index = sd.sampling.sample(pipe, ["a photo of a cat"], steps=50, cfg=7.5)
 
+SDXL: `fdistill_jax.sd.sdxl` (loading, prompt encoding) and `sd.sdxl_distill` (teacher).
 Networks: `fdistill_jax.networks.sd`. Command line: `python -m fdistill_jax.tools.sample_t2i`.
 """
 

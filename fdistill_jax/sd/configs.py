@@ -44,15 +44,15 @@ UNET_KEYS = {
     "encoder_hid_dim": (None, (None,)), "encoder_hid_dim_type": (None, (None,)),
     "attention_head_dim": (8, USED), "num_attention_heads": (None, USED),
     "dual_cross_attention": (False, (False,)), "use_linear_projection": (False, USED),
-    "class_embed_type": (None, (None,)), "addition_embed_type": (None, (None,)),
-    "addition_time_embed_dim": (None, (None,)), "num_class_embeds": (None, (None,)),
+    "class_embed_type": (None, (None,)), "addition_embed_type": (None, USED),
+    "addition_time_embed_dim": (None, USED), "num_class_embeds": (None, (None,)),
     "upcast_attention": (False, IGNORED),  # Logits are always float32 here.
     "resnet_time_scale_shift": ("default", ("default",)), "resnet_skip_time_act": (False, (False,)),
     "resnet_out_scale_factor": (1.0, USED), "time_embedding_type": ("positional", ("positional",)),
     "time_embedding_dim": (None, USED), "time_embedding_act_fn": (None, (None,)),
     "timestep_post_act": (None, (None,)), "time_cond_proj_dim": (None, (None,)),
     "conv_in_kernel": (3, USED), "conv_out_kernel": (3, USED),
-    "projection_class_embeddings_input_dim": (None, (None,)), "attention_type": ("default", ("default",)),
+    "projection_class_embeddings_input_dim": (None, USED), "attention_type": ("default", ("default",)),
     "class_embeddings_concat": (False, (False,)), "mid_block_only_cross_attention": (None, (None, False)),
     "cross_attention_norm": (None, (None,)), "addition_embed_type_num_heads": (64, IGNORED),
 }
@@ -99,7 +99,7 @@ def resolve(config: Mapping[str, Any], table: Mapping[str, tuple], what: str,
     value = tuple(value) if isinstance(value, list) else value
     if isinstance(rule, tuple) and value not in rule:
       raise ConversionError(f"{what} config: {key}={value!r} is not implemented (supported: "
-                            f"{list(rule)}); this port covers the Stable Diffusion 1.x/2.x layout.")
+                            f"{list(rule)}); this port covers the Stable Diffusion 1.x/2.x and SDXL layouts.")
     if rule == USED:
       out[key] = value
   return out
@@ -121,17 +121,37 @@ def _check_block_types(c):
       raise ConversionError(
           f"UNet config: {key}={list(c[key])} must list {n} blocks (one per block_out_channels) "
           f"from {list(allowed)}; {bad or 'the count differs'} is not implemented.")
-  for key in ("layers_per_block", "transformer_layers_per_block", "cross_attention_dim"):
+  for key in ("layers_per_block", "cross_attention_dim"):
     if not isinstance(c[key], int):
       raise ConversionError(f"UNet config: per-block {key}={c[key]!r} is not implemented; "
                             "use one integer for all blocks.")
+  depth = c["transformer_layers_per_block"]
+  if not isinstance(depth, int) and not all(isinstance(d, int) for d in depth):
+    raise ConversionError(f"UNet config: transformer_layers_per_block={depth!r} (per resnet) is "
+                          "not implemented; use one integer, or one integer per block.")
+
+
+def _check_addition_embedding(c):
+  """SDXL's "text_time" added embedding needs both of its widths; others are refused."""
+  kind = c["addition_embed_type"]
+  if kind not in (None, "text_time"):
+    raise ConversionError(f"UNet config: addition_embed_type={kind!r} is not implemented "
+                          "(supported: None, 'text_time' as in SDXL).")
+  widths = (c["addition_time_embed_dim"], c["projection_class_embeddings_input_dim"])
+  if kind == "text_time" and not all(isinstance(w, int) and w > 0 for w in widths):
+    raise ConversionError("UNet config: addition_embed_type='text_time' needs positive integers "
+                          f"addition_time_embed_dim and projection_class_embeddings_input_dim; "
+                          f"got {widths}.")
 
 
 def unet_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
   """UNet2DConditionModel from a diffusers `unet/config.json` dict."""
   c = resolve(config, UNET_KEYS, "UNet")
   _check_block_types(c)
+  _check_addition_embedding(c)
   n = len(c["block_out_channels"])
+  c["transformer_layers_per_block"] = _per_block(c["transformer_layers_per_block"], n,
+                                                 "transformer_layers_per_block")
   # diffusers: num_attention_heads defaults to attention_head_dim (a historical misnomer).
   heads = _per_block(c.pop("num_attention_heads") or c["attention_head_dim"], n,
                      "num_attention_heads")
@@ -154,20 +174,28 @@ def vae_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
   return vae, scale, float(shift or 0.0)
 
 
+def _activation(config, table) -> str:
+  """hidden_act (checked by `resolve`, which returns only free keys): 'gelu' for SDXL's
+  second text encoder (OpenCLIP bigG), 'quick_gelu' for OpenAI's CLIP."""
+  return config.get("hidden_act", table["hidden_act"][0])
+
+
 def text_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
   """CLIPTextModel from a transformers `text_encoder/config.json` dict."""
   if "text_config" in config:  # A full CLIPConfig.
     config = config["text_config"]
   c = resolve(config, TEXT_KEYS, "CLIP text", strict=False)
+  c["hidden_act"] = _activation(config, TEXT_KEYS)
   return clip.CLIPTextModel(clip.CLIPTextTransformer(**c, dtype=dtype, remat=remat))
 
 
-def text_with_projection_from_config(config: Mapping[str, Any], dtype=jnp.float32):
-  """CLIPTextModelWithProjection from a CLIPTextConfig (with projection_dim) or a CLIPConfig."""
+def text_with_projection_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
+  """CLIPTextModelWithProjection from a CLIPTextConfig (with projection_dim) or a CLIPConfig
+  (SDXL's `text_encoder_2/config.json` is the former)."""
   proj = config.get("projection_dim", 512)
   if "text_config" in config:
     config = config["text_config"]
-  text = text_from_config(config, dtype).text_model
+  text = text_from_config(config, dtype, remat).text_model
   return clip.CLIPTextModelWithProjection(text, projection_dim=int(proj))
 
 
@@ -176,6 +204,7 @@ def vision_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False
   if "vision_config" in config:  # A full CLIPConfig: projection_dim is top-level.
     config = {**config["vision_config"], "projection_dim": config.get("projection_dim", 512)}
   c = resolve(config, VISION_KEYS, "CLIP vision", strict=False)
+  c["hidden_act"] = _activation(config, VISION_KEYS)
   proj = c.pop("projection_dim")
   return clip.CLIPVisionModelWithProjection(
       clip.CLIPVisionTransformer(**c, dtype=dtype, remat=remat), projection_dim=proj)

@@ -32,6 +32,7 @@ guiding eps (D is affine in eps), evaluating both in one batch.
 import dataclasses
 from typing import Any, Callable, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -140,20 +141,25 @@ def cfg_denoiser(denoise: Callable, uncond, scale: float):
   """Classifier-free guidance: D_u + scale (D_c - D_u), both in one batched call.
 
   Args:
-    denoise: `denoise(x, sigma, cond)` (for SD, cond = text embeddings [B, L, C]).
+    denoise: `denoise(x, sigma, cond)` (for SD, cond = text embeddings [B, L, C];
+      for SDXL a dict of arrays with a leading batch axis).
     uncond: the unconditional cond for one sample (SD: the empty prompt's
-      embedding [L, C], or [1, L, C]); broadcast over the batch.
+      embedding [L, C], or [1, L, C]; a pytree of the same structure as cond),
+      broadcast over the batch.
     scale: guidance weight w; 1 returns the conditional denoiser alone.
   """
   if scale == 1.0:
     return denoise
 
+  def pair(c, u):  # [cond; uncond broadcast over the batch], per leaf of a pytree cond
+    u = jnp.broadcast_to(jnp.asarray(u).reshape((1,) + c.shape[1:]), c.shape)
+    return jnp.concatenate([c, u.astype(c.dtype)])
+
   def guided(x, sigma, cond):
     b = x.shape[0]
-    u = jnp.broadcast_to(jnp.asarray(uncond).reshape((1,) + cond.shape[1:]), cond.shape)
     s = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32).reshape(-1), (b,))
     both = denoise(jnp.concatenate([x, x]), jnp.concatenate([s, s]),
-                   jnp.concatenate([cond, u.astype(cond.dtype)]))
+                   jax.tree.map(pair, cond, uncond))
     d_cond, d_uncond = both[:b], both[b:]
     return d_uncond + scale * (d_cond - d_uncond)
   return guided

@@ -31,7 +31,7 @@ bf16, parameters stay float32; the denoiser arithmetic is float32).
 """
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -66,14 +66,17 @@ class LatentDenoiser(nn.Module):
     return denoiser.DiscreteSchedule(1.0 / (1.0 + sigmas**2))
 
   def __call__(self, x, sigma, context, *, train=False, feature_resolutions=None):
-    """Denoised latents (float32), or (denoised, {resolution: U-Net features})."""
+    """Denoised latents (float32), or (denoised, {resolution: U-Net features}).
+
+    `context`: [B, L, C] text embeddings, or SDXL's dict (`unet_inputs`)."""
     del train                                     # SD's U-Net has no dropout here
     x = jnp.asarray(x, jnp.float32)
     s = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32).reshape(-1), (x.shape[0],))
     s = s.reshape((-1,) + (1,) * (x.ndim - 1))
     t = self.schedule().sigma_to_t(s.reshape(-1), self.timestep)
+    context, extra = unet_inputs(context)
     out = self.unet(x / jnp.sqrt(1.0 + s**2), t, context,
-                    feature_resolutions=feature_resolutions)
+                    feature_resolutions=feature_resolutions, **extra)
     eps, feats = out if feature_resolutions is not None else (out, None)
     denoised = x - s * jnp.asarray(eps, jnp.float32)
     return denoised if feature_resolutions is None else (denoised, feats)
@@ -101,6 +104,14 @@ def to_unet_latents(z, scaling_factor, shift_factor):
 def to_vae_latents(x, scaling_factor, shift_factor):
   """The U-Net's latents -> VAE latents x / scale + shift (inverse of `to_unet_latents`)."""
   return jnp.asarray(x, jnp.float32) / scaling_factor + shift_factor
+
+
+def unet_inputs(cond):
+  """(encoder_hidden_states, U-Net keyword inputs) of a conditioning: SD's context array,
+  or SDXL's pytree {'context', 'pooled', 'time_ids'} (`fdistill_jax.sd.sdxl_distill`)."""
+  if isinstance(cond, Mapping):
+    return cond["context"], {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
+  return cond, {}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -96,9 +96,19 @@ def dummy_inputs(module: nn.Module) -> tuple:
   raise TypeError(f"no dummy inputs for {type(module).__name__}.")
 
 
+def dummy_keyword_inputs(module: nn.Module) -> dict:
+  """Keyword inputs `module` needs besides `dummy_inputs`: SDXL's pooled text and time_ids."""
+  if isinstance(module, sd_nets.UNet2DConditionModel) and module.addition_embed_type:
+    # Parameter shapes depend on the total width only; one time id leaves the rest to the text.
+    pooled = module.projection_class_embeddings_input_dim - module.addition_time_embed_dim
+    return {"text_embeds": jnp.zeros((1, pooled)), "time_ids": jnp.zeros((1, 1))}
+  return {}
+
+
 def param_shapes(module: nn.Module):
   """The 'params' tree of `module` as ShapeDtypeStructs (jax.eval_shape: nothing allocated)."""
-  init = lambda: module.init(jax.random.key(0), *dummy_inputs(module))
+  init = lambda: module.init(jax.random.key(0), *dummy_inputs(module),
+                             **dummy_keyword_inputs(module))
   return jax.eval_shape(init)["params"]
 
 

@@ -150,6 +150,9 @@ def load_pipeline(path, *, dtype=jnp.float32, remat=False, variant=None, config_
     ema: single files only: take the U-Net's `model_ema.` weights.
   """
   path = pathlib.Path(path)
+  if (path / "text_encoder_2").is_dir():
+    raise ConversionError(f"{path} is an SDXL folder (it has text_encoder_2/): load it with "
+                          "fdistill_jax.sd.sdxl.load_pipeline.")
   if path.is_dir():
     cfgs, source = read_configs(path), path
   elif path.is_file():

@@ -8,6 +8,7 @@ from fdistill_jax import networks
 from fdistill_jax.teachers import base
 from fdistill_jax.teachers import edm
 from fdistill_jax.teachers import sd
+from fdistill_jax.teachers import sdxl
 from fdistill_jax.toy import problem as toy_problem
 
 # kind -> loader(config) -> base.Teacher
@@ -18,6 +19,8 @@ TEACHERS: dict[str, Callable[..., base.Teacher]] = {
     "toy": toy_problem.teacher_from_config,
     "sd15": sd.teacher_from_config,
     "sd15_random": sd.random_teacher,
+    "sdxl": sdxl.teacher_from_config,
+    "sdxl_random": sdxl.random_teacher,
 }
 
 
@@ -42,7 +45,7 @@ def _edm_student(spec, dtype):
 
 # spec['kind'] -> builder(spec, dtype) -> (module, sample_shape, num_classes)
 STUDENTS = {"edm": _edm_student, "toy": toy_problem.student_from_spec,
-            "sd15": sd.student_from_spec}
+            "sd15": sd.student_from_spec, "sdxl": sd.student_from_spec}
 
 
 def student_from_spec(spec, dtype=jnp.float32):

@@ -25,6 +25,10 @@ this interface, and the steps call only these methods:
   dummy(n) -> c
       A conditioning of n examples with the right shape (initialisation).
 
+`c` is opaque to the steps: an array, None, or any pytree whose leaves have
+the batch as leading axis (SDXL's {'context', 'pooled', 'time_ids'},
+`sd.sdxl_distill`); it is only handed to the networks and back to these methods.
+
 `LabelConditioning` below is the class-label case of the image teachers: one-hot
 labels drawn uniformly per sample, exactly as `eval.sampling` draws them,
 zeros as the unconditional label. A text teacher's conditioning lives with

@@ -7,6 +7,13 @@ U-Net's `encoder_hidden_states`) and the pooled output: the final hidden state
 at the first end-of-text token, or, for configs with the pre-2023
 `eos_token_id == 2`, at the largest token id (transformers keeps both rules).
 
+With `output_hidden_states=True` the text towers also return transformers'
+`hidden_states`: the embeddings and every layer's output (no final layer
+norm), N + 1 arrays. SDXL conditions on `hidden_states[-2]` of both of its
+encoders; its second encoder (OpenCLIP ViT-bigG in transformers' form,
+`hidden_act="gelu"`) is a `CLIPTextModelWithProjection`, whose projected
+`text_embeds` are SDXL's pooled text embedding.
+
 `CLIPVisionModelWithProjection` is the image tower for CLIP scores: patch
 embedding (stride-`patch_size` convolution without bias), class token,
 position embeddings, `pre_layrnorm` (sic, the reference's name), the
@@ -77,12 +84,15 @@ class CLIPEncoder(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, output_hidden_states=False):
+    """The last layer's output, or (it, (input, every layer's output))."""
     layer = nn.remat(CLIPEncoderLayer) if self.remat else CLIPEncoderLayer
+    states = [x]
     for i in range(self.num_layers):
       x = layer(self.heads, self.intermediate_size, self.hidden_act, self.eps, self.causal,
                 name=f"layers_{i}")(x)
-    return x
+      states.append(x)
+    return (x, tuple(states)) if output_hidden_states else x
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -113,23 +123,27 @@ class CLIPTextTransformer(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, input_ids):
+  def __call__(self, input_ids, output_hidden_states=False):
+    """(last_hidden_state, pooler_output), + hidden_states when asked; float32."""
     ids = jnp.asarray(input_ids, jnp.int32)
     if ids.shape[1] > self.max_position_embeddings:
       raise ValueError(f"input_ids has {ids.shape[1]} tokens; this text encoder takes at most "
                        f"{self.max_position_embeddings}: tokenize with that max_length.")
     x = CLIPTextEmbeddings(self.vocab_size, self.hidden_size, self.max_position_embeddings,
                            name="embeddings")(ids, self.dtype)
-    x = CLIPEncoder(self.num_hidden_layers, self.num_attention_heads, self.intermediate_size,
-                    self.hidden_act, self.layer_norm_eps, causal=True, remat=self.remat,
-                    name="encoder")(x)
+    x, states = CLIPEncoder(self.num_hidden_layers, self.num_attention_heads,
+                            self.intermediate_size, self.hidden_act, self.layer_norm_eps,
+                            causal=True, remat=self.remat, name="encoder")(x, True)
     x = LayerNorm(self.layer_norm_eps, name="final_layer_norm")(x)
     if self.eos_token_id == 2:  # Legacy configs: the end token has the largest id.
       eos = jnp.argmax(ids, axis=-1)
     else:
       eos = jnp.argmax((ids == self.eos_token_id).astype(jnp.int32), axis=-1)
     pooled = jnp.take_along_axis(x, eos[:, None, None], axis=1)[:, 0]
-    return x.astype(jnp.float32), pooled.astype(jnp.float32)
+    out = (x.astype(jnp.float32), pooled.astype(jnp.float32))
+    if output_hidden_states:
+      out += (tuple(h.astype(jnp.float32) for h in states),)
+    return out
 
 
 class CLIPTextModel(nn.Module):
@@ -140,12 +154,13 @@ class CLIPTextModel(nn.Module):
   """
   text_model: CLIPTextTransformer
 
-  def __call__(self, input_ids):
-    return self.text_model(input_ids)
+  def __call__(self, input_ids, output_hidden_states=False):
+    return self.text_model(input_ids, output_hidden_states)
 
 
 class CLIPTextModelWithProjection(nn.Module):
-  """transformers `CLIPTextModelWithProjection`: (text_embeds, last_hidden_state), float32.
+  """transformers `CLIPTextModelWithProjection`: (text_embeds, last_hidden_state), float32,
+  + hidden_states with `output_hidden_states=True`.
 
   The pooled output (the end token's state) through `text_projection` (no bias):
   the text side of CLIP score. Parameters under `text_model` and `text_projection`.
@@ -154,10 +169,10 @@ class CLIPTextModelWithProjection(nn.Module):
   projection_dim: int = 768
 
   @nn.compact
-  def __call__(self, input_ids):
-    x, pooled = self.text_model(input_ids)
+  def __call__(self, input_ids, output_hidden_states=False):
+    x, pooled, *states = self.text_model(input_ids, output_hidden_states)
     embeds = Linear(self.projection_dim, use_bias=False, name="text_projection")(pooled)
-    return embeds.astype(jnp.float32), x
+    return (embeds.astype(jnp.float32), x, *states)
 
 
 class CLIPVisionEmbeddings(nn.Module):

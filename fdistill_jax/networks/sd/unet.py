@@ -13,6 +13,16 @@ with list indices joined by underscores (see `fdistill_jax.sd.names`).
 `attention_head_dim`, a historical misnomer that diffusers keeps); the head
 width is `block_out_channels[i] // heads`.
 
+SDXL's additions (diffusers' `addition_embed_type="text_time"`): the pooled
+text embedding `text_embeds` [B, P] and the six size/crop numbers `time_ids`
+[B, 6] (original height, width, crop top, left, target height, width), each
+number through the sinusoidal `add_time_proj` of width
+`addition_time_embed_dim`, concatenated after `text_embeds`
+(`projection_class_embeddings_input_dim` = P + 6 * that width), then
+`add_embedding` (a TimestepEmbedding) added to the time embedding.
+`transformer_layers_per_block` may be one integer or one per block (the mid
+block takes the last, up blocks the reversed list), as in SDXL's [1, 2, 10].
+
 Features for discriminator heads: `feature_resolutions=(32, 16, MID)` also
 returns `{key: tensor}`. A key r > 0 is the encoder's last skip activation
 whose height is r (the output of the last resnet/attention pair of the down
@@ -25,7 +35,7 @@ NHWC, in the compute dtype.
 
 import dataclasses
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -158,7 +168,7 @@ class UNet2DConditionModel(nn.Module):
   layers_per_block: int = 2
   num_attention_heads: Sequence[int] = (8, 8, 8, 8)
   cross_attention_dim: int = 768
-  transformer_layers_per_block: int = 1
+  transformer_layers_per_block: Union[int, Sequence[int]] = 1
   use_linear_projection: bool = False
   norm_num_groups: int = 32
   norm_eps: float = 1e-5
@@ -171,51 +181,86 @@ class UNet2DConditionModel(nn.Module):
   conv_in_kernel: int = 3
   conv_out_kernel: int = 3
   time_embedding_dim: Optional[int] = None
+  addition_embed_type: Optional[str] = None  # None or "text_time" (SDXL)
+  addition_time_embed_dim: Optional[int] = None
+  projection_class_embeddings_input_dim: Optional[int] = None
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
 
-  def options(self, output_scale_factor=None):
+  def transformer_depths(self):
+    """Transformer layers of each block (down order): `transformer_layers_per_block` per block."""
+    depth, n = self.transformer_layers_per_block, len(self.block_out_channels)
+    return (depth,) * n if isinstance(depth, int) else tuple(depth)
+
+  def options(self, output_scale_factor=None, depth=None):
     return BlockOptions(self.norm_num_groups, self.norm_eps,
                         output_scale_factor or self.resnet_out_scale_factor,
-                        self.transformer_layers_per_block, self.use_linear_projection,
+                        self.transformer_depths()[-1] if depth is None else depth, self.use_linear_projection,
                         self.remat)
 
-  def _embed(self, timesteps, batch):
+  def _embed(self, timesteps, batch, text_embeds, time_ids):
     t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))
     emb = timestep_embedding(t, self.block_out_channels[0], self.flip_sin_to_cos, self.freq_shift)
     dim = self.time_embedding_dim or 4 * self.block_out_channels[0]
-    return TimestepEmbedding(dim, name="time_embedding")(emb)
+    temb = TimestepEmbedding(dim, name="time_embedding")(emb)
+    if self.addition_embed_type is None:
+      return temb
+    return temb + self._text_time_embedding(dim, batch, text_embeds, time_ids)
+
+  def _text_time_embedding(self, dim, batch, text_embeds, time_ids):
+    """SDXL's `add_embedding([text_embeds, add_time_proj(time_ids)])` (module docstring)."""
+    if text_embeds is None or time_ids is None:
+      raise ValueError("this U-Net has addition_embed_type='text_time' (SDXL): pass text_embeds "
+                       "(the pooled text embedding) and time_ids (original size, crop "
+                       "top-left, target size) as keyword arguments.")
+    text_embeds = jnp.asarray(text_embeds, jnp.float32)
+    time_ids = jnp.asarray(time_ids, jnp.float32)
+    width = self.projection_class_embeddings_input_dim
+    if text_embeds.shape[0] != batch or time_ids.shape[0] != batch or (
+        text_embeds.shape[1] + time_ids.shape[1] * self.addition_time_embed_dim != width):
+      raise ValueError(
+          f"text_embeds {text_embeds.shape} and time_ids {time_ids.shape} do not fit this U-Net: "
+          f"it takes batch {batch} and text_embeds width + {self.addition_time_embed_dim} x "
+          f"time_ids width = projection_class_embeddings_input_dim = {width}.")
+    proj = timestep_embedding(time_ids.reshape(-1), self.addition_time_embed_dim,
+                              self.flip_sin_to_cos, self.freq_shift).reshape(batch, -1)
+    add = jnp.concatenate([text_embeds, proj], axis=-1)
+    return TimestepEmbedding(dim, name="add_embedding")(add)
 
   def _down(self, x, temb, context, features):
-    skips, opt, n = [x], self.options(), len(self.block_out_channels)
+    skips, n, depths = [x], len(self.block_out_channels), self.transformer_depths()
     for i, kind in enumerate(self.down_block_types):
       x, new = DownBlock(self.block_out_channels[i], self.layers_per_block,
                          self.num_attention_heads[i], kind == "CrossAttnDownBlock2D",
-                         i < n - 1, self.downsample_padding, opt, name=f"down_blocks_{i}")(
-                             x, temb, context)
+                         i < n - 1, self.downsample_padding, self.options(depth=depths[i]),
+                         name=f"down_blocks_{i}")(x, temb, context)
       features[new[self.layers_per_block - 1].shape[1]] = new[self.layers_per_block - 1]
       skips.extend(new)
     return x, skips
 
   def _up(self, x, skips, temb, context):
-    opt, n, k = self.options(), len(self.block_out_channels), self.layers_per_block + 1
+    n, k = len(self.block_out_channels), self.layers_per_block + 1
     channels = tuple(reversed(self.block_out_channels))
     heads = tuple(reversed(self.num_attention_heads))
+    depths = tuple(reversed(self.transformer_depths()))
     for i, kind in enumerate(self.up_block_types):
       mine, skips = skips[-k:], skips[:-k]
       size = skips[-1].shape[1:3] if i < n - 1 else None
-      x = UpBlock(channels[i], k, heads[i], kind == "CrossAttnUpBlock2D", opt,
-                  name=f"up_blocks_{i}")(x, mine, temb, context, size)
+      x = UpBlock(channels[i], k, heads[i], kind == "CrossAttnUpBlock2D",
+                  self.options(depth=depths[i]), name=f"up_blocks_{i}")(x, mine, temb, context, size)
     return x
 
   @nn.compact
-  def __call__(self, sample, timesteps, encoder_hidden_states, *, feature_resolutions=None):
+  def __call__(self, sample, timesteps, encoder_hidden_states, *, feature_resolutions=None,
+               text_embeds=None, time_ids=None):
     """Predicts the noise eps.
 
     Args:
       sample: [B, H, W, C] latents (NHWC), any float dtype.
       timesteps: [B] or scalar; fractional timesteps are allowed.
       encoder_hidden_states: [B, L, cross_attention_dim] text embeddings.
+      text_embeds, time_ids: SDXL only ("text_time"): pooled text [B, P] and
+        size/crop conditioning [B, 6] (module docstring).
       feature_resolutions: optional heights and/or MID (module docstring).
 
     Returns:
@@ -225,7 +270,7 @@ class UNet2DConditionModel(nn.Module):
     if self.center_input_sample:
       x = 2 * x - 1.0
     context = jnp.asarray(encoder_hidden_states).astype(self.dtype)
-    temb = self._embed(timesteps, x.shape[0])
+    temb = self._embed(timesteps, x.shape[0], text_embeds, time_ids)
     x = Conv(self.block_out_channels[0], self.conv_in_kernel, name="conv_in")(x)
     features = {}
     x, skips = self._down(x, temb, context, features)

@@ -1,0 +1,116 @@
+r"""Text-to-image: one-step SDXL (paper Table 5, SDXL column; App. D).
+
+  python -m fdistill_jax.main --config=configs/sdxl.py:js --workdir=runs/sdxl_js \
+      --config.teacher.path=/path/to/stable-diffusion-xl-base-1.0 \
+      --config.data.path=/path/to/laion_shards
+
+Teacher: a diffusers SDXL folder (unet/, text_encoder/, text_encoder_2/,
+tokenizer/, tokenizer_2/, vae/, scheduler/). Conditioning: the pytree
+{'context': [B, 77, 2048], 'pooled': [B, 1280], 'time_ids': [B, 6]}
+(`fdistill_jax.sd.sdxl_distill`), time_ids (1024, 1024, 0, 0, 1024, 1024);
+the CFG negative is zeros (SDXL base's force_zeros_for_empty_prompt). Data:
+image-text WebDataset shards, centre-cropped and resized to 1024 (128x128x4
+latents).
+
+Table 5: batch 384, fake-score update frequency 5, GAN weight 5e-3, 25k
+iterations, CFG 8 on the teacher's score in the f-distill term, Adam lr 5e-7
+(generator, fake score and discriminator, as FastGen's
+`configs/experiments/SDXL/config_f_distill.py`). Settings Table 5 does not
+list for SDXL keep the SD 1.5 config's values (weight decay 1e-2, R1 gamma 1,
+Karras noise levels on the discrete schedule's [0.0292, 14.61], which SDXL
+shares with SD 1.5).
+
+Discriminator input: Table 5 lists resolution (16). At 1024 px the SDXL U-Net's
+features have heights 128, 64 and 32 (its last block does not downsample), so
+there is no 16x16 feature; the heads read the mid block's 32x32 output
+(`disc.resolutions = (0,)`, MID), as FastGen's SDXL f-distill config does:
+its `Discriminator_SDXL_Res1024_Config` (all_res [64, 32, 32, 32], no
+feature_indices) reads only the last, bottleneck entry. At 512 px the same
+bottleneck is 16x16 (FastGen's Res512 config), perhaps Table 5's (16).
+
+Variants: any divergence, 'no_gan' / 'gan_only', 'runlocal', 'tiny' (random
+tiny SDXL networks for tests: set teacher.tokenizer and teacher.tokenizer_2
+to CLIP tokenizer folders and data.path to shards of 16x16 images).
+"""
+
+from fdistill_jax import config_lib
+
+EXTRA_TOKENS = ("tiny",)
+MID = 0  # disc.resolutions key of the U-Net's mid block (networks.sd.unet.MID)
+# Tiny random SDXL networks (tests): 8x8 latents of 16x16 images, first block without
+# attention, per-block depths, linear projections, the "text_time" added embedding.
+TINY_ARCH = {
+    "unet": {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4,
+             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+             "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+             "attention_head_dim": [2, 2], "transformer_layers_per_block": [1, 2],
+             "use_linear_projection": True, "addition_embed_type": "text_time",
+             "addition_time_embed_dim": 4, "projection_class_embeddings_input_dim": 16 + 6 * 4,
+             "cross_attention_dim": 16 + 16, "in_channels": 4, "out_channels": 4},
+    "vae": {"block_out_channels": [8, 8], "down_block_types": ["DownEncoderBlock2D"] * 2,
+            "up_block_types": ["UpDecoderBlock2D"] * 2, "layers_per_block": 1,
+            "norm_num_groups": 4, "latent_channels": 4, "scaling_factor": 0.13025},
+    "text_encoder": {"vocab_size": 49408, "hidden_size": 16, "intermediate_size": 32,
+                     "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "max_position_embeddings": 77, "eos_token_id": 49407},
+    "text_encoder_2": {"vocab_size": 49408, "hidden_size": 16, "intermediate_size": 32,
+                       "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "max_position_embeddings": 77, "hidden_act": "gelu",
+                       "projection_dim": 16, "eos_token_id": 2},
+}
+
+
+def get_config(arg="js"):
+  divergence, flags = config_lib.parse_arg(arg, default_divergence="js",
+                                           extra_tokens=EXTRA_TOKENS)
+  c = config_lib.base_config()
+  c.total_steps = 25_000
+  c.batch_size = 384
+  c.fake_score_update_freq = 5
+  c.compute_dtype = "bfloat16"            # parameters stay float32
+  c.loss.gan_weight = 5e-3
+  c.loss.r1_gamma = 1.0
+  c.loss.cfg_weight = 8.0
+  c.loss.sigma_min = 0.0292               # SD's discrete schedule (SDXL's too), t = 0 .. 999
+  c.loss.sigma_max = 14.6146
+  c.loss.sigma_init = 14.6146             # the generator's input: pure noise at t = 999
+  c.disc.resolutions = (MID,)
+  c.disc.head = "dmd2"
+  c.optim.gen_lr = c.optim.fake_lr = c.optim.disc_lr = 5e-7
+  c.optim.weight_decay = 1e-2
+  c.teacher.kind = "sdxl"
+  c.teacher.path = "stable-diffusion-xl-base-1.0"
+  c.teacher.tokenizer = ""                # sdxl_random only (sdxl reads the folder's)
+  c.teacher.tokenizer_2 = ""
+  c.teacher.remat = True                  # nn.remat on every U-Net resnet/transformer block
+  c.data.kind = "webdataset"
+  c.data.path = ""                        # folder (or one .tar) of img2dataset shards
+  c.data.resolution = 1024
+  c.data.num_classes = 0
+  c.data.caption_key = "caption"          # kind=captions, .jsonl: the prompt's field
+  c.eval.evaluators = ()                  # text-to-image evaluation: not yet in this engine
+  c.sample_every = 0
+  c.checkpoint_every = 1000
+  if "runlocal" in flags:
+    c.total_steps, c.batch_size, c.log_every, c.checkpoint_every = 10, 8, 5, 10
+  if "tiny" in flags:
+    _tiny(c)
+  return config_lib.apply_variant(c, divergence, flags)
+
+
+def _tiny(c):
+  """Random tiny SDXL networks, 16x16 images, a few steps (tests and smoke runs)."""
+  c.total_steps, c.batch_size, c.fake_score_update_freq = 2, 8, 2
+  c.compute_dtype = "float32"
+  c.ema_decays = (0.9,)
+  c.loss.r1_gamma = 0.0                   # R1's double backward through a U-Net: slow to compile
+  c.loss.gan_weight = 1e-2
+  c.loss.num_bins = 4
+  c.optim.gen_lr = c.optim.fake_lr = c.optim.disc_lr = 1e-3  # visible moves in two steps
+  c.teacher.kind = "sdxl_random"
+  c.teacher.path = ""
+  c.teacher.remat = False
+  c.teacher.arch = TINY_ARCH
+  c.data.resolution = 16
+  c.data.prefetch = 1
+  c.log_every, c.checkpoint_every, c.keep_checkpoints = 1, 2, 2

@@ -1,0 +1,105 @@
+"""SDXL as a teacher of the engine: configs/sdxl.py, its tiny run through `main`, and the
+pytree conditioning (context, pooled text, time_ids) with its CFG negative."""
+
+import json
+import os
+import sys
+from unittest import mock
+
+from absl import flags
+from absl.testing import flagsaver
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import sdxl as sdxl_config
+from fdistill_jax import config_lib
+from fdistill_jax import main as main_lib
+from fdistill_jax.teachers import registry as teacher_registry
+from fdistill_jax.train import checkpoint as ckpt_lib
+from fdistill_jax.train import warm_start
+from test_t2i import REPO, TOKENIZER, write_shards
+
+
+def tiny_config(arg="js,tiny", **overrides):
+  c = sdxl_config.get_config(arg)
+  c.teacher.tokenizer = c.teacher.tokenizer_2 = str(TOKENIZER)
+  for k, v in overrides.items():
+    config_lib.set_field(c, k, v)
+  return c
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+  if not TOKENIZER.is_dir():
+    pytest.skip(f"SD 1.5 tokenizer fixture not found at {TOKENIZER}.")
+  return write_shards(tmp_path_factory.mktemp("sdxl_shards"))
+
+
+def test_sdxl_config_is_table5s_column():
+  c = sdxl_config.get_config("js")
+  assert (c.batch_size, c.fake_score_update_freq, c.total_steps) == (384, 5, 25_000)
+  assert (c.loss.gan_weight, c.loss.cfg_weight) == (5e-3, 8.0)
+  assert (c.optim.gen_lr, c.optim.fake_lr, c.optim.disc_lr) == (5e-7, 5e-7, 5e-7)
+  assert tuple(c.disc.resolutions) == (sdxl_config.MID,) and c.data.resolution == 1024
+  assert c.teacher.kind == "sdxl"
+  for d in config_lib.DIVERGENCES:
+    assert sdxl_config.get_config(d).divergence == d
+  assert sdxl_config.get_config("rkl,no_gan").loss.gan_weight == 0
+  config_lib.validate(c, num_devices=8)
+
+
+def test_conditioning_is_a_pytree_with_a_zero_negative(shards):
+  """host tokenises with both tokenizers; draw gives {'context', 'pooled', 'time_ids'} with the
+  batch leading; the CFG negative zeros context and pooled and keeps time_ids."""
+  c = ml_collections.FrozenConfigDict(tiny_config(**{"data.path": shards}))
+  teacher = teacher_registry.build(c)
+  cond = teacher.conditioning
+  batch = cond.host({"captions": ["a photo of a cat", "a dog"]})
+  assert batch["tokens"].shape == batch["tokens_2"].shape == (2, 77)
+  tv = teacher.variables
+  drawn = jax.jit(lambda v, b: cond.draw(v, None, None, b))(tv, batch)
+  assert {k: v.shape for k, v in drawn.items()} == {
+      "context": (2, 77, 32), "pooled": (2, 16), "time_ids": (2, 6)}
+  np.testing.assert_array_equal(drawn["time_ids"], [[16, 16, 0, 0, 16, 16]] * 2)
+  assert float(jnp.abs(drawn["context"][0] - drawn["context"][1]).max()) > 1e-3
+  uncond = cond.uncond(tv, drawn)
+  assert not np.any(uncond["context"]) and not np.any(uncond["pooled"])
+  np.testing.assert_array_equal(uncond["time_ids"], drawn["time_ids"])
+  assert jax.tree.structure(cond.dummy(3)) == jax.tree.structure(drawn)
+  empty = ml_collections.FrozenConfigDict(tiny_config(**{"data.path": shards}))
+  no_zeros = teacher_registry.build(empty).conditioning
+  no_zeros = type(no_zeros)(**{**no_zeros.__dict__, "force_zeros": False})
+  u = no_zeros.uncond(tv, drawn)
+  e = no_zeros.draw(tv, None, None, no_zeros.host({"captions": [""]}))
+  np.testing.assert_allclose(u["context"][1], e["context"][0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_sdxl_tiny_run_through_main(shards, tmp_path):
+  """configs/sdxl.py:js,tiny for 2 iterations through `main` on 8 devices (CFG 8 on the pytree
+  conditioning, GAN on the mid-block features): generator and fake score move from the
+  teacher U-Net and stay finite; the generator spec is an 'sdxl' one."""
+  workdir = tmp_path / "run"
+  argv = ["main", f"--config={REPO}/configs/sdxl.py:js,tiny", f"--workdir={workdir}",
+          f"--config.teacher.tokenizer={TOKENIZER}", f"--config.teacher.tokenizer_2={TOKENIZER}",
+          f"--config.data.path={shards}"]
+  with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv):
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv)
+    main_lib.main(["main"])
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+  spec = json.load(open(workdir / ckpt_lib.GENERATOR_SPEC))
+  assert spec["kind"] == "sdxl" and spec["sample_shape"] == [8, 8, 4]
+  module, shape, _ = teacher_registry.student_from_spec(spec)
+  assert shape == (8, 8, 4) and module.unet.addition_embed_type == "text_time"
+  parts, step = warm_start.restore_parts(str(workdir))
+  assert step == 2
+  start = jax.tree.leaves(teacher_registry.build(tiny_config()).student_params)
+  for name in ("gen", "fake"):
+    now = jax.tree.leaves(parts[name])
+    assert len(start) == len(now)
+    assert any(not np.allclose(a, b) for a, b in zip(start, now)), name
+  assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(parts))
