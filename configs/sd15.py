@@ -15,10 +15,9 @@ latents), 60k iterations, CFG 1.75 on the teacher's score in the f-distill
 term (`cfg5`: 5), Adam lr 1e-5 with weight decay 1e-2, R1 gamma 1. The paper's
 warm start (Sec. 5) is `--config.init_from=RUN_DIR` of an `rkl` run.
 
-Noise levels: SD's discrete schedule spans sigma in [0.0292, 14.61]; the
-generator maps sigma_max z to a clean latent, and the f-distill / GAN / fake
-score noise levels are the Karras schedule on that range (this engine's
-choice; DMD2 samples discrete timesteps uniformly in [20, 980]).
+Shared with configs/sdxl.py (`fdistill_jax/sd/run_config.py`): bf16 compute,
+remat, noise levels (the Karras schedule on SD's discrete range [0.0292,
+14.61]; the generator maps sigma_max z to a clean latent), data and evaluation.
 
 Evaluation: 't2i_grid' every `sample_every` = 1000 iterations: fixed prompts, the frozen
 teacher's 50-step guided DDIM image beside the one-step student's (fdistill_jax/sd/grid.py;
@@ -34,7 +33,7 @@ set teacher.tokenizer to a CLIP tokenizer folder and data.path to shards of
 """
 
 from fdistill_jax import config_lib
-from fdistill_jax.sd import grid as sd_grid
+from fdistill_jax.sd import run_config
 
 EXTRA_TOKENS = ("cfg5", "tiny")
 # Tiny random SD networks (tests): 8x8 latents of 16x16 images, U-Net features at 8 and 4.
@@ -57,64 +56,18 @@ def get_config(arg="js"):
   divergence, flags = config_lib.parse_arg(arg, default_divergence="js",
                                            extra_tokens=EXTRA_TOKENS)
   c = config_lib.base_config()
+  run_config.text_to_image(c, teacher_kind="sd15", teacher_path="stable-diffusion-v1-5",
+                           resolution=512)
   c.total_steps = 60_000
   c.batch_size = 1024
   c.fake_score_update_freq = 10
-  c.compute_dtype = "bfloat16"            # parameters stay float32
   c.loss.gan_weight = 1e-3
-  c.loss.r1_gamma = 1.0
   c.loss.cfg_weight = 5.0 if "cfg5" in flags else 1.75
-  c.loss.sigma_min = 0.0292               # SD 1.5's discrete schedule, t = 0 .. 999
-  c.loss.sigma_max = 14.6146
-  c.loss.sigma_init = 14.6146             # the generator's input: pure noise at t = 999
   c.disc.resolutions = (8,)
-  c.disc.head = "dmd2"
   c.optim.gen_lr = c.optim.fake_lr = c.optim.disc_lr = 1e-5
-  c.optim.weight_decay = 1e-2
-  c.teacher.kind = "sd15"
-  c.teacher.path = "stable-diffusion-v1-5"
-  c.teacher.tokenizer = ""                # "" = the teacher folder's tokenizer/
-  c.teacher.remat = True                  # nn.remat on every U-Net resnet/transformer block
-  c.data.kind = "webdataset"
-  c.data.path = ""                        # folder (or one .tar) of img2dataset shards
-  c.data.resolution = 512
-  c.data.num_classes = 0
-  c.data.caption_key = "caption"          # kind=captions, .jsonl: the prompt's field
-  c.eval.evaluators = ("t2i_grid", "t2i")  # teacher | student grids; FID / CLIP score
-  c.eval.grid_prompts = sd_grid.DEFAULT_PROMPTS   # COCO-2014 captions (fdistill_jax/sd/grid.py)
-  c.eval.grid_prompts_file = ""           # a text file, one prompt per line: replaces grid_prompts
-  c.eval.grid_steps = 50                  # the teacher column: guided DDIM steps, made once
-  c.eval.grid_sampler = "ddim"
-  c.eval.grid_cfg = 0.0                   # 0: loss.cfg_weight (the teacher the student matches)
-  c.eval.prompts = ""                     # 't2i' (every eval.fid_every): a prompts file (COCO)
-  c.eval.num_samples = 5000               # its first N prompts, one image each
-  c.eval.clip = ""                        # a transformers CLIPModel folder; "": no CLIP score
-  c.eval.batch = 16                       # images per jitted sampling call
-  c.sample_every = 1000
-  c.checkpoint_every = 1000
   if "runlocal" in flags:
-    c.total_steps, c.batch_size, c.log_every, c.checkpoint_every = 10, 8, 5, 10
+    run_config.runlocal(c)
   if "tiny" in flags:
-    _tiny(c)
+    run_config.tiny(c, teacher_kind="sd15_random", arch=TINY_ARCH)
+    c.disc.resolutions = (4,)
   return config_lib.apply_variant(c, divergence, flags)
-
-
-def _tiny(c):
-  """Random tiny SD networks, 16x16 images, a few steps (tests and smoke runs)."""
-  c.total_steps, c.batch_size, c.fake_score_update_freq = 2, 8, 2
-  c.compute_dtype = "float32"
-  c.ema_decays = (0.9,)
-  c.loss.r1_gamma = 0.0                   # R1's double backward through a U-Net: slow to compile
-  c.loss.gan_weight = 1e-2
-  c.loss.num_bins = 4
-  c.disc.resolutions = (4,)
-  c.teacher.kind = "sd15_random"
-  c.teacher.path = ""
-  c.teacher.remat = False
-  c.teacher.arch = TINY_ARCH
-  c.data.resolution = 16
-  c.data.prefetch = 1
-  c.log_every, c.checkpoint_every, c.keep_checkpoints = 1, 2, 2
-  c.sample_every = 2
-  c.eval.grid_prompts = sd_grid.DEFAULT_PROMPTS[:2]
-  c.eval.grid_steps = 2

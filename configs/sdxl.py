@@ -28,12 +28,17 @@ its `Discriminator_SDXL_Res1024_Config` (all_res [64, 32, 32, 32], no
 feature_indices) reads only the last, bottleneck entry. At 512 px the same
 bottleneck is 16x16 (FastGen's Res512 config), perhaps Table 5's (16).
 
+Shared with configs/sd15.py (`fdistill_jax/sd/run_config.py`): bf16 compute,
+remat, data, and evaluation ('t2i_grid' teacher | student grids every
+`sample_every`; 't2i' FID / CLIP score every `eval.fid_every`).
+
 Variants: any divergence, 'no_gan' / 'gan_only', 'runlocal', 'tiny' (random
 tiny SDXL networks for tests: set teacher.tokenizer and teacher.tokenizer_2
 to CLIP tokenizer folders and data.path to shards of 16x16 images).
 """
 
 from fdistill_jax import config_lib
+from fdistill_jax.sd import run_config
 
 EXTRA_TOKENS = ("tiny",)
 MID = 0  # disc.resolutions key of the U-Net's mid block (networks.sd.unet.MID)
@@ -64,53 +69,19 @@ def get_config(arg="js"):
   divergence, flags = config_lib.parse_arg(arg, default_divergence="js",
                                            extra_tokens=EXTRA_TOKENS)
   c = config_lib.base_config()
+  run_config.text_to_image(c, teacher_kind="sdxl", teacher_path="stable-diffusion-xl-base-1.0",
+                           resolution=1024)
+  c.teacher.tokenizer_2 = ""              # "" = the teacher folder's tokenizer_2/
   c.total_steps = 25_000
   c.batch_size = 384
   c.fake_score_update_freq = 5
-  c.compute_dtype = "bfloat16"            # parameters stay float32
   c.loss.gan_weight = 5e-3
-  c.loss.r1_gamma = 1.0
   c.loss.cfg_weight = 8.0
-  c.loss.sigma_min = 0.0292               # SD's discrete schedule (SDXL's too), t = 0 .. 999
-  c.loss.sigma_max = 14.6146
-  c.loss.sigma_init = 14.6146             # the generator's input: pure noise at t = 999
   c.disc.resolutions = (MID,)
-  c.disc.head = "dmd2"
   c.optim.gen_lr = c.optim.fake_lr = c.optim.disc_lr = 5e-7
-  c.optim.weight_decay = 1e-2
-  c.teacher.kind = "sdxl"
-  c.teacher.path = "stable-diffusion-xl-base-1.0"
-  c.teacher.tokenizer = ""                # sdxl_random only (sdxl reads the folder's)
-  c.teacher.tokenizer_2 = ""
-  c.teacher.remat = True                  # nn.remat on every U-Net resnet/transformer block
-  c.data.kind = "webdataset"
-  c.data.path = ""                        # folder (or one .tar) of img2dataset shards
-  c.data.resolution = 1024
-  c.data.num_classes = 0
-  c.data.caption_key = "caption"          # kind=captions, .jsonl: the prompt's field
-  c.eval.evaluators = ()                  # text-to-image evaluation: not yet in this engine
-  c.sample_every = 0
-  c.checkpoint_every = 1000
   if "runlocal" in flags:
-    c.total_steps, c.batch_size, c.log_every, c.checkpoint_every = 10, 8, 5, 10
+    run_config.runlocal(c)
   if "tiny" in flags:
-    _tiny(c)
+    run_config.tiny(c, teacher_kind="sdxl_random", arch=TINY_ARCH)
+    c.optim.gen_lr = c.optim.fake_lr = c.optim.disc_lr = 1e-3  # visible moves in two steps
   return config_lib.apply_variant(c, divergence, flags)
-
-
-def _tiny(c):
-  """Random tiny SDXL networks, 16x16 images, a few steps (tests and smoke runs)."""
-  c.total_steps, c.batch_size, c.fake_score_update_freq = 2, 8, 2
-  c.compute_dtype = "float32"
-  c.ema_decays = (0.9,)
-  c.loss.r1_gamma = 0.0                   # R1's double backward through a U-Net: slow to compile
-  c.loss.gan_weight = 1e-2
-  c.loss.num_bins = 4
-  c.optim.gen_lr = c.optim.fake_lr = c.optim.disc_lr = 1e-3  # visible moves in two steps
-  c.teacher.kind = "sdxl_random"
-  c.teacher.path = ""
-  c.teacher.remat = False
-  c.teacher.arch = TINY_ARCH
-  c.data.resolution = 16
-  c.data.prefetch = 1
-  c.log_every, c.checkpoint_every, c.keep_checkpoints = 1, 2, 2

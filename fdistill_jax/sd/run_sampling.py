@@ -11,7 +11,12 @@ r"""Images from a text-to-image run: its one-step student and its frozen teacher
   frozen teacher (`fdistill_jax.sd.sampling`: Euler steps of the PF-ODE at
   DDIM's noise levels, which is deterministic DDIM; the unconditional input is
   the empty prompt's embedding). The levels come from the teacher's discrete
-  schedule with SD 1.5's scheduler settings (steps_offset 1, final sigma_min).
+  schedule with SD 1.5's scheduler settings (steps_offset 1, final sigma_min),
+  which SDXL's scheduler shares ('leading' spacing, steps_offset 1).
+
+SD 1.5 and SDXL runs alike: the run's conditioning (`TextConditioning`,
+`SDXLTextConditioning`) tokenises on the host, encodes the prompts (SDXL: both
+towers, pooled text and size/crop numbers) and gives CFG's unconditional input.
 
 Prompts are tokenised on the host; the text tower runs inside the jitted
 batch. Image i (prompt i // num_per_prompt) starts from the noise
@@ -41,6 +46,9 @@ from fdistill_jax.train import checkpoint as ckpt_lib
 DEFAULT_BATCH = 16   # 512x512 images per jitted call: the VAE decoder's activations dominate
 
 
+T2I_KINDS = ("sd15", "sdxl")   # generator specs (generator_spec.json 'kind') of text-to-image runs
+
+
 class RunError(ValueError):
   """A run cannot be sampled as a text-to-image run."""
 
@@ -53,8 +61,9 @@ class T2IRun:
     teacher: the frozen teacher `LatentDenoiser` (U-Net, text tower, VAE).
     student: the generator architecture (`LatentDenoiser`, U-Net only).
     teacher_vars: the teacher's variables {'params': {'unet', 'text_encoder', 'vae'}}.
-    tokenizer: prompts -> token ids [N, L] (host side).
-    empty_tokens: token ids of the empty prompt (CFG's unconditional input).
+    conditioning: the run's `TextConditioning` (SD 1.5) or `SDXLTextConditioning`:
+      prompts -> token ids on the host (`host`), ids -> the U-Net's conditioning
+      (`draw`), and CFG's unconditional input (`uncond`).
     latent_shape: (h, w, C) of the U-Net's latents.
     sigma_init: the generator's input noise level (`loss.sigma_init`).
     generator_params: the generator's parameters {'unet': ...}, or None.
@@ -63,19 +72,23 @@ class T2IRun:
   teacher: distill.LatentDenoiser
   student: distill.LatentDenoiser
   teacher_vars: Any
-  tokenizer: Callable = dataclasses.field(repr=False)
-  empty_tokens: tuple = dataclasses.field(repr=False)
+  conditioning: distill.TextConditioning = dataclasses.field(repr=False)
   latent_shape: tuple
   sigma_init: float
   generator_params: Any = dataclasses.field(default=None, repr=False)
   info: dict = dataclasses.field(default_factory=dict)
 
-  def tokenize(self, prompts) -> np.ndarray:
-    """Prompts -> int32 token ids [N, L] (on the host)."""
+  @property
+  def tokenizer(self) -> Callable:
+    """The (first) tokenizer: prompts -> token ids [N, L]."""
+    return self.conditioning.tokenizer
+
+  def tokenize(self, prompts) -> dict:
+    """Prompts -> {'tokens': int32 ids [N, L]} (SDXL: and 'tokens_2'), on the host."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
       raise RunError("need a non-empty list of prompt strings.")
-    return np.asarray(self.tokenizer(prompts), np.int32)
+    return self.conditioning.host({"captions": prompts})
 
 
 def from_models(models, teacher_vars, sigma_init, generator_params=None, info=None) -> T2IRun:
@@ -84,27 +97,27 @@ def from_models(models, teacher_vars, sigma_init, generator_params=None, info=No
   if not isinstance(cond, distill.TextConditioning):
     raise RunError("this run's teacher is not text-conditional (its conditioning is "
                    f"{type(cond).__name__}); text-to-image sampling needs an SD teacher "
-                   "(teacher.kind='sd15' or 'sd15_random').")
+                   "(teacher.kind='sd15', 'sdxl' or their '_random' kinds).")
   return T2IRun(teacher=cond.teacher, student=models.student, teacher_vars=teacher_vars,
-                tokenizer=cond.tokenizer, empty_tokens=tuple(cond.empty_tokens),
+                conditioning=cond,
                 latent_shape=tuple(models.sample_shape), sigma_init=float(sigma_init),
                 generator_params=generator_params, info=dict(info or {}))
 
 
 def is_t2i_run(workdir) -> bool:
-  """True when `workdir`'s generator_spec.json names an SD generator (kind 'sd15')."""
+  """True when `workdir`'s generator_spec.json names an SD generator (`T2I_KINDS`)."""
   file = ckpt_lib.path(workdir, ckpt_lib.GENERATOR_SPEC)
   if not os.path.isfile(file):
     return False
   with open(file) as f:
-    return json.load(f).get("kind") == "sd15"
+    return json.load(f).get("kind") in T2I_KINDS
 
 
 def load_run(workdir, *, which="ema", step=None) -> T2IRun:
   """The teacher (rebuilt from the run's config.json) and the generator of a training workdir.
 
   The teacher is built from the run's `teacher` config (an SD folder is read
-  again; `sd15_random` is redrawn from its seed) and checked against the
+  again; `sd15_random` / `sdxl_random` is redrawn from its seed) and checked against the
   run's teacher.json. An exported generator holds the U-Net alone, without
   the text tower and VAE it needs, and is refused.
   """
@@ -140,13 +153,18 @@ def _check_teacher(workdir, identity):
 
 
 def _context(run, teacher_vars, tokens, indices, num_per_prompt):
+  """The conditioning of images `indices` (prompt i // num_per_prompt), and those prompts."""
   prompt = indices // num_per_prompt
-  ids = jnp.take(tokens, prompt, axis=0, mode="clip")
-  return run.teacher.apply(teacher_vars, ids, method="encode_text"), prompt
+  ids = jax.tree.map(lambda t: jnp.take(t, prompt, axis=0, mode="clip"), tokens)
+  return run.conditioning.draw(teacher_vars, None, indices, ids), prompt
+
+
+def _num_prompts(tokens) -> int:
+  return len(jax.tree.leaves(tokens)[0])
 
 
 def student_batch_fn(run: T2IRun, num_per_prompt=1):
-  """One-step images; variables {'generator', 'teacher', 'tokens' [P, L]}."""
+  """One-step images; variables {'generator', 'teacher', 'tokens' (`T2IRun.tokenize`)}."""
   def fn(v, key, indices):
     tv = {"params": v["teacher"]}
     context, prompt = _context(run, tv, v["tokens"], indices, num_per_prompt)
@@ -157,11 +175,13 @@ def student_batch_fn(run: T2IRun, num_per_prompt=1):
 
 
 def teacher_batch_fn(run: T2IRun, sigmas, cfg, num_per_prompt=1):
-  """Guided teacher images over `sigmas`; variables {'teacher', 'tokens' [P, L], 'empty' [L]}."""
+  """Guided teacher images over `sigmas`; variables {'teacher', 'tokens'}. The unconditional
+  input is the conditioning's (`uncond`: SD 1.5 the empty prompt's embedding; SDXL base
+  zeros)."""
   def fn(v, key, indices):
     tv = {"params": v["teacher"]}
     context, prompt = _context(run, tv, v["tokens"], indices, num_per_prompt)
-    uncond = run.teacher.apply(tv, v["empty"][None], method="encode_text")[0]
+    uncond = run.conditioning.uncond(tv, jax.tree.map(lambda c: c[:1], context))
     denoise = lambda x, sigma, c: run.teacher.apply(tv, x, sigma, c)
     guided = denoiser_lib.cfg_denoiser(denoise, uncond, cfg)
     noise = sampling_lib.sample_noise(key, indices, run.latent_shape)
@@ -179,10 +199,11 @@ class StudentSampler:
                                              devices)
 
   def __call__(self, params, tokens, *, seed=0):
-    """(uint8 images [P * num_per_prompt, H, W, 3], int32 prompt index) for tokens [P, L]."""
+    """(uint8 images [P * num_per_prompt, H, W, 3], int32 prompt index) for the tokens of P
+    prompts (`T2IRun.tokenize`)."""
     variables = {"generator": params, "teacher": self.run.teacher_vars["params"],
-                 "tokens": jnp.asarray(tokens, jnp.int32)}
-    return self.sampler(variables, len(tokens) * self.num_per_prompt, seed=seed,
+                 "tokens": jax.tree.map(lambda t: jnp.asarray(t, jnp.int32), tokens)}
+    return self.sampler(variables, _num_prompts(tokens) * self.num_per_prompt, seed=seed,
                         postprocess=pixels.to_uint8, what="one-step text-to-image samples")
 
 
@@ -206,7 +227,7 @@ def generate(run: T2IRun, prompts, *, params=None, seed=0, batch=DEFAULT_BATCH,
   if params is None:
     raise RunError("no generator parameters: pass params= or use load_run(workdir).")
   tokens = run.tokenize(prompts)
-  batch = max(1, min(_positive(batch, "batch"), len(tokens) * num_per_prompt))
+  batch = max(1, min(_positive(batch, "batch"), _num_prompts(tokens) * num_per_prompt))
   return StudentSampler(run, batch, num_per_prompt, devices)(params, tokens, seed=seed)
 
 
@@ -221,9 +242,9 @@ def teacher_generate(run: T2IRun, prompts, *, steps=50, cfg=7.5, sampler="ddim",
   tokens = run.tokenize(prompts)
   sigmas = sd_sampling.sampler_sigmas(run.teacher.schedule(), sampler, _positive(steps, "steps"))
   fn = teacher_batch_fn(run, sigmas, float(cfg), _positive(num_per_prompt, "num_per_prompt"))
-  variables = {"teacher": run.teacher_vars["params"], "tokens": jnp.asarray(tokens),
-               "empty": jnp.asarray(run.empty_tokens, jnp.int32)}
-  return sampling_lib.sample_all(fn, variables, len(tokens) * num_per_prompt, seed=seed,
+  variables = {"teacher": run.teacher_vars["params"],
+               "tokens": jax.tree.map(jnp.asarray, tokens)}
+  return sampling_lib.sample_all(fn, variables, _num_prompts(tokens) * num_per_prompt, seed=seed,
                                  batch=_positive(batch, "batch"), devices=devices,
                                  postprocess=pixels.to_uint8,
                                  what=f"teacher samples ({steps} steps, CFG {cfg:g})")

@@ -9,7 +9,7 @@ r"""One-step samples of a distilled generator, teacher samples, and generator ex
   # the generator alone (EMA weights): spec + orbax params + export.json
   python -m fdistill_jax.tools.sample --workdir=DIR --export=generators/cifar10_js
   python -m fdistill_jax.tools.sample --workdir=generators/cifar10_js --num=50000 --out=s.npz
-  # a text-to-image (sd15) run: one image per prompt (x4), the npz and a captioned grid
+  # a text-to-image (sd15 or sdxl) run: one image per prompt (x4), the npz and a captioned grid
   python -m fdistill_jax.tools.sample --workdir=DIR --prompt="a photo of a cat" \
       --prompts_file=prompts.txt --num_per_prompt=4 --out=samples.npz --grid=grid.png
   # the EDM teacher with EDM's Heun sampler, same output format
@@ -24,12 +24,12 @@ count. `--labels=3` gives every sample class 3; `--labels=0,3,7` cycles.
 Unconditional models get label -1. The toy generator writes float32 `samples`
 [N, 2] instead of `images`, and its --grid is a scatter plot.
 
-Text-to-image runs (generator kind 'sd15') take prompts instead of labels and
+Text-to-image runs (generator kind 'sd15' or 'sdxl') take prompts instead of labels and
 --num: image i shows prompt i // num_per_prompt, from the noise of (seed, i)
 (`fdistill_jax.sd.run_sampling`; the run's teacher supplies the text tower
 and the VAE). The npz has `images` (uint8 NHWC), `prompt_index`, `prompts`
 and `seed`, as `tools.sample_t2i` writes, and --grid captions each tile with
-its prompt (prompts also in GRID.txt). An exported sd15 generator holds the
+its prompt (prompts also in GRID.txt). An exported text-to-image generator holds the
 U-Net alone and is sampled from its training workdir instead.
 """
 
