@@ -1,6 +1,7 @@
 """SDXL as a teacher of the engine: configs/sdxl.py, its tiny run through `main`, and the
 pytree conditioning (context, pooled text, time_ids) with its CFG negative."""
 
+import functools
 import json
 import os
 import sys
@@ -22,22 +23,11 @@ from fdistill_jax.tools import cli
 from fdistill_jax.tools import sample
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax.train import warm_start
-from test_t2i import REPO, TOKENIZER, write_shards
+import test_t2i
+from test_t2i import REPO, TOKENIZER, shards  # noqa: F401  (module fixture: tiny shards)
 
 
-def tiny_config(arg="js,tiny", **overrides):
-  c = sdxl_config.get_config(arg)
-  c.teacher.tokenizer = c.teacher.tokenizer_2 = str(TOKENIZER)
-  for k, v in overrides.items():
-    config_lib.set_field(c, k, v)
-  return c
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-  if not TOKENIZER.is_dir():
-    pytest.skip(f"SD 1.5 tokenizer fixture not found at {TOKENIZER}.")
-  return write_shards(tmp_path_factory.mktemp("sdxl_shards"))
+tiny_config = functools.partial(test_t2i.tiny_config, config_module=sdxl_config)
 
 
 def test_sdxl_config_is_table5s_column():

@@ -67,9 +67,13 @@ def write_shards(folder, n=16, per=8, seed=0, corrupt=(), empty=()):
   return str(folder)
 
 
-def tiny_config(arg="js,tiny", **overrides):
-  c = sd15.get_config(arg)
+def tiny_config(arg="js,tiny", config_module=sd15, **overrides):
+  """`config_module`'s (configs/sd15.py, configs/sdxl.py) tiny variant with the fixture
+  tokenizer as every tokenizer, and `overrides` (**{'dotted.field': value})."""
+  c = config_module.get_config(arg)
   c.teacher.tokenizer = str(TOKENIZER)
+  if "tokenizer_2" in c.teacher:
+    c.teacher.tokenizer_2 = str(TOKENIZER)
   for k, v in overrides.items():
     config_lib.set_field(c, k, v)
   return c

@@ -113,10 +113,12 @@ class Pipeline:
     return distill.to_unet_latents(z, self.scaling_factor, self.shift_factor)
 
 
-def _folder_variables(folder, modules, variant) -> dict:
+def folder_variables(folder, modules, variant, components=COMPONENTS,
+                     stems=WEIGHT_STEMS) -> dict:
+  """{component: variables} read from a diffusers folder's component subfolders."""
   out = {}
-  for name in COMPONENTS:
-    state_dict, path = weights.read_component(folder / name, WEIGHT_STEMS[name], variant)
+  for name in components:
+    state_dict, path = weights.read_component(folder / name, stems[name], variant)
     out[name] = names.variables_from_state_dict(modules[name], state_dict, f"{name} ({path})")
   return out
 
@@ -162,7 +164,7 @@ def load_pipeline(path, *, dtype=jnp.float32, remat=False, variant=None, config_
     raise FileNotFoundError(f"{path} is neither a diffusers model folder nor a checkpoint file.")
   modules = build_modules(cfgs, dtype, remat)
   if path.is_dir():
-    variables = _folder_variables(path, modules, variant)
+    variables = folder_variables(path, modules, variant)
   else:
     variables = _checkpoint_variables(path, modules, ema)
   tok_dir = tokenizer_dir or (source / "tokenizer" if source else None)

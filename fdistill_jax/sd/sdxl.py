@@ -163,14 +163,6 @@ def unet_denoiser(unet, unet_variables, schedule, timestep="interpolate"):
   return denoiser.eps_denoiser(eps_fn, schedule, timestep)
 
 
-def _variables(folder, modules, variant) -> dict:
-  out = {}
-  for name in COMPONENTS:
-    state_dict, path = weights.read_component(folder / name, WEIGHT_STEMS[name], variant)
-    out[name] = names.variables_from_state_dict(modules[name], state_dict, f"{name} ({path})")
-  return out
-
-
 def load_pipeline(folder, *, dtype=jnp.float32, remat=False, variant=None) -> SDXLPipeline:
   """Loads a diffusers SDXL folder (module docstring); everything is checked before returning.
 
@@ -188,7 +180,7 @@ def load_pipeline(folder, *, dtype=jnp.float32, remat=False, variant=None) -> SD
     raise ConversionError(f"{folder} has no text_encoder_2/config.json: not an SDXL folder "
                           "(load SD 1.x/2.x folders with fdistill_jax.sd.load_pipeline).")
   modules = build_modules(read_configs(folder), dtype, remat)
-  variables = _variables(folder, modules, variant)
+  variables = pipeline.folder_variables(folder, modules, variant, COMPONENTS, WEIGHT_STEMS)
   tok = pipeline._tokenizer(folder / "tokenizer", modules["text_encoder"])  # pylint: disable=protected-access
   tok_2 = pipeline._tokenizer(folder / "tokenizer_2", modules["text_encoder_2"])  # pylint: disable=protected-access
   return SDXLPipeline(modules["unet"], modules["text_encoder"], modules["vae"], variables,

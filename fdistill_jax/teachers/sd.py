@@ -46,13 +46,8 @@ def _build(modules, variables, tokenizer, config, unet_config, identity) -> base
   teacher = distill.LatentDenoiser(
       modules["unet"], sigmas, text_encoder=modules["text_encoder"], vae=modules["vae"],
       scaling_factor=modules["scaling_factor"], shift_factor=modules["shift_factor"])
-  student = distill.LatentDenoiser(modules["unet"], sigmas)
-  factor = distill.vae_factor(modules["vae"])
-  res = int(config.data.resolution)
-  if res % factor:
-    raise ValueError(f"data.resolution={res} is not a multiple of the VAE's factor {factor}.")
+  res, shape = latent_shape(modules, config)
   unet = modules["unet"]
-  shape = (res // factor, res // factor, unet.in_channels)
   text = modules["text_encoder"].text_model
   conditioning = distill.TextConditioning(
       teacher, image_shape=(res, res, 3),
@@ -61,9 +56,26 @@ def _build(modules, variables, tokenizer, config, unet_config, identity) -> base
   if text.hidden_size != unet.cross_attention_dim:
     raise ValueError(f"text tower width {text.hidden_size} != the U-Net's cross_attention_dim "
                      f"{unet.cross_attention_dim}.")
-  spec = {"kind": "sd15", "unet": dict(unet_config), "sample_shape": list(shape),
-          "sigmas": list(sigmas)}
-  return base.Teacher(module=teacher, variables={"params": variables}, student=student,
+  return latent_teacher("sd15", teacher, variables, unet_config, shape, identity, conditioning)
+
+
+def latent_shape(modules, config) -> tuple:
+  """(data.resolution, the U-Net's latent shape (h, w, C)) of the VAE's downsampling."""
+  factor = distill.vae_factor(modules["vae"])
+  res = int(config.data.resolution)
+  if res % factor:
+    raise ValueError(f"data.resolution={res} is not a multiple of the VAE's factor {factor}.")
+  return res, (res // factor, res // factor, modules["unet"].in_channels)
+
+
+def latent_teacher(kind, teacher, variables, unet_config, shape, identity,
+                   conditioning) -> base.Teacher:
+  """The Teacher record of an SD-family teacher (`kind`: the generator spec's, 'sd15' or
+  'sdxl'): generator and fake score are the teacher's U-Net alone (`LatentDenoiser`)."""
+  spec = {"kind": kind, "unet": dict(unet_config), "sample_shape": list(shape),
+          "sigmas": list(teacher.sigmas)}
+  return base.Teacher(module=teacher, variables={"params": variables},
+                      student=distill.LatentDenoiser(teacher.unet, teacher.sigmas),
                       student_params={"unet": variables["unet"]}, sample_shape=shape,
                       num_classes=0, spec=spec, identity=identity, conditioning=conditioning)
 

@@ -50,20 +50,11 @@ def _build(modules, variables, tokenizers, config, unet_config, identity) -> bas
       modules["unet"], sigmas, text_encoder=modules["text_encoder"], vae=modules["vae"],
       scaling_factor=modules["scaling_factor"], shift_factor=modules["shift_factor"],
       text_encoder_2=modules["text_encoder_2"])
-  factor = distill.vae_factor(modules["vae"])
-  res = int(config.data.resolution)
-  if res % factor:
-    raise ValueError(f"data.resolution={res} is not a multiple of the VAE's factor {factor}.")
-  unet = modules["unet"]
-  shape = (res // factor, res // factor, unet.in_channels)
+  res, shape = sd.latent_shape(modules, config)
   conditioning = _conditioning(teacher, modules, tokenizers, res,
                                modules.get("force_zeros_for_empty_prompt", True))
-  spec = {"kind": "sdxl", "unet": dict(unet_config), "sample_shape": list(shape),
-          "sigmas": list(sigmas)}
-  return base.Teacher(module=teacher, variables={"params": variables},
-                      student=distill.LatentDenoiser(unet, sigmas),
-                      student_params={"unet": variables["unet"]}, sample_shape=shape,
-                      num_classes=0, spec=spec, identity=identity, conditioning=conditioning)
+  return sd.latent_teacher("sdxl", teacher, variables, unet_config, shape, identity,
+                           conditioning)
 
 
 def teacher_from_config(config) -> base.Teacher:
