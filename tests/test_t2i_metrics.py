@@ -9,7 +9,6 @@ tests/test_evaluate.py; here they are checked through this module's paths.
 
 import json
 import shutil
-import sys
 
 import numpy as np
 import PIL.Image

@@ -14,7 +14,6 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from fdistill_jax.eval import sampling as sampling_lib
 from fdistill_jax.sd import configs as sd_configs
 from fdistill_jax.sd import denoiser as denoiser_lib
 from fdistill_jax.sd import grid as sd_grid

@@ -29,12 +29,10 @@ over the devices with `eval.sampling.BatchSampler` (compiled once per sampler).
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
-import numpy as np
 
 from fdistill_jax.data import pixels
 from fdistill_jax.eval import sampling as sampling_lib
@@ -127,11 +125,10 @@ def load_run(workdir, *, which="ema", step=None) -> T2IRun:
     raise RunError(f"{workdir} is an exported generator: it holds the U-Net alone, not the "
                    "text tower and VAE a text-to-image sample needs; sample the training "
                    "workdir it was exported from.")
-  config_file = ckpt_lib.path(workdir, ckpt_lib.CONFIG_FILE)
-  if not os.path.isfile(config_file):
-    raise RunError(f"{workdir} is not a training workdir: no {ckpt_lib.CONFIG_FILE}.")
-  with open(config_file) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  try:
+    config = ckpt_lib.run_config(workdir)
+  except FileNotFoundError as e:
+    raise RunError(str(e)) from None
   teacher = registry.build(config)
   _check_teacher(workdir, teacher.identity)
   module, params, info = ckpt_lib.load_generator(workdir, which=which, step=step)

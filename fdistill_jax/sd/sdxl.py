@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fdistill_jax.networks import sd as sd_nets
-from fdistill_jax.sd import configs, denoiser, names, pipeline, weights
+from fdistill_jax.sd import configs, denoiser, pipeline
 from fdistill_jax.teachers.base import ConversionError
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")

@@ -34,7 +34,6 @@ import os
 from absl import flags
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from fdistill_jax import console
@@ -69,11 +68,7 @@ LOSS_TAG = "gen/fdistill_loss"
 
 def restore_trainer(run_dir):
   """The run's trainer (teacher, networks, data) with the newest checkpoint's state."""
-  path = ckpt_lib.path(run_dir, ckpt_lib.CONFIG_FILE)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{run_dir} is not a training workdir: no {ckpt_lib.CONFIG_FILE}.")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ckpt_lib.run_config(run_dir)
   trainer = loop.build_trainer(config)
   mngr = ckpt_lib.manager(run_dir, trainer.config)
   try:

@@ -43,6 +43,7 @@ from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import orbax.checkpoint as ocp
 
 from fdistill_jax.io import atomic
@@ -183,6 +184,16 @@ def move_aside(mngr, step, error=None):
 
 def _read_config(mngr, step):
   return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
+def run_config(workdir):
+  """The run's resolved config (its config.json) as a ConfigDict; FileNotFoundError when
+  `workdir` is not a training workdir."""
+  file = path(workdir, CONFIG_FILE)
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"{workdir} is not a training workdir: no {CONFIG_FILE}.")
+  with open(file) as f:
+    return ml_collections.ConfigDict(json.load(f))
 
 
 def saved_config(workdir):
