@@ -215,10 +215,12 @@ def validate(config, num_devices, process_count=1):
          f"disc.features_from={config.disc.features_from!r}; expected 'teacher' or 'fake_score'.")
   _check(len(config.disc.resolutions) > 0, "disc.resolutions is empty.")
   _validate_recipe(config)
-  _check(config.eval.fid_every <= 0 or "fid" not in config.eval.evaluators
-         or (config.eval.inception and config.eval.ref),
+  ec = config.eval
+  _check(ec.fid_every <= 0 or (ec.inception and ec.ref)
+         or (ec.get("clip") and "fid" not in ec.evaluators),
          "eval.fid_every > 0 needs eval.inception (Inception weights) and eval.ref "
-         "(reference statistics .npz); set both or set eval.fid_every=0.")
+         "(reference statistics .npz), or for text-to-image runs eval.clip alone (CLIP "
+         "score); set them or set eval.fid_every=0.")
   _check(all(0 <= d < 1 for d in config.ema_decays),
          f"ema_decays={tuple(config.ema_decays)} must each lie in [0, 1).")
   _check_safety(config)

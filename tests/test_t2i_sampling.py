@@ -230,3 +230,19 @@ def test_t2i_evaluator_scores_the_students_images_of_the_first_prompts(run, run8
     with pytest.raises(ValueError, match=message):
       t2i_evaluator.build(_eval_context(run8, **{**fields, **change}))
 
+
+
+def test_periodic_t2i_evaluation_needs_fid_inputs_or_a_clip_folder():
+  """config_lib.validate: eval.fid_every > 0 needs eval.inception and eval.ref, or (with no
+  'fid' evaluator) eval.clip alone."""
+  from configs import sd15  # pylint: disable=g-import-not-at-top
+  from fdistill_jax import config_lib  # pylint: disable=g-import-not-at-top
+  c = sd15.get_config("js")
+  c.eval.fid_every = 100
+  with pytest.raises(ValueError, match="eval.clip alone"):
+    config_lib.validate(c, num_devices=1)
+  c.eval.clip = "clip-folder"
+  config_lib.validate(c, num_devices=1)
+  c.eval.evaluators = ("fid",)
+  with pytest.raises(ValueError, match="eval.inception"):
+    config_lib.validate(c, num_devices=1)
