@@ -213,6 +213,55 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bitwise_exact(run8, shards, t
   assert_trees_equal(saved_state(run8, 4), saved_state(killed, 4))
 
 
+# The variants of configs/sd15.py through `main`, beyond run8's js: the code paths of
+# the SD steps that no other test runs, one iteration each in this process. Each
+# variant is a new generator (and often critic) program, 30-90 s to compile here even
+# at the tiny size, so the rest are covered where they are cheap: a divergence enters
+# only through h(r) in `losses.fdistill_generator_loss` (every divergence: unit tests
+# in test_divergences / test_losses, and through `main` on the toy problem in
+# test_train; fkl through the SD generator loss in the gradient test below); gan_only
+# and no_gan are loss weights of the engine's generic steps (through `main` on the toy
+# problem, test_train); cfg5 is one constant of js's program (config test below).
+# (variant, data, networks updated): 'captions' is the prompts-only source.
+VARIANTS = (
+    ("rkl,no_gan", "captions", ("gen", "fake")),     # h = 1, no GAN, no real branch
+)
+
+
+@pytest.mark.slow
+def test_variants_run_an_iteration_through_main(shards, tmp_path):
+  """Each of VARIANTS: one iteration (generator step, then critic step) through `main` on 8
+  devices; every logged loss is finite; the networks the variant trains moved (optimiser
+  update counts; the generator's parameters left the teacher's) and the others did not;
+  the loss terms logged are the variant's (no GAN term under no_gan, no f-distill term
+  and an untouched ratio running mean under gan_only, h = 1 for rkl)."""
+  from tests.test_train import read_scalars  # pylint: disable=g-import-not-at-top
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a dog\na red car\nan astronaut riding a horse\n")
+  start = jax.tree.leaves(teacher_registry.build(tiny_config()).student_params)
+  for variant, data, trained in VARIANTS:
+    workdir = tmp_path / variant.replace(",", "_")
+    extra = ["--config.total_steps=1", "--config.fake_score_update_freq=1"]
+    if data == "captions":
+      extra += ["--config.data.kind=captions", f"--config.data.path={prompts}"]
+    run_main(main_args(workdir, shards, variant, *extra))
+    config = sd15.get_config(variant)
+    scalars = {k: v[-1][1] for k, v in read_scalars(workdir).items()}
+    assert all(np.isfinite(v) for v in scalars.values()), (variant, scalars)
+    assert ("gen/fdistill_loss" in scalars) == (config.loss.fdistill_weight > 0), variant
+    assert ("gen/gan_loss" in scalars) == (config.loss.gan_weight > 0), variant
+    assert ("disc/loss" in scalars) == ("disc" in trained), variant
+    if config.divergence == "rkl" and config.loss.fdistill_weight > 0:
+      assert scalars["fdistill/h_min"] == scalars["fdistill/h_max"] == 1.0, variant
+    st = saved_state(workdir, 1)
+    for name in ("gen", "fake", "disc"):    # inject_hyperparams' update count (after a clip)
+      opt = st[f"{name}_opt"]
+      count = (opt[-1] if isinstance(opt, list) else opt)["count"]
+      assert int(count) == (name in trained), (variant, name)
+    assert any(not np.array_equal(a, b) for a, b in zip(start, jax.tree.leaves(st["gen"])))
+    assert np.any(st["log_ratio_ema"] != 0) == (config.loss.fdistill_weight > 0), variant
+
+
 # ----------------------------------------------------------------------------
 # The generator's gradient: Eq. 4 with the CFG teacher.
 
