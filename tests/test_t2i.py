@@ -205,7 +205,7 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bitwise_exact(run8, shards, t
   killed = tmp_path / "killed"
   args = main_args(killed, shards, "js", *RUN8_STEPS)
   at_kill = sigkill_after_first_checkpoint(
-      [sys.executable, "-m", "fdistill_jax.main", *args], killed, max_delay=1.0)
+      [sys.executable, "-m", "fdistill_jax.main", *args], killed, max_delay=0.3)
   assert at_kill == [2], at_kill
   run_main(args)                                   # the same command resumes from step 2
   assert saved_steps(killed) == [2, 4]
