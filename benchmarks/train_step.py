@@ -4,6 +4,8 @@ r"""Speed of the full f-distill update cycle (Algorithm 1), as JSON.
       --out=/tmp/train_step_tiny.json
   python -m benchmarks.train_step --config=cifar10 --per_device_batch=64 \
       --dtype=float32,bfloat16 --cycles=10 --out=train_step_c10.json
+  python -m benchmarks.train_step --config=sd15 --per_device_batch=8 \
+      --dtype=float32,bfloat16 --remat=0,1 --cycles=3 --out=train_step_sd15.json
 
 Run from the repository root. One cycle is what the training loop does per
 generator update: `Trainer.iteration` for `fake_score_update_freq` steps, i.e.
@@ -11,7 +13,13 @@ one generator step and `fake_score_update_freq` critic (fake score +
 discriminator) steps, on the Trainer's own jitted, sharded steps fed by its
 own prefetcher. The image configs run full-size networks with random teacher
 weights (speed does not depend on them), drawn in numpy because compiling
-`module.init` for a full U-Net is slow on CPU. Per dtype it reports:
+`module.init` for a full U-Net is slow on CPU. `sd15` (configs/sd15.py) runs the
+full-size SD 1.5 networks with random weights (`teacher.kind='sd15_random'`, the
+architecture of the config.json files in `--sd_configs`, SD 1.5's tokenizer
+there), or with `--variant=js,tiny` the tests' tiny SD networks; the data are
+random images with captions in memory. `--remat` sets `teacher.remat` (nn.remat
+on every U-Net block of the teacher, generator and fake score: they share the
+module). Per dtype (and remat setting) it reports:
 
   compile_s           gen / critic: `.lower(...).compile()` wall time;
   step_ms             gen / critic: one step alone (steady state, blocked);
@@ -30,7 +38,8 @@ weights (speed does not depend on them), drawn in numpy because compiling
   input               images/s of `source.batch` alone and of the Trainer's
                       prefetcher (batch + transfer to the devices).
 
-With several dtypes each runs in its own process, so peak memory is per dtype.
+With several dtypes or remat settings each combination runs in its own process,
+so peak memory is per combination.
 """
 
 import contextlib
@@ -52,16 +61,20 @@ import ml_collections
 import numpy as np
 
 from benchmarks.report import write_report
-from configs import cifar10, imagenet64, tiny, toy2d
+from configs import cifar10, imagenet64, sd15, tiny, toy2d
 from fdistill_jax import console
 from fdistill_jax import networks
 from fdistill_jax.data import registry as data_registry
+from fdistill_jax.data import webdataset
 from fdistill_jax.teachers import base
 from fdistill_jax.tools import cli
 from fdistill_jax.train import loop
 
-CONFIGS = {"cifar10": cifar10, "imagenet64": imagenet64, "tiny": tiny, "toy2d": toy2d}
+CONFIGS = {"cifar10": cifar10, "imagenet64": imagenet64, "sd15": sd15, "tiny": tiny,
+           "toy2d": toy2d}
 FULL_ARCHS = {"cifar10": networks.CIFAR10_ARCH, "imagenet64": networks.IMAGENET64_ARCH}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SD15_CONFIGS = os.path.join(os.path.dirname(REPO), "shared", "fixtures", "sd15")
 
 # Dense peak TFLOP/s per JAX device from the vendors' spec sheets, keyed by a
 # substring of `device.device_kind`; first match wins. GPU float32 uses the
@@ -91,7 +104,8 @@ def peak_tflops(device_kind, dtype, override=None):
   return None
 
 
-def make_config(name, dtype, per_device_batch, variant=None, fsdp=1):
+def make_config(name, dtype, per_device_batch, variant=None, fsdp=1, remat=None,
+                sd_configs=SD15_CONFIGS):
   """The named config at full size, random teacher, global batch = per-device x devices."""
   module = CONFIGS[name]
   c = module.get_config(variant) if variant else module.get_config()
@@ -101,7 +115,30 @@ def make_config(name, dtype, per_device_batch, variant=None, fsdp=1):
   if name in FULL_ARCHS:
     c.teacher.kind = "random"
     c.teacher.arch = ml_collections.ConfigDict(FULL_ARCHS[name])
+  if name == "sd15":
+    _sd15_teacher(c, sd_configs)
+  if remat is not None:
+    if "remat" not in c.teacher:
+      raise ValueError(f"--remat: config {name!r} has no teacher.remat.")
+    c.teacher.remat = bool(remat)
   return c
+
+
+def _sd15_teacher(c, sd_configs):
+  """Random SD 1.5 networks: the full architecture of `sd_configs`/*/config.json (or tiny)."""
+  tokenizer = os.path.join(sd_configs, "tokenizer")
+  if not os.path.isdir(tokenizer):
+    raise ValueError(f"--sd_configs={sd_configs}: no tokenizer/ folder there; point it at an "
+                     "SD 1.5 folder (config.json files and tokenizer suffice, no weights).")
+  c.teacher.tokenizer = tokenizer
+  if c.teacher.kind == "sd15_random":        # the tiny variant: its own arch
+    return
+  arch = {}
+  for part in ("unet", "text_encoder", "vae"):
+    with open(os.path.join(sd_configs, part, "config.json")) as f:
+      arch[part] = json.load(f)
+  c.teacher.kind, c.teacher.path = "sd15_random", ""
+  c.teacher.arch = ml_collections.ConfigDict(arch)
 
 
 def make_source(config, kind):
@@ -111,6 +148,13 @@ def make_source(config, kind):
   d = config.data
   n = max(1024, 2 * config.batch_size)
   rng = np.random.default_rng(0)
+  if d.kind == "webdataset":                 # text-to-image: images with captions
+    n = max(64, 2 * config.batch_size)
+    images = rng.integers(0, 256, (n, d.resolution, d.resolution, 3), np.uint8)
+    captions = np.asarray([f"a photo of thing {i}" for i in range(n)])
+    return webdataset.TextSource(lambda idx: (images[idx], captions[idx]), num_examples=n,
+                                 image_shape=images.shape[1:], num_classes=0, seed=0,
+                                 name="memory image-text pairs")
   images = rng.integers(0, 256, (n, d.resolution, d.resolution, d.channels), np.uint8)
   labels = rng.integers(0, max(d.num_classes, 1), n)
   return data_registry.make_source(ml_collections.ConfigDict(dict(
@@ -189,7 +233,8 @@ def peak_memory():
 
 
 def build(args, dtype):
-  config = make_config(args.config, dtype, args.per_device_batch, args.variant, args.fsdp)
+  config = make_config(args.config, dtype, args.per_device_batch, args.variant, args.fsdp,
+                       None if args.remat == [] else int(args.remat[0]), args.sd_configs)
   start = time.perf_counter()     # teacher.kind='random': numpy-drawn weights, no compiled init
   trainer = loop.build_trainer(config, make_source(config, args.data))
   jax.block_until_ready(trainer.state)
@@ -235,7 +280,7 @@ def _report(trainer, dtype, args, r):
   per_s = flops["cycle"] / cycle_s if "cycle" in flops else None
   peak = peak_tflops(jax.devices()[0].device_kind, dtype, args.peak_tflops)
   return dict(
-      dtype=dtype, global_batch=b, fake_score_update_freq=freq, cycle_ms=1e3 * cycle_s,
+      dtype=dtype, remat=c.teacher.get("remat"), global_batch=b, fake_score_update_freq=freq, cycle_ms=1e3 * cycle_s,
       gen_images_per_s=b / cycle_s, critic_images_per_s=freq * b / cycle_s, **r,
       flops_per_s_per_device=per_s, peak_tflops=peak,
       mfu=per_s / (peak * 1e12) if per_s and peak else None,
@@ -244,20 +289,21 @@ def _report(trainer, dtype, args, r):
               "disc": int(parameter_overview.count_parameters(trainer.state.disc))})
 
 
-def _run_isolated(argv, dtype):
-  """This script for one dtype in a child process (peak memory per dtype); its results."""
+def _run_isolated(argv, dtype, remat=None):
+  """This script for one dtype (and remat) in a child process (peak memory per
+  combination); its results."""
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "r.json")
+    extra = [] if remat is None else [f"--remat={remat}"]
     subprocess.run([sys.executable, "-m", "benchmarks.train_step", *argv[1:], f"--dtype={dtype}",
-                    f"--out={out}"], check=True,
-                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                    *extra, f"--out={out}"], check=True, cwd=REPO)
     with open(out) as f:
       return json.load(f)["results"]
 
 
 def _child_argv(args):
   keep = ("config", "variant", "per_device_batch", "cycles", "warmup", "data", "fsdp",
-          "peak_tflops")
+          "peak_tflops", "sd_configs")
   return ["benchmarks.train_step"] + [f"--{k}={getattr(args, k)}" for k in keep
                                       if getattr(args, k) is not None]
 
@@ -275,6 +321,12 @@ flags.DEFINE_enum("data", "memory", ["memory", "config"], "memory: random uint8 
                   "right size; config: the config's data source (must be prepared).",
                   flag_values=FLAGS)
 flags.DEFINE_integer("fsdp", 1, "config.mesh.fsdp.", flag_values=FLAGS)
+flags.DEFINE_list("remat", [], "teacher.remat settings (0/1; each in its own process when "
+                  "several); default: the config's own (configs with teacher.remat: sd15).",
+                  flag_values=FLAGS)
+flags.DEFINE_string("sd_configs", SD15_CONFIGS, "sd15: an SD 1.5 folder whose unet/, "
+                    "text_encoder/, vae/ config.json and tokenizer/ give the full-size "
+                    "architecture (no weights needed).", flag_values=FLAGS)
 flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device for MFU (default: "
                    "PEAK_TFLOPS by device kind).", flag_values=FLAGS)
 flags.DEFINE_string("out", None, "JSON output file.", flag_values=FLAGS)
@@ -290,21 +342,26 @@ def parse_args(argv):
   if bad or not args.dtypes:
     raise ValueError(f"--dtype={','.join(args.dtype)}: expected a comma-separated subset of "
                      f"{sorted(base.DTYPES)}.")
+  if any(r not in ("0", "1") for r in args.remat):
+    raise ValueError(f"--remat={','.join(args.remat)}: expected 0, 1 or 0,1.")
   return args
 
 
 def main(argv=None):
-  args = parse_args(sys.argv if argv is None else argv)
+  argv = sys.argv if argv is None else argv
+  args = parse_args(argv)
   device = jax.devices()[0]
-  report = dict(device_kind=device.device_kind, platform=device.platform,
+  report = dict(command=" ".join(["python -m benchmarks.train_step", *argv[1:]]),
+                device_kind=device.device_kind, platform=device.platform,
                 num_devices=jax.device_count(), num_processes=jax.process_count(),
                 jax=jax.__version__, host=platform.node(), cpu_count=os.cpu_count(),
                 load_average_start=os.getloadavg(), config=args.config,
                 variant=args.variant, per_device_batch=args.per_device_batch,
                 cycles=args.cycles, data=args.data, results=[])
-  if len(args.dtypes) > 1:
-    for dtype in args.dtypes:
-      report["results"] += _run_isolated(_child_argv(args), dtype)
+  report["remat"] = args.remat or None
+  if len(args.dtypes) > 1 or len(args.remat) > 1:
+    for dtype, remat in itertools.product(args.dtypes, args.remat or [None]):
+      report["results"] += _run_isolated(_child_argv(args), dtype, remat)
   else:
     report["results"].append(benchmark(args, args.dtypes[0]))
     print(json.dumps(report["results"][-1]), flush=True)

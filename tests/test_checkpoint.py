@@ -73,6 +73,23 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def sigkill_after_first_checkpoint(cmd, workdir, max_delay, timeout=300):
+  """Starts `cmd` (a run in `workdir`), SIGKILLs it a random 0..max_delay s after its first
+  checkpoint appears; returns the steps saved at the kill (asserted non-empty)."""
+  proc = subprocess.Popen(cmd, env=env(), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + timeout
+  while not saved_steps(workdir) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.05)
+  time.sleep(random.Random().uniform(0.0, max_delay))
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, f"the run ended (exit {proc.returncode}) before the kill"
+  at_kill = saved_steps(workdir)
+  assert at_kill, "the run never wrote a checkpoint before it was killed"
+  return at_kill
+
+
 def run_in_process(workdir, **overrides):
   return train.train_and_evaluate(small_toy("js", **overrides), str(workdir))
 
@@ -85,17 +102,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path):
   run_in_process(reference, **toy_overrides(total, every))
 
   killed = tmp_path / "killed"
-  proc = subprocess.Popen(main_cmd(killed, total, every), env=env(), cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while not saved_steps(killed) and time.time() < deadline and proc.poll() is None:
-    time.sleep(0.05)
-  time.sleep(random.Random().uniform(0.0, 0.3))
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  at_kill = saved_steps(killed)
-  assert at_kill, "the run never wrote a checkpoint before it was killed"
-
+  sigkill_after_first_checkpoint(main_cmd(killed, total, every), killed, max_delay=0.3)
   run_in_process(killed, **toy_overrides(total, every))      # resumes automatically
   assert saved_steps(killed)[-1] == total
   assert_trees_equal(saved_state(reference, total), saved_state(killed, total))
@@ -231,3 +238,13 @@ def test_checkpoint_of_other_network_sizes_is_refused_not_skipped(tmp_path):
   with pytest.raises(ValueError, match="does not fit this run's networks"):
     ckpt_lib.restore_latest(mngr, bigger, config)
   assert saved_steps(tmp_path) == [2]
+
+
+def test_teacher_record_matches_an_identity_with_tuples(tmp_path):
+  """teacher.json stores lists; an identity from a frozen config holds tuples: same teacher."""
+  identity = {"kind": "sd15_random", "arch": {"unet": {"block_out_channels": (8, 16)}}, "seed": 1}
+  ckpt_lib.write_teacher(str(tmp_path), identity)
+  ckpt_lib.check_teacher(str(tmp_path), identity)
+  other = {**identity, "arch": {"unet": {"block_out_channels": (8, 32)}}}
+  with pytest.raises(ckpt_lib.CheckpointError, match="Refusing to resume"):
+    ckpt_lib.check_teacher(str(tmp_path), other)

@@ -1,8 +1,9 @@
 """Text-to-image f-distill on tiny random SD networks (configs/sd15.py:tiny).
 
-Compiles dominate: one run through `main` on 8 devices is shared (module
-fixture) by the 1-device comparison and the warm-start test; the gradient test
-compiles its own loss. Data are tiny WebDataset shards the tests write.
+Compiles and checkpoint saves dominate: one run through `main` on 8 devices is
+shared (module fixture) by the 1-device comparison, the SIGKILL-resume test (its
+uninterrupted reference) and the warm-start tests; the gradient test compiles its
+own loss. Data are tiny WebDataset shards the tests write.
 """
 
 import functools
@@ -36,6 +37,10 @@ from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax.train import loop as train
 from fdistill_jax.train import steps
 from fdistill_jax.train import warm_start
+from tests.test_checkpoint import assert_trees_equal
+from tests.test_checkpoint import saved_state
+from tests.test_checkpoint import saved_steps
+from tests.test_checkpoint import sigkill_after_first_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = SHARED_FIXTURES / "sd15" / "tokenizer"
@@ -86,9 +91,27 @@ def shards(tmp_path_factory):
   return write_shards(tmp_path_factory.mktemp("shards"))
 
 
+def main_args(workdir, shards, variant="js", *extra):
+  """`main`'s flags for configs/sd15.py:VARIANT,tiny on the test's shards (no program name)."""
+  return [f"--config={REPO}/configs/sd15.py:{variant},tiny", f"--workdir={workdir}",
+          f"--config.teacher.tokenizer={TOKENIZER}", f"--config.data.path={shards}", *extra]
+
+
+def run_main(args):
+  """`python -m fdistill_jax.main ARGS` in this process (its devices: 8 simulated)."""
+  argv = ["main", *args]
+  with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv):
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv)        # config_flags reads --config.* overrides from sys.argv
+    main_lib.main(["main"])
+
+
+RUN8_STEPS = ("--config.total_steps=4",)   # checkpoints at 2 and 4 (tiny: checkpoint_every=2)
+
+
 @pytest.fixture(scope="module")
 def run8(shards, tmp_path_factory):
-  """configs/sd15.py:js,tiny for 2 iterations through `main`, on 8 devices.
+  """configs/sd15.py:js,tiny for 4 iterations through `main`, on 8 devices.
 
   Made once per session: pytest-xdist workers share it through a file lock in the
   session's temporary folder (every worker's shards hold the same bytes).
@@ -99,12 +122,7 @@ def run8(shards, tmp_path_factory):
   with filelock.FileLock(str(root / "t2i_run8.lock")):
     status = workdir / ckpt_lib.STATUS_FILE
     if not (status.exists() and json.loads(status.read_text())["state"] == "finished"):
-      argv = ["main", f"--config={REPO}/configs/sd15.py:js,tiny", f"--workdir={workdir}",
-              f"--config.teacher.tokenizer={TOKENIZER}", f"--config.data.path={shards}"]
-      with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv):
-        flags.FLAGS.unparse_flags()
-        flags.FLAGS(argv)
-        main_lib.main(["main"])
+      run_main(main_args(workdir, shards, "js", *RUN8_STEPS))
   return str(workdir)
 
 
@@ -114,11 +132,11 @@ def run8(shards, tmp_path_factory):
 
 @pytest.mark.slow
 def test_sd15_run_through_main_trains_all_three_networks(run8):
-  assert sorted(os.listdir(os.path.join(run8, "checkpoints"))) == ["2"]
+  assert saved_steps(run8) == [2, 4]
   spec = json.load(open(os.path.join(run8, ckpt_lib.GENERATOR_SPEC)))
   assert spec["kind"] == "sd15" and spec["sample_shape"] == [8, 8, 4]
   parts, step = warm_start.restore_parts(run8)
-  assert step == 2
+  assert step == 4
   start = jax.tree.leaves(teacher_registry.build(tiny_config()).student_params)
   for name in ("gen", "fake"):        # both started from the teacher U-Net and moved
     now = jax.tree.leaves(parts[name])
@@ -129,7 +147,7 @@ def test_sd15_run_through_main_trains_all_three_networks(run8):
 
 @pytest.mark.slow
 def test_one_device_and_eight_devices_agree(run8, shards, tmp_path):
-  """The same 2 iterations on 1 device give the 8-device run's networks.
+  """The same 2 iterations on 1 device give the 8-device run's networks at step 2.
 
   Tolerance 1e-4 relative, 1e-6 absolute: only the order of float32 reductions
   differs (batch means and the U-Net's sums are split over devices).
@@ -139,7 +157,8 @@ def test_one_device_and_eight_devices_agree(run8, shards, tmp_path):
   assert trainer.mesh.devices.size == 1
   train.run(trainer, str(tmp_path))
   one = jax.device_get(trainer.state)
-  eight, _ = warm_start.restore_parts(run8)
+  assert int(one.step) == 2
+  eight = saved_state(run8, 2)
   for name in ("gen", "fake", "disc"):
     for a, b in zip(jax.tree.leaves(getattr(one, name)), jax.tree.leaves(eight[name])):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
@@ -177,6 +196,74 @@ def test_warm_start_refuses_a_run_of_other_networks(run8, shards):
     warm_start.warm_start(trainer.state, run8)
   with pytest.raises(ckpt_lib.CheckpointError, match="not a directory"):
     warm_start.warm_start(trainer.state, os.path.join(run8, "nothing"))
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_checkpoint_then_resume_is_bitwise_exact(run8, shards, tmp_path):
+  """The run of `run8` (WebDataset shards, SD networks, 8 devices), SIGKILLed at a random
+  moment after its first checkpoint (step 2: during steps 3-4 or the final save) and run
+  again, resumes and ends bitwise equal to `run8`, which was never interrupted: networks,
+  optimiser states, EMA, ratio statistics and RNG. The data order is part of it: every
+  update reads its step's batch (`source.batch(step)`, a function of seed and step), so
+  a resumed run that re-read or skipped batches would end with other parameters."""
+  killed = tmp_path / "killed"
+  args = main_args(killed, shards, "js", *RUN8_STEPS)
+  at_kill = sigkill_after_first_checkpoint(
+      [sys.executable, "-m", "fdistill_jax.main", *args], killed, max_delay=0.3)
+  assert at_kill == [2], at_kill
+  run_main(args)                                   # the same command resumes from step 2
+  assert saved_steps(killed) == [2, 4]
+  assert "Resumed from checkpoint at step 2." in (killed / ckpt_lib.LOG_FILE).read_text()
+  assert_trees_equal(saved_state(run8, 4), saved_state(killed, 4))
+
+
+# The variants of configs/sd15.py through `main`, beyond run8's js: the code paths of
+# the SD steps that no other test runs, one iteration each in this process. Each
+# variant is a new generator (and often critic) program, 30-90 s to compile here even
+# at the tiny size, so the rest are covered where they are cheap: a divergence enters
+# only through h(r) in `losses.fdistill_generator_loss` (every divergence: unit tests
+# in test_divergences / test_losses, and through `main` on the toy problem in
+# test_train; fkl through the SD generator loss in the gradient test below); gan_only
+# and no_gan are loss weights of the engine's generic steps (through `main` on the toy
+# problem, test_train); cfg5 is one constant of js's program (config test below).
+# (variant, data, networks updated): 'captions' is the prompts-only source.
+VARIANTS = (
+    ("rkl,no_gan", "captions", ("gen", "fake")),     # h = 1, no GAN, no real branch
+)
+
+
+@pytest.mark.slow
+def test_variants_run_an_iteration_through_main(shards, tmp_path):
+  """Each of VARIANTS: one iteration (generator step, then critic step) through `main` on 8
+  devices; every logged loss is finite; the networks the variant trains moved (optimiser
+  update counts; the generator's parameters left the teacher's) and the others did not;
+  the loss terms logged are the variant's (no GAN term under no_gan, no f-distill term
+  and an untouched ratio running mean under gan_only, h = 1 for rkl)."""
+  from tests.test_train import read_scalars  # pylint: disable=g-import-not-at-top
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a dog\na red car\nan astronaut riding a horse\n")
+  start = jax.tree.leaves(teacher_registry.build(tiny_config()).student_params)
+  for variant, data, trained in VARIANTS:
+    workdir = tmp_path / variant.replace(",", "_")
+    extra = ["--config.total_steps=1", "--config.fake_score_update_freq=1"]
+    if data == "captions":
+      extra += ["--config.data.kind=captions", f"--config.data.path={prompts}"]
+    run_main(main_args(workdir, shards, variant, *extra))
+    config = sd15.get_config(variant)
+    scalars = {k: v[-1][1] for k, v in read_scalars(workdir).items()}
+    assert all(np.isfinite(v) for v in scalars.values()), (variant, scalars)
+    assert ("gen/fdistill_loss" in scalars) == (config.loss.fdistill_weight > 0), variant
+    assert ("gen/gan_loss" in scalars) == (config.loss.gan_weight > 0), variant
+    assert ("disc/loss" in scalars) == ("disc" in trained), variant
+    if config.divergence == "rkl" and config.loss.fdistill_weight > 0:
+      assert scalars["fdistill/h_min"] == scalars["fdistill/h_max"] == 1.0, variant
+    st = saved_state(workdir, 1)
+    for name in ("gen", "fake", "disc"):    # inject_hyperparams' update count (after a clip)
+      opt = st[f"{name}_opt"]
+      count = (opt[-1] if isinstance(opt, list) else opt)["count"]
+      assert int(count) == (name in trained), (variant, name)
+    assert any(not np.array_equal(a, b) for a, b in zip(start, jax.tree.leaves(st["gen"])))
+    assert np.any(st["log_ratio_ema"] != 0) == (config.loss.fdistill_weight > 0), variant
 
 
 # ----------------------------------------------------------------------------

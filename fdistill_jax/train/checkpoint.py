@@ -322,7 +322,7 @@ def lock_workdir(workdir):
 def _same_teacher(saved, current):
   if "sha256" in saved or "sha256" in current:
     return saved.get("sha256") == current.get("sha256")
-  return saved == current
+  return saved == json.loads(json.dumps(current))    # as teacher.json holds it: tuples -> lists
 
 
 def _describe_teacher(identity):
