@@ -1,8 +1,8 @@
 """Sampling a text-to-image run (fdistill_jax.sd.run_sampling, sd.grid, tools.sample).
 
-The run is test_t2i.py's `run8` (configs/sd15.py:js,tiny through `main` on 8
+The run is test_t2i.py's `run8` (configs/sd15.py:js,tiny, 4 iterations through `main` on 8
 devices; made once per session and shared), whose config runs the 't2i_grid'
-evaluator at its last step. Compiles dominate: each test compiles one sampler.
+evaluator every 2 iterations. Compiles dominate: each test compiles one sampler.
 """
 
 import json
@@ -39,7 +39,7 @@ def run_sample(args):
 
 
 def test_load_run_reads_the_runs_ema_generator_and_teacher(run, run8):  # noqa: F811
-  assert run.info["step"] == 2 and run.info["which"] == "ema:0"
+  assert run.info["step"] == 4 and run.info["which"] == "ema:0"
   assert run.latent_shape == (8, 8, 4) and run.sigma_init == pytest.approx(14.6146)
   assert set(run.teacher_vars["params"]) == {"unet", "text_encoder", "vae"}
   raw = run_sampling.load_run(run8, which="raw")
@@ -103,8 +103,8 @@ def test_teacher_sampling_equals_sd_sampling_on_the_same_networks(run):
 
 
 def test_grid_evaluator_wrote_a_png_and_a_tensorboard_image(run8):  # noqa: F811
-  """configs/sd15.py:tiny runs 't2i_grid' (2 prompts) at its last step, through main."""
-  png = os.path.join(run8, ckpt_lib.SAMPLES, "t2i_step_0000002.png")
+  """configs/sd15.py:tiny runs 't2i_grid' (2 prompts) every 2 steps, through main (run8: 4)."""
+  png = os.path.join(run8, ckpt_lib.SAMPLES, "t2i_step_0000004.png")
   with PIL.Image.open(png) as im:
     width, height = im.size
   # Two rows of 2-inch tiles at 100 dpi, two columns: taller than wide, about 4 x 5 inches.
@@ -114,7 +114,7 @@ def test_grid_evaluator_wrote_a_png_and_a_tensorboard_image(run8):  # noqa: F811
   acc = event_accumulator.EventAccumulator(run8, size_guidance={"tensors": 0})
   acc.Reload()
   events = acc.Tensors(sd_grid.TB_TAG)
-  assert [e.step for e in events] == [2]
+  assert [e.step for e in events] == [2, 4]
   value = tensor_util.make_ndarray(events[0].tensor_proto)   # [width, height, PNG bytes]
   assert [int(v) for v in value[:2]] == [2 * 17 + 1, 2 * 17 + 1]   # 2x2 tiles of 16 + padding
 
