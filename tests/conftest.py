@@ -48,3 +48,10 @@ def edm_fixtures():
     pytest.skip(f"EDM reference fixtures not found at {path}: check out the shared/ folder "
                 f"beside the repository or set {FIXTURES_ENV}=/path/to/fixtures.")
   return path
+
+
+def pytest_collection_modifyitems(items):
+  """Tests marked slow run first (stable order otherwise): xdist hands the first tests out
+  to the workers as they free up, so the minutes-long ones start early on both workers and
+  the short ones fill the end, instead of one worker finishing a long test alone."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -18,9 +18,8 @@ import pytest
 from configs import sdxl as sdxl_config
 from fdistill_jax import config_lib
 from fdistill_jax import main as main_lib
+from fdistill_jax.sd import run_sampling, sdxl_distill
 from fdistill_jax.teachers import registry as teacher_registry
-from fdistill_jax.tools import cli
-from fdistill_jax.tools import sample
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax.train import warm_start
 import test_t2i
@@ -96,15 +95,12 @@ def test_sdxl_tiny_run_through_main(shards, tmp_path):
     assert any(not np.allclose(a, b) for a, b in zip(start, now)), name
   assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(parts))
   # The 't2i_grid' evaluator ran at the last step (teacher: guided DDIM on the pytree
-  # conditioning with the zero negative; student: one call), and tools.sample samples the run.
+  # conditioning with the zero negative; student: one call; sd.run_sampling).
   assert os.path.isfile(workdir / ckpt_lib.SAMPLES / "t2i_step_0000002.png")
-  out = tmp_path / "samples.npz"
-  code = cli.invoke(sample.main, "sample", sample.FLAGS,
-                    [f"--workdir={workdir}", "--prompt=a red car", "--prompt=a blue boat",
-                     f"--out={out}", "--seed=3"])
-  assert code == 0
-  with np.load(out) as f:
-    images, index = f["images"], f["prompt_index"]
-  assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
-  np.testing.assert_array_equal(index, [0, 1])
-  assert np.abs(images[0].astype(int) - images[1].astype(int)).max() > 0
+  # tools.sample's loader (the sampling itself is the grid's code path): an 'sdxl' run.
+  assert run_sampling.is_t2i_run(str(workdir))
+  run = run_sampling.load_run(str(workdir))
+  assert isinstance(run.conditioning, sdxl_distill.SDXLTextConditioning)
+  assert set(run.tokenize(["a red car"])) == {"tokens", "tokens_2"}
+  assert run.info["step"] == 2 and jax.tree.structure(run.generator_params) == \
+      jax.tree.structure(parts["gen"])
