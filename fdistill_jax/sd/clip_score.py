@@ -10,8 +10,9 @@ bicubic with antialiasing, centre crop, CLIP's mean and std).
 Convention: this returns the raw cosine, which is the scale of the paper's
 Table 4 numbers (0.292 for f-distill JS, CFG 1.75; 0.287 for DMD2). torchmetrics'
 `CLIPScore` reports 100 * max(cos, 0) instead (29.2 for the same images). The
-CLIP model behind the paper's numbers is not named in the text we follow here;
-compare only numbers computed with the same CLIP weights.
+paper does not name its CLIP model; DMD2's evaluation, which its Table 4 compares
+with, uses open_clip ViT-g/14 (`sd.t2i_metrics`, the COCO protocol). Compare only
+numbers computed with the same CLIP weights.
 """
 
 import jax.numpy as jnp
