@@ -42,10 +42,6 @@ from tests.test_checkpoint import saved_state
 from tests.test_checkpoint import saved_steps
 from tests.test_checkpoint import sigkill_after_first_checkpoint
 
-# Every test of this module on one xdist worker (--dist loadgroup): `run8`, the tiny SD run
-# most of them read, is built once there instead of one worker waiting on its lock.
-pytestmark = pytest.mark.xdist_group("t2i_run8")
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = SHARED_FIXTURES / "sd15" / "tokenizer"
 

@@ -26,10 +26,6 @@ from fdistill_jax.train import checkpoint as ckpt_lib
 from test_t2i import run8, shards  # noqa: F401  (module fixtures: the shared tiny run)
 from test_t2i_metrics import _features, clip_folders  # noqa: F401  (stand-in Inception, tiny CLIP)
 
-# Every test of this module on one xdist worker (--dist loadgroup): `run8`, the tiny SD run
-# most of them read, is built once there instead of one worker waiting on its lock.
-pytestmark = pytest.mark.xdist_group("t2i_run8")
-
 PROMPTS = ["a photo of a cat", "two dogs playing in the snow", "a red car"]
 
 
