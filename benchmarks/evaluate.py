@@ -19,9 +19,9 @@ import numpy as np
 from benchmarks.report import write_report
 from absl import flags
 
-from fdistill_jax.eval import fid
-from fdistill_jax.eval import metrics
-from fdistill_jax.networks import inception
+from fdistill_jax.metrics import fid
+from fdistill_jax.metrics import distances as metrics
+from fdistill_jax.models import inception
 from fdistill_jax.tools import cli
 
 

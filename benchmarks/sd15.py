@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.report import time_jit, write_report
-from fdistill_jax.sd import configs, names
+from fdistill_jax.loaders import sd_configs as configs
+from fdistill_jax.loaders import diffusers as names
 from fdistill_jax.tools import cli
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

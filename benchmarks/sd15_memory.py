@@ -62,8 +62,10 @@ def main(argv=None):
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, str(REPO))
   from configs import sd15  # pylint: disable=g-import-not-at-top
-  from fdistill_jax.sd import names, pipeline, tokenizer  # pylint: disable=g-import-not-at-top
-  from fdistill_jax.teachers import sd as sd_teacher  # pylint: disable=g-import-not-at-top
+  from fdistill_jax.loaders import diffusers as names
+  from fdistill_jax.pipelines import sd as pipeline
+  from fdistill_jax.loaders import tokenizer  # pylint: disable=g-import-not-at-top
+  from fdistill_jax.problems.t2i import teachers as sd_teacher  # pylint: disable=g-import-not-at-top
   from fdistill_jax.train import loop, models as models_lib, state as state_lib, steps  # pylint: disable=g-import-not-at-top
 
   devices = jax.devices()[:args.devices]

@@ -1,4 +1,4 @@
-r"""Throughput of the COCO metrics' parts (`fdistill_jax.sd.t2i_metrics`), as JSON.
+r"""Throughput of the COCO metrics' parts (`fdistill_jax.metrics.t2i.metrics`), as JSON.
 
   python -m benchmarks.t2i_metrics --clip=tiny --batch=8 --out=/tmp/t2i_metrics.json
   python -m benchmarks.t2i_metrics --clip=vit_g14 --batch=256 --out=t2i_gpu.json   # on a GPU
@@ -22,7 +22,10 @@ import jax
 import numpy as np
 
 from benchmarks.report import time_jit, write_report
-from fdistill_jax.sd import coco, configs, names, t2i_metrics
+from fdistill_jax.metrics.t2i import coco
+from fdistill_jax.loaders import sd_configs as configs
+from fdistill_jax.loaders import diffusers as names
+from fdistill_jax.metrics.t2i import metrics as t2i_metrics
 from fdistill_jax.tools import cli
 
 _TEXT_L14 = {**configs.SD15_CONFIGS["text_encoder"]}

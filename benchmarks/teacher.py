@@ -24,7 +24,10 @@ import numpy as np
 from benchmarks.report import time_jit, write_report
 from absl import flags
 
-from fdistill_jax import networks
+from fdistill_jax.models.edm import ARCHS
+from fdistill_jax.models.edm import build_edm
+from fdistill_jax.loaders.edm_variables import count_params
+from fdistill_jax.loaders.edm_variables import variable_shapes
 from fdistill_jax.tools import cli
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -33,7 +36,7 @@ DEFAULT_BATCH = {"cifar10": 128, "imagenet64": 64}
 
 def _random_variables(net, seed=0):
   rng = np.random.default_rng(seed)
-  shapes = networks.variable_shapes(net)
+  shapes = variable_shapes(net)
   return jax.tree_util.tree_map(
       lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32) * 0.02), shapes)
 
@@ -48,8 +51,8 @@ def _inputs(arch, batch, seed=0):
 
 
 def benchmark(arch_name, dtype_name, batch, warmup, iters):
-  arch = networks.ARCHS[arch_name]
-  net = networks.build_edm(arch, dtype=DTYPES[dtype_name])
+  arch = ARCHS[arch_name]
+  net = build_edm(arch, dtype=DTYPES[dtype_name])
   variables = _random_variables(net)
   x, sigma, labels = _inputs(arch, batch)
 
@@ -60,7 +63,7 @@ def benchmark(arch_name, dtype_name, batch, warmup, iters):
     return jnp.mean(jnp.square(net.apply({"params": params}, x, sigma, labels) - x))
 
   result = {"arch": arch_name, "dtype": dtype_name, "batch": batch,
-            "params": networks.count_params(net)}
+            "params": count_params(net)}
   for name, fn, first in (("forward", forward, variables),
                           ("forward_backward", jax.value_and_grad(loss), variables["params"])):
     compile_s, step_s, _ = time_jit(fn, (first, x, sigma, labels), warmup, iters)

@@ -63,16 +63,17 @@ import numpy as np
 from benchmarks.report import write_report
 from configs import cifar10, imagenet64, sd15, tiny, toy2d
 from fdistill_jax import console
-from fdistill_jax import networks
+from fdistill_jax.models.edm import CIFAR10_ARCH
+from fdistill_jax.models.edm import IMAGENET64_ARCH
 from fdistill_jax.data import registry as data_registry
 from fdistill_jax.data import webdataset
-from fdistill_jax.teachers import base
+from fdistill_jax.train import teacher as base
 from fdistill_jax.tools import cli
 from fdistill_jax.train import loop
 
 CONFIGS = {"cifar10": cifar10, "imagenet64": imagenet64, "sd15": sd15, "tiny": tiny,
            "toy2d": toy2d}
-FULL_ARCHS = {"cifar10": networks.CIFAR10_ARCH, "imagenet64": networks.IMAGENET64_ARCH}
+FULL_ARCHS = {"cifar10": CIFAR10_ARCH, "imagenet64": IMAGENET64_ARCH}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SD15_CONFIGS = os.path.join(os.path.dirname(REPO), "shared", "fixtures", "sd15")
 

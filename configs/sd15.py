@@ -15,16 +15,16 @@ latents), 60k iterations, CFG 1.75 on the teacher's score in the f-distill
 term (`cfg5`: 5), Adam lr 1e-5 with weight decay 1e-2, R1 gamma 1. The paper's
 warm start (Sec. 5) is `--config.init_from=RUN_DIR` of an `rkl` run.
 
-Shared with configs/sdxl.py (`fdistill_jax/sd/run_config.py`): bf16 compute,
+Shared with configs/sdxl.py (`fdistill_jax/problems/t2i/run_config.py`): bf16 compute,
 remat, noise levels (the Karras schedule on SD's discrete range [0.0292,
 14.61]; the generator maps sigma_max z to a clean latent), data and evaluation.
 
 Evaluation: 't2i_grid' every `sample_every` = 1000 iterations: fixed prompts, the frozen
-teacher's 50-step guided DDIM image beside the one-step student's (fdistill_jax/sd/grid.py;
+teacher's 50-step guided DDIM image beside the one-step student's (fdistill_jax/problems/t2i/grid.py;
 `python -m fdistill_jax.tools.sample --workdir=DIR --prompt=...` samples a run); 't2i'
 every `eval.fid_every` iterations (0 here: set it with eval.prompts and eval.ref /
 eval.inception and/or eval.clip): FID and CLIP score of one-step images of
-`eval.num_samples` prompts (fdistill_jax/sd/t2i_evaluator.py).
+`eval.num_samples` prompts (fdistill_jax/problems/t2i/evaluator.py).
 
 Variants: any divergence, 'no_gan' / 'gan_only', 'cfg5' (CFG 5), 'runlocal'
 (a short run of the real model), 'tiny' (random tiny SD networks for tests:
@@ -33,7 +33,7 @@ set teacher.tokenizer to a CLIP tokenizer folder and data.path to shards of
 """
 
 from fdistill_jax import config_lib
-from fdistill_jax.sd import run_config
+from fdistill_jax.problems.t2i import run_config
 
 EXTRA_TOKENS = ("cfg5", "tiny")
 # Tiny random SD networks (tests): 8x8 latents of 16x16 images, U-Net features at 8 and 4.

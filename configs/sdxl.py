@@ -7,7 +7,7 @@ r"""Text-to-image: one-step SDXL (paper Table 5, SDXL column; App. D).
 Teacher: a diffusers SDXL folder (unet/, text_encoder/, text_encoder_2/,
 tokenizer/, tokenizer_2/, vae/, scheduler/). Conditioning: the pytree
 {'context': [B, 77, 2048], 'pooled': [B, 1280], 'time_ids': [B, 6]}
-(`fdistill_jax.sd.sdxl_distill`), time_ids (1024, 1024, 0, 0, 1024, 1024);
+(`fdistill_jax.problems.t2i.sdxl_distill`), time_ids (1024, 1024, 0, 0, 1024, 1024);
 the CFG negative is zeros (SDXL base's force_zeros_for_empty_prompt). Data:
 image-text WebDataset shards, centre-cropped and resized to 1024 (128x128x4
 latents).
@@ -28,7 +28,7 @@ its `Discriminator_SDXL_Res1024_Config` (all_res [64, 32, 32, 32], no
 feature_indices) reads only the last, bottleneck entry. At 512 px the same
 bottleneck is 16x16 (FastGen's Res512 config), perhaps Table 5's (16).
 
-Shared with configs/sd15.py (`fdistill_jax/sd/run_config.py`): bf16 compute,
+Shared with configs/sd15.py (`fdistill_jax/problems/t2i/run_config.py`): bf16 compute,
 remat, data, and evaluation ('t2i_grid' teacher | student grids every
 `sample_every`; 't2i' FID / CLIP score every `eval.fid_every`).
 
@@ -38,7 +38,7 @@ to CLIP tokenizer folders and data.path to shards of 16x16 images).
 """
 
 from fdistill_jax import config_lib
-from fdistill_jax.sd import run_config
+from fdistill_jax.problems.t2i import run_config
 
 EXTRA_TOKENS = ("tiny",)
 MID = 0  # disc.resolutions key of the U-Net's mid block (networks.sd.unet.MID)

@@ -4,7 +4,7 @@ r"""The embedded default: distil an exact 2-D Gaussian-mixture teacher on a CPU.
 
 Any of the six divergences (rkl, softened_rkl, js, squared_hellinger, fkl,
 jeffreys) and the 'no_gan' / 'gan_only' ablations. Writes toy.png and
-metrics.json into the workdir (the 'toy' evaluator, fdistill_jax/toy/report.py).
+metrics.json into the workdir (the 'toy' evaluator, fdistill_jax/problems/toy/report.py).
 Same engine, losses and steps as the image configs; MLP networks instead of
 U-Nets, and the teacher ('toy'), data ('toy') and evaluator ('toy') come from
 the registries like any other problem's.
@@ -44,7 +44,7 @@ def get_config(arg="js"):
   c.toy = ml_collections.ConfigDict(dict(width=128, depth=4, fit_steps=2000, fit_batch=512,
                                          fit_seed=0))
   c.data.kind = "toy"
-  c.data.mixture = "ring10"            # fdistill_jax.toy.mixture.MIXTURES (teacher and data)
+  c.data.mixture = "ring10"            # fdistill_jax.problems.toy.mixture.MIXTURES (teacher and data)
   c.data.resolution = 0
   c.data.num_classes = 0
   c.log_every = 100

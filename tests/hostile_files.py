@@ -243,8 +243,8 @@ def arch_json(path, **overrides):
 def tiny_teacher_npz(path, arch):
   """A valid EDM state dict (PyTorch layout) for `arch`, with random weights."""
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  from fdistill_jax import networks  # pylint: disable=g-import-not-at-top
-  flat = traverse_util.flatten_dict(networks.random_variables(arch)["params"])
+  from fdistill_jax.loaders.edm_variables import random_variables
+  flat = traverse_util.flatten_dict(random_variables(arch)["params"])
   layout = {4: (3, 2, 0, 1), 2: (1, 0)}                 # HWIO -> OIHW, [in, out] -> [out, in]
   weights = {".".join(k): np.transpose(np.asarray(v), layout.get(np.ndim(v), None))
              for k, v in flat.items()}

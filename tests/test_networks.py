@@ -1,4 +1,4 @@
-"""Tests for fdistill_jax.networks: EDM reference outputs, parameter counts, options."""
+"""Tests for fdistill_jax.models: EDM reference outputs, parameter counts, options."""
 
 import json
 
@@ -7,8 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdistill_jax import networks
-from fdistill_jax.networks import layers
+from fdistill_jax.models.edm import CIFAR10_ARCH
+from fdistill_jax.models.edm import DHARIWAL_TINY_ARCH
+from fdistill_jax.models.edm import IMAGENET64_ARCH
+from fdistill_jax.models.edm import SONGUNET_TINY_ARCH
+from fdistill_jax.models.edm import build_edm
+from fdistill_jax.loaders.edm_variables import count_params
+from fdistill_jax.loaders.edm_variables import random_variables
+from fdistill_jax.loaders.edm_variables import variable_shapes
+from fdistill_jax.loaders.edm_variables import variables_from_state_dict
+from fdistill_jax.models import layers
 
 FIXTURES = ("songunet_tiny", "songunet_tiny_uncond", "dhariwal_tiny")
 SIGMA = np.array([0.002, 0.5, 3.0, 80.0], np.float32)
@@ -33,9 +41,9 @@ def _nchw_to_nhwc(x):
 
 
 # Micro variants for option tests (compile in about a second on CPU).
-SONG_MICRO = dict(networks.SONGUNET_TINY_ARCH, img_resolution=8, model_channels=16,
+SONG_MICRO = dict(SONGUNET_TINY_ARCH, img_resolution=8, model_channels=16,
                   channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
-DHARIWAL_MICRO = dict(networks.DHARIWAL_TINY_ARCH, img_resolution=8, channel_mult=[1, 2],
+DHARIWAL_MICRO = dict(DHARIWAL_TINY_ARCH, img_resolution=8, channel_mult=[1, 2],
                       num_blocks=1, attn_resolutions=[4])
 
 
@@ -50,15 +58,15 @@ def _tiny_inputs(arch, batch=4, seed=0):
 
 def _init(arch, seed=0, **kwargs):
   """Net and random variables like the EDM fixtures' (no zero-initialised layers)."""
-  net = networks.build_edm(arch, **kwargs)
-  return net, networks.random_variables(net, seed)
+  net = build_edm(arch, **kwargs)
+  return net, random_variables(net, seed)
 
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_matches_edm_reference_outputs(edm_fixtures, name):
   arch, state, io = _load(edm_fixtures, name)
-  variables = networks.variables_from_state_dict(arch, state)
-  net = networks.build_edm(arch)
+  variables = variables_from_state_dict(arch, state)
+  net = build_edm(arch)
   out = jax.jit(net.apply)(variables, _nchw_to_nhwc(io["x_nchw"]), io["sigma"],
                            io.get("class_labels"))
   ref = _nchw_to_nhwc(io["denoised_nchw"])
@@ -68,14 +76,14 @@ def test_matches_edm_reference_outputs(edm_fixtures, name):
 
 def test_full_size_parameter_counts_match_edm():
   # EDM's own counts (parameters only, buffers excluded), from eval_shape.
-  assert networks.count_params(networks.CIFAR10_ARCH) == 55_735_299
-  assert networks.count_params(networks.IMAGENET64_ARCH) == 295_899_267
+  assert count_params(CIFAR10_ARCH) == 55_735_299
+  assert count_params(IMAGENET64_ARCH) == 295_899_267
 
 
 def test_bfloat16_compute_stays_close_to_float32(edm_fixtures):
   arch, state, io = _load(edm_fixtures, "dhariwal_tiny")
-  variables = networks.variables_from_state_dict(arch, state)
-  net = networks.build_edm(arch, dtype=jnp.bfloat16)
+  variables = variables_from_state_dict(arch, state)
+  net = build_edm(arch, dtype=jnp.bfloat16)
   out = jax.jit(net.apply)(variables, _nchw_to_nhwc(io["x_nchw"]), io["sigma"],
                            io["class_labels"])
   ref = _nchw_to_nhwc(io["denoised_nchw"])  # EDM in float32.
@@ -175,7 +183,7 @@ def test_state_dict_mismatches_raise(edm_fixtures):
   bad["model.enc.16x16_block0.conv9.weight"] = np.zeros((1,), np.float32)
   bad["model.map_layer1.weight"] = np.zeros((64, 128), np.float32)
   with pytest.raises(ValueError) as err:
-    networks.variables_from_state_dict(arch, bad)
+    variables_from_state_dict(arch, bad)
   msg = str(err.value)
   assert "missing: model.map_layer0.bias" in msg
   assert "unexpected: model.enc.16x16_block0.conv9.weight" in msg
@@ -183,9 +191,9 @@ def test_state_dict_mismatches_raise(edm_fixtures):
   filt = dict(state)
   filt["model.enc.8x8_down.conv0.resample_filter"] = np.full((1, 1, 2, 2), 0.5, np.float32)
   with pytest.raises(ValueError, match="resample_filter"):
-    networks.variables_from_state_dict(arch, filt)
+    variables_from_state_dict(arch, filt)
   with pytest.raises(ValueError, match="Unknown SongUNet arch keys"):
-    networks.build_edm(dict(arch, nonsense=1))
+    build_edm(dict(arch, nonsense=1))
 
 
 NCSNPP_MICRO = dict(SONG_MICRO, embedding_type="fourier", channel_mult_noise=2,
@@ -207,7 +215,7 @@ def test_ncsnpp_state_dict_layouts(encoder_type):
   value, the Fourier `freqs` buffer included, must land in Flax layout, and the
   network must run. Resampling with [1, 3, 3, 1] is checked against torch below."""
   arch = dict(NCSNPP_MICRO, encoder_type=encoder_type)
-  shapes = networks.variable_shapes(arch)
+  shapes = variable_shapes(arch)
   rng = np.random.default_rng(0)
   state, flax_expect = {}, {}
   for collection, tree in shapes.items():
@@ -219,7 +227,7 @@ def test_ncsnpp_state_dict_layouts(encoder_type):
       "skip" if encoder_type == "skip" else "residual") + ".weight" in state
   state["model.dec.8x8_aux_up.resample_filter"] = (
       np.outer([1, 3, 3, 1], [1, 3, 3, 1])[None, None] / 64.0).astype(np.float32)
-  variables = networks.variables_from_state_dict(arch, state)
+  variables = variables_from_state_dict(arch, state)
   for (collection, name), value in flax_expect.items():
     got = np.asarray(_get(variables[collection], name.split(".")))
     if value.ndim == 4:
@@ -227,7 +235,7 @@ def test_ncsnpp_state_dict_layouts(encoder_type):
     elif value.ndim == 2:
       value = value.T
     np.testing.assert_array_equal(got, value)
-  net = networks.build_edm(arch)
+  net = build_edm(arch)
   x, sigma, labels = _tiny_inputs(arch)
   out, feats = jax.jit(net.apply, static_argnames="feature_resolutions")(
       variables, x, sigma, labels, feature_resolutions=(4,))

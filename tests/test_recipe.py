@@ -16,8 +16,8 @@ import torch
 
 from configs import cifar10, imagenet64, tiny
 from fdistill_jax import losses
-from fdistill_jax.networks import heads as heads_lib
-from fdistill_jax.teachers import edm as edm_teachers
+from fdistill_jax.models import heads as heads_lib
+from fdistill_jax.loaders import edm as edm_teachers
 from fdistill_jax.train import loop as train
 from fdistill_jax.train import models as models_lib
 from fdistill_jax.train import state as state_lib

@@ -1,4 +1,4 @@
-"""Tests for fdistill_jax.io.safe_pickle: allow-listed unpickling, torch archives.
+"""Tests for fdistill_jax.loaders.safe_pickle: allow-listed unpickling, torch archives.
 
 References are torch itself (the tensors that were saved, `torch.load`) and
 plain pickle round trips; malicious pickles are checked to run nothing by
@@ -21,7 +21,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fdistill_jax.io import safe_pickle  # noqa: E402
+from fdistill_jax.loaders import safe_pickle  # noqa: E402
 
 
 class Reduce:

@@ -18,12 +18,14 @@ import PIL.Image
 import pytest
 
 from configs import tiny
-from fdistill_jax import networks
+from fdistill_jax.models.mlp import ToyDenoiser
+from fdistill_jax.models.edm import build_edm
+from fdistill_jax.loaders.edm_variables import variable_shapes
 from fdistill_jax.data import pixels
-from fdistill_jax.eval import edm_sampler
-from fdistill_jax.eval import sampling
-from fdistill_jax.teachers import edm
-from fdistill_jax.teachers import registry
+from fdistill_jax.pipelines import edm_sampler
+from fdistill_jax.pipelines import sampling
+from fdistill_jax.loaders import edm
+from fdistill_jax.train import registry
 from fdistill_jax.tools import cli
 from fdistill_jax.tools import sample
 from fdistill_jax.train import checkpoint as ckpt_lib
@@ -46,8 +48,8 @@ def random_teacher(seed=0):
       return rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
     return rng.normal(0, 0.05, size=leaf.shape)
   variables = jax.tree_util.tree_map_with_path(
-      lambda p, l: jnp.asarray(draw(p, l), jnp.float32), networks.variable_shapes(arch))
-  return arch, networks.build_edm(arch), variables
+      lambda p, l: jnp.asarray(draw(p, l), jnp.float32), variable_shapes(arch))
+  return arch, build_edm(arch), variables
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +118,7 @@ def test_export_reads_back_the_checkpointed_weights(toy_run, tmp_path):
   decay = small_toy("js", total_steps=2).ema_decays[0]      # what the run was told
   assert (info["step"], info["which"], info["ema_decay"]) == (2, "ema:0", decay)
   assert info["divergence"] == "js" and info["source"] == os.path.abspath(workdir)
-  assert isinstance(module, networks.ToyDenoiser) and info["sample_shape"] == [2]
+  assert isinstance(module, ToyDenoiser) and info["sample_shape"] == [2]
 
   _, raw, raw_info = ckpt_lib.load_generator(workdir, which="raw", step=2)
   assert_trees_equal(raw, state.gen)

@@ -4,7 +4,11 @@ import jax
 import numpy as np
 import pytest
 
-from fdistill_jax.sd import clip_score, configs, names, pipeline, weights
+from fdistill_jax.metrics.t2i import clip_score
+from fdistill_jax.loaders import sd_configs as configs
+from fdistill_jax.loaders import diffusers as names
+from fdistill_jax.pipelines import sd as pipeline
+from fdistill_jax.loaders import state_dict as weights
 from sd_helpers import TINY_TEXT, TINY_VISION, TOL, perturbed, rel_err
 
 torch = pytest.importorskip("torch")

@@ -8,8 +8,10 @@ import sys
 import jax
 import pytest
 
-from fdistill_jax.teachers.base import ConversionError
-from fdistill_jax.sd import configs, names, pipeline
+from fdistill_jax.train.teacher import ConversionError
+from fdistill_jax.loaders import sd_configs as configs
+from fdistill_jax.loaders import diffusers as names
+from fdistill_jax.pipelines import sd as pipeline
 from sd_helpers import FIXTURES, require_fixtures
 
 
@@ -89,7 +91,7 @@ def test_transformers_bookkeeping_keys_are_skipped(sd15):
 
 def test_core_imports_no_torch_or_transformers():
   """The SD package and networks import neither torch nor transformers (the tokenizer does, lazily)."""
-  code = ("import sys, fdistill_jax.sd, fdistill_jax.tools.sample_t2i, fdistill_jax.networks.sd; "
+  code = ("import sys, fdistill_jax.pipelines.sd, fdistill_jax.tools.sample_t2i, fdistill_jax.models.sd; "
           "print(sorted(m for m in ('torch', 'transformers', 'diffusers', 'ftfy') if m in sys.modules))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        env={"JAX_PLATFORMS": "cpu", "PATH": ""}, cwd=pathlib.Path(__file__).parents[1])

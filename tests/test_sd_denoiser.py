@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdistill_jax.sd import denoiser, pipeline, sampling
+from fdistill_jax.pipelines import denoisers as denoiser
+from fdistill_jax.pipelines import sd as pipeline
+from fdistill_jax.pipelines import sd_sampling as sampling
 from sd_helpers import FIXTURES, require_fixtures
 
 torch = pytest.importorskip("torch")

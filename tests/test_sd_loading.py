@@ -12,8 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from fdistill_jax.teachers.base import ConversionError
-from fdistill_jax.sd import configs, ldm, names, pipeline, weights
+from fdistill_jax.train.teacher import ConversionError
+from fdistill_jax.loaders import sd_configs as configs
+from fdistill_jax.loaders import ldm
+from fdistill_jax.loaders import diffusers as names
+from fdistill_jax.pipelines import sd as pipeline
+from fdistill_jax.loaders import state_dict as weights
 from sd_helpers import FIXTURES, require_fixtures, tiny_folder, tiny_models, write_folder  # noqa: F401
 
 torch = pytest.importorskip("torch")

@@ -9,8 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdistill_jax.networks.sd.unet import MID
-from fdistill_jax.sd import configs, names, pipeline, weights
+from fdistill_jax.models.sd.unet import MID
+from fdistill_jax.loaders import sd_configs as configs
+from fdistill_jax.loaders import diffusers as names
+from fdistill_jax.pipelines import sd as pipeline
+from fdistill_jax.loaders import state_dict as weights
 from sd_helpers import (TINY_VISION, TOL, nchw_to_nhwc, perturbed, read_config, rel_err,  # noqa: F401
                         tiny_folder, tiny_models)
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fdistill_jax.sd import pipeline, sampling
+from fdistill_jax.pipelines import sd as pipeline
+from fdistill_jax.pipelines import sd_sampling as sampling
 from sd_helpers import TOL, rel_err, tiny_folder, tiny_models  # noqa: F401
 
 torch = pytest.importorskip("torch")

@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 import pytest
 
-from fdistill_jax.sd.tokenizer import CLIPTokenizer
+from fdistill_jax.loaders.tokenizer import CLIPTokenizer
 from sd_helpers import FIXTURES, require_fixtures
 
 pytest.importorskip("transformers")

@@ -15,8 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdistill_jax.sd import configs, denoiser, pipeline, sdxl
-from fdistill_jax.teachers.base import ConversionError
+from fdistill_jax.loaders import sd_configs as configs
+from fdistill_jax.pipelines import denoisers as denoiser
+from fdistill_jax.pipelines import sd as pipeline
+from fdistill_jax.pipelines import sdxl
+from fdistill_jax.train.teacher import ConversionError
 from sd_helpers import FIXTURES, TINY_TEXT, TINY_VAE, TOL, nchw_to_nhwc, perturbed, read_config, rel_err, require_fixtures
 
 torch = pytest.importorskip("torch")
@@ -214,7 +217,7 @@ def test_time_ids():
 def test_engine_teacher_matches_the_pipeline(pipe, reference):
   """The engine's SDXLLatentDenoiser: encode_text equals diffusers' encode_prompt, and
   D(x; sigma, cond) on the pytree equals the pipeline's denoiser (checked above against diffusers)."""
-  from fdistill_jax.sd import sdxl_distill  # pylint: disable=g-import-not-at-top
+  from fdistill_jax.problems.t2i import sdxl_distill  # pylint: disable=g-import-not-at-top
   teacher = sdxl_distill.SDXLLatentDenoiser(
       pipe.unet, tuple(float(s) for s in pipe.schedule.sigmas), text_encoder=pipe.text_encoder,
       vae=pipe.vae, text_encoder_2=pipe.text_encoder_2)

@@ -18,8 +18,9 @@ import pytest
 from configs import sdxl as sdxl_config
 from fdistill_jax import config_lib
 from fdistill_jax import main as main_lib
-from fdistill_jax.sd import run_sampling, sdxl_distill
-from fdistill_jax.teachers import registry as teacher_registry
+from fdistill_jax.problems.t2i import run_sampling
+from fdistill_jax.problems.t2i import sdxl_distill
+from fdistill_jax.train import registry as teacher_registry
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax.train import warm_start
 import test_t2i

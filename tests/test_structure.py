@@ -155,7 +155,7 @@ def test_loss_module_imports_only_jax_and_numpy(module):
 
 
 ENGINE = ["fdistill_jax/train", "fdistill_jax/main.py", "fdistill_jax/config_lib.py",
-          "fdistill_jax/eval/sampling.py", "fdistill_jax/eval/fid.py"]
+          "fdistill_jax/pipelines/sampling.py", "fdistill_jax/metrics/fid.py"]
 
 
 def _code_lines(path):
@@ -173,11 +173,11 @@ def _code_lines(path):
 
 def test_the_engine_names_no_problem():
   """The loop, main and the generic evaluation reach problems only through registries:
-  they import nothing from fdistill_jax.toy and their code never says 'toy'."""
+  they import nothing from fdistill_jax.problems.toy and their code never says 'toy'."""
   files = [p for entry in ENGINE for p in ((REPO / entry).rglob("*.py") if (REPO / entry).is_dir()
                                            else [REPO / entry])]
   assert len(files) >= 8
   for path in files:
-    assert not {d for d in imported_modules(path) if d.startswith("fdistill_jax.toy")}, path
+    assert not {d for d in imported_modules(path) if d.startswith("fdistill_jax.problems.toy")}, path
     said = [line for line in _code_lines(path) if "toy" in line.lower()]
     assert not said, (path, said)

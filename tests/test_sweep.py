@@ -13,7 +13,7 @@ import pytest
 from fdistill_jax.io import atomic
 from fdistill_jax.tools import cli
 from fdistill_jax.tools import sweep
-from fdistill_jax.toy import report
+from fdistill_jax.problems.toy import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(REPO, "configs", "toy2d.py")

@@ -31,8 +31,8 @@ from fdistill_jax import losses
 from fdistill_jax import main as main_lib
 from fdistill_jax.data import registry as data_registry
 from fdistill_jax.data import webdataset
-from fdistill_jax.sd import denoiser as sd_denoiser
-from fdistill_jax.teachers import registry as teacher_registry
+from fdistill_jax.pipelines import denoisers as sd_denoiser
+from fdistill_jax.train import registry as teacher_registry
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax.train import loop as train
 from fdistill_jax.train import steps

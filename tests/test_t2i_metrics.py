@@ -14,8 +14,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from fdistill_jax.sd import coco
-from fdistill_jax.sd import t2i_metrics
+from fdistill_jax.metrics.t2i import coco
+from fdistill_jax.metrics.t2i import metrics as t2i_metrics
 from fdistill_jax.tools import cli
 from fdistill_jax.tools import evaluate_t2i as tool
 from sd_helpers import FIXTURES, TINY_TEXT, TINY_VISION, require_fixtures
@@ -44,7 +44,7 @@ def clip_folders(tmp_path_factory):
   each colour image and its caption map to the same one-hot vector}, and the torch model."""
   require_fixtures()
   from transformers import CLIPConfig, CLIPModel  # pylint: disable=g-import-not-at-top
-  from fdistill_jax.sd.tokenizer import CLIPTokenizer  # pylint: disable=g-import-not-at-top
+  from fdistill_jax.loaders.tokenizer import CLIPTokenizer  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("clip")
   torch.manual_seed(0)
   strip = lambda d: {k: v for k, v in d.items() if k != "projection_dim"}

@@ -1,4 +1,4 @@
-"""Sampling a text-to-image run (fdistill_jax.sd.run_sampling, sd.grid, tools.sample).
+"""Sampling a text-to-image run (fdistill_jax.problems.t2i.run_sampling, sd.grid, tools.sample).
 
 The run is test_t2i.py's `run8` (configs/sd15.py:js,tiny, 4 iterations through `main` on 8
 devices; made once per session and shared), whose config runs the 't2i_grid'
@@ -14,12 +14,12 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from fdistill_jax.sd import configs as sd_configs
-from fdistill_jax.sd import denoiser as denoiser_lib
-from fdistill_jax.sd import grid as sd_grid
-from fdistill_jax.sd import pipeline as pipeline_lib
-from fdistill_jax.sd import run_sampling
-from fdistill_jax.sd import sampling as sd_sampling
+from fdistill_jax.loaders import sd_configs
+from fdistill_jax.pipelines import denoisers as denoiser_lib
+from fdistill_jax.problems.t2i import grid as sd_grid
+from fdistill_jax.pipelines import sd as pipeline_lib
+from fdistill_jax.problems.t2i import run_sampling
+from fdistill_jax.pipelines import sd_sampling
 from fdistill_jax.tools import cli
 from fdistill_jax.tools import sample
 from fdistill_jax.train import checkpoint as ckpt_lib
@@ -183,7 +183,7 @@ def _eval_context(run8, **eval_fields):  # noqa: F811
   """What the 't2i' evaluator reads of an EvalContext, for the run's networks."""
   import types  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from fdistill_jax.teachers import registry  # pylint: disable=g-import-not-at-top
+  from fdistill_jax.train import registry  # pylint: disable=g-import-not-at-top
   from fdistill_jax.train import models as models_lib  # pylint: disable=g-import-not-at-top
   with open(os.path.join(run8, ckpt_lib.CONFIG_FILE)) as f:
     config = ml_collections.ConfigDict(json.load(f))
@@ -199,8 +199,8 @@ def test_t2i_evaluator_scores_the_students_images_of_the_first_prompts(run, run8
   score with a tiny CLIP) of `run_sampling.generate`'s images of the first
   `eval.num_samples` prompts from seed + 3, computed here on the other path (exact: the
   same images give the same numbers, float equality up to 1e-9)."""
-  from fdistill_jax.sd import t2i_evaluator  # pylint: disable=g-import-not-at-top
-  from fdistill_jax.sd import t2i_metrics  # pylint: disable=g-import-not-at-top
+  from fdistill_jax.problems.t2i import evaluator as t2i_evaluator  # pylint: disable=g-import-not-at-top
+  from fdistill_jax.metrics.t2i import metrics as t2i_metrics  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(t2i_metrics.fid, "load_feature_fn", lambda *a, **k: _features)
   rng = np.random.default_rng(0)
   ref_images = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)

@@ -1,4 +1,4 @@
-"""Tests for the toy teacher, its MLPs, metrics and plots (fdistill_jax.toy, networks.mlp, plots)."""
+"""Tests for the toy teacher, its MLPs, metrics and plots (fdistill_jax.problems.toy, networks.mlp, plots)."""
 
 import json
 import math
@@ -11,10 +11,10 @@ from PIL import Image
 import pytest
 
 from fdistill_jax import divergences
-from fdistill_jax.eval import figures as plots
-from fdistill_jax.toy import metrics as toy_metrics
-from fdistill_jax.toy import mixture as toy
-from fdistill_jax.networks import mlp
+from fdistill_jax.metrics import figures as plots
+from fdistill_jax.problems.toy import metrics as toy_metrics
+from fdistill_jax.problems.toy import mixture as toy
+from fdistill_jax.models import mlp
 
 N = 4096
 

@@ -14,7 +14,7 @@ import pytest
 
 from configs import toy2d
 from fdistill_jax import config_lib
-from fdistill_jax.toy import report
+from fdistill_jax.problems.toy import report
 from fdistill_jax.train import loop
 
 

@@ -24,9 +24,9 @@ from fdistill_jax import config_lib
 from fdistill_jax import losses
 from fdistill_jax import main as main_lib
 from fdistill_jax.data import registry as data_registry
-from fdistill_jax.eval import evaluators
-from fdistill_jax.eval import fid as fid_lib
-from fdistill_jax.eval import metrics
+from fdistill_jax.train import evaluators
+from fdistill_jax.metrics import fid as fid_lib
+from fdistill_jax.metrics import distances as metrics
 from fdistill_jax.train import loop as train
 from fdistill_jax.train import steps
 

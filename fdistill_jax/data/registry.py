@@ -6,8 +6,8 @@ from fdistill_jax.data import edm_dataset
 from fdistill_jax.data import sources
 from fdistill_jax.data import tfds
 from fdistill_jax.data import webdataset
-from fdistill_jax.digits import data as digits_data
-from fdistill_jax.toy import problem as toy_problem
+from fdistill_jax.problems.digits import data as digits_data
+from fdistill_jax.problems.toy import problem as toy_problem
 
 SOURCES: dict[str, Callable[[Any], sources.Source]] = {
     "tfds": tfds.tfds_source,

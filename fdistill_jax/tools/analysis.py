@@ -39,8 +39,8 @@ import numpy as np
 from fdistill_jax import console
 from fdistill_jax import divergences
 from fdistill_jax import losses
-from fdistill_jax.eval import figures
-from fdistill_jax.eval import weights
+from fdistill_jax.metrics import figures
+from fdistill_jax.metrics import weight_stats as weights
 from fdistill_jax.tools import cli
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax.train import loop

@@ -6,12 +6,12 @@ r"""Converts an EDM teacher into a directory the runs load fast: arch.json + orb
 
 Nothing in the file is executed (allow-list unpickler); the output appears
 complete or not at all, and --overwrite only ever replaces a directory this
-tool wrote. See `fdistill_jax.teachers.edm`.
+tool wrote. See `fdistill_jax.loaders.edm`.
 """
 
 from absl import flags
 
-from fdistill_jax.teachers import edm
+from fdistill_jax.loaders import edm
 from fdistill_jax.tools import cli
 
 FLAGS = cli.new_flags()

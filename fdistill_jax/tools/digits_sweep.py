@@ -33,7 +33,7 @@ from absl import flags
 import numpy as np
 
 from fdistill_jax import console
-from fdistill_jax.digits import report as digits_report
+from fdistill_jax.problems.digits import report as digits_report
 from fdistill_jax.io import atomic
 from fdistill_jax.tools import cli
 from fdistill_jax.tools import sweep

@@ -7,7 +7,7 @@ r"""FID, precision and recall of samples; reference statistics from real images.
 
 It prints (stdout) and writes JSON (FID; precision and recall when the reference
 has features, i.e. real images or a --save_features npz); progress lines go to
-stderr. See `fdistill_jax.eval.fid`.
+stderr. See `fdistill_jax.metrics.fid`.
 """
 
 import json
@@ -17,9 +17,9 @@ import sys
 from absl import flags
 
 from fdistill_jax import console
-from fdistill_jax.eval import fid
+from fdistill_jax.metrics import fid
 from fdistill_jax.io import atomic
-from fdistill_jax.networks import inception
+from fdistill_jax.models import inception
 from fdistill_jax.tools import cli
 
 FLAGS = cli.new_flags()

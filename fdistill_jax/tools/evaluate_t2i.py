@@ -1,21 +1,21 @@
 r"""COCO-2014 zero-shot evaluation of text-to-image samples: FID, CLIP score, in-batch similarity.
 
   # 1. 30k prompts, one caption per val2014 image, deterministic in --seed:
-  python -m fdistill_jax.evaluate_t2i --write_prompts=coco30k.txt \
+  python -m fdistill_jax.tools.evaluate_t2i --write_prompts=coco30k.txt \
       --captions=annotations/captions_val2014.json --num=30000 --seed=0
   # 2. Reference statistics of the val2014 images (same resize protocol):
-  python -m fdistill_jax.evaluate_t2i --make_ref=coco2014_val.npz --ref_images=val2014 \
+  python -m fdistill_jax.tools.evaluate_t2i --make_ref=coco2014_val.npz --ref_images=val2014 \
       --inception=pt_inception-2015-12-05-6726825d.pth
   # 3. Score a samples npz (images + prompts from tools.sample_t2i / tools.sample):
-  python -m fdistill_jax.evaluate_t2i --samples=samples.npz --ref=coco2014_val.npz \
+  python -m fdistill_jax.tools.evaluate_t2i --samples=samples.npz --ref=coco2014_val.npz \
       --inception=pt_inception-2015-12-05-6726825d.pth --clip=CLIP-ViT-g-14 --out=metrics.json
   # In-batch similarity (DINO; several images per prompt, e.g. sample_t2i --num_per_prompt=4):
-  python -m fdistill_jax.evaluate_t2i --samples=samples4.npz --dino=dino-vitb8
+  python -m fdistill_jax.tools.evaluate_t2i --samples=samples4.npz --dino=dino-vitb8
 
 --captions and --ref_images also take tfds:coco_captions (prepared under --data_dir; never
 downloaded). The protocol (DMD2 / GigaGAN: square crop, LANCZOS 256, clean-fid bicubic 299;
 CLIP score as raw cosine with "A photo depicts "; in-batch similarity as Particle Guidance)
-is in `fdistill_jax.sd.coco`, `fdistill_jax.sd.t2i_metrics` and `fdistill_jax.sd.dino`.
+is in `fdistill_jax.metrics.t2i.coco`, `fdistill_jax.metrics.t2i.metrics` and `fdistill_jax.metrics.t2i.dino`.
 The JSON result goes to stdout and --out; progress to stderr.
 """
 
@@ -26,11 +26,11 @@ import sys
 from absl import flags
 
 from fdistill_jax import console
-from fdistill_jax.eval import fid
+from fdistill_jax.metrics import fid
 from fdistill_jax.io import atomic
-from fdistill_jax.networks import inception
-from fdistill_jax.sd import coco
-from fdistill_jax.sd import t2i_metrics
+from fdistill_jax.models import inception
+from fdistill_jax.metrics.t2i import coco
+from fdistill_jax.metrics.t2i import metrics as t2i_metrics
 from fdistill_jax.tools import cli
 
 FLAGS = cli.new_flags()

@@ -14,7 +14,7 @@ from absl import flags
 import numpy as np
 
 from fdistill_jax import divergences
-from fdistill_jax.eval import figures
+from fdistill_jax.metrics import figures
 from fdistill_jax.tools import cli
 
 FLAGS = cli.new_flags()

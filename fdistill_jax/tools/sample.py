@@ -18,7 +18,7 @@ r"""One-step samples of a distilled generator, teacher samples, and generator ex
   # a plain state dict needs its architecture (EDMPrecond kwargs as JSON)
   python -m fdistill_jax.tools.sample --teacher=weights.npz --arch=arch.json --num=64 --out=t.npz
 
-Sample i of seed s uses the noise and label of `fdistill_jax.eval.sampling`
+Sample i of seed s uses the noise and label of `fdistill_jax.pipelines.sampling`
 (fold_in(PRNGKey(s), i)): the same images whatever the batch size or device
 count. `--labels=3` gives every sample class 3; `--labels=0,3,7` cycles.
 Unconditional models get label -1. The toy generator writes float32 `samples`
@@ -26,7 +26,7 @@ Unconditional models get label -1. The toy generator writes float32 `samples`
 
 Text-to-image runs (generator kind 'sd15' or 'sdxl') take prompts instead of labels and
 --num: image i shows prompt i // num_per_prompt, from the noise of (seed, i)
-(`fdistill_jax.sd.run_sampling`; the run's teacher supplies the text tower
+(`fdistill_jax.problems.t2i.run_sampling`; the run's teacher supplies the text tower
 and the VAE). The npz has `images` (uint8 NHWC), `prompt_index`, `prompts`
 and `seed`, as `tools.sample_t2i` writes, and --grid captions each tile with
 its prompt (prompts also in GRID.txt). An exported text-to-image generator holds the
@@ -39,15 +39,15 @@ from absl import flags
 import numpy as np
 
 from fdistill_jax.data import pixels
-from fdistill_jax.eval import edm_sampler
-from fdistill_jax.eval import figures
-from fdistill_jax.eval import sampling
+from fdistill_jax.pipelines import edm_sampler
+from fdistill_jax.metrics import figures
+from fdistill_jax.pipelines import sampling
 from fdistill_jax.io import atomic
-from fdistill_jax.sd import run_sampling
-from fdistill_jax.teachers import edm
+from fdistill_jax.problems.t2i import run_sampling
+from fdistill_jax.loaders import edm
 from fdistill_jax.tools import cli
 from fdistill_jax.tools import sample_t2i
-from fdistill_jax.toy import mixture as toy_mixture
+from fdistill_jax.problems.toy import mixture as toy_mixture
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax import console
 

@@ -1,4 +1,4 @@
-r"""Stable Diffusion teacher samples from the command line (library: fdistill_jax.sd.sampling).
+r"""Stable Diffusion teacher samples from the command line (library: fdistill_jax.pipelines.sd_sampling).
 
   python -m fdistill_jax.tools.sample_t2i --model=stable-diffusion-v1-5 \
       --prompt="a photo of an astronaut riding a horse" --steps=50 --cfg=7.5 --out=x.png
@@ -10,7 +10,7 @@ r"""Stable Diffusion teacher samples from the command line (library: fdistill_ja
 Outputs: a PNG grid (row-major; OUT.txt lists each tile's prompt) and/or an
 npz with `images` (uint8 NHWC), `prompt_index`, `prompts` and `seed`. Sample i
 (prompt i // num_per_prompt) depends only on (seed, i); see
-`fdistill_jax.sd.sampling` for the samplers.
+`fdistill_jax.pipelines.sd_sampling` for the samplers.
 """
 
 import os
@@ -21,11 +21,11 @@ import numpy as np
 
 from fdistill_jax import console
 from fdistill_jax.data import webdataset
-from fdistill_jax.eval import figures
+from fdistill_jax.metrics import figures
 from fdistill_jax.io import atomic
-from fdistill_jax.sd import denoiser as denoiser_lib
-from fdistill_jax.sd import pipeline as pipeline_lib
-from fdistill_jax.sd import sampling
+from fdistill_jax.pipelines import denoisers as denoiser_lib
+from fdistill_jax.pipelines import sd as pipeline_lib
+from fdistill_jax.pipelines import sd_sampling as sampling
 from fdistill_jax.tools import cli
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

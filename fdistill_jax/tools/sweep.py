@@ -32,11 +32,11 @@ import ml_collections
 import numpy as np
 
 from fdistill_jax import config_lib
-from fdistill_jax.digits import report as digits_report
+from fdistill_jax.problems.digits import report as digits_report
 from fdistill_jax.io import atomic
-from fdistill_jax.teachers import registry as teacher_registry
+from fdistill_jax.train import registry as teacher_registry
 from fdistill_jax.tools import cli
-from fdistill_jax.toy import report as toy_report
+from fdistill_jax.problems.toy import report as toy_report
 from fdistill_jax import console
 from fdistill_jax.train import loop
 

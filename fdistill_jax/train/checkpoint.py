@@ -466,14 +466,14 @@ def load_generator(directory, *, which="ema", step=None, student_from_spec=None)
   `which` and `step` select the weights of a training workdir; an exported
   directory holds one set and ignores them. `info` has the export.json fields
   plus 'spec', 'sample_shape' and 'num_classes'. `student_from_spec` builds
-  the module (default: `fdistill_jax.teachers.registry.student_from_spec`).
+  the module (default: `fdistill_jax.train.registry.student_from_spec`).
   """
   if not os.path.isdir(directory):
     raise CheckpointError(f"Generator directory {directory!r} does not exist: expected a "
                           f"training workdir ({GENERATOR_SPEC}, {CHECKPOINTS}/) or an exported "
                           f"generator ({GENERATOR_SPEC}, {PARAMS_DIR}/, {EXPORT_FILE}).")
   if student_from_spec is None:
-    from fdistill_jax.teachers import registry  # pylint: disable=g-import-not-at-top
+    from fdistill_jax.train import registry  # pylint: disable=g-import-not-at-top
     student_from_spec = registry.student_from_spec
   spec = _read_json(os.path.join(directory, GENERATOR_SPEC), "Generator architecture")
   if is_export(directory):

@@ -39,7 +39,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from fdistill_jax.eval import sampling
+from fdistill_jax.pipelines import sampling
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,8 +34,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from fdistill_jax import console
 from fdistill_jax import losses
 from fdistill_jax.data import registry as data_registry
-from fdistill_jax.eval import sampling
-from fdistill_jax.teachers import edm as edm_teachers
+from fdistill_jax.pipelines import sampling
+from fdistill_jax.loaders import edm as edm_teachers
 from fdistill_jax.train import conditioning as conditioning_lib
 from fdistill_jax.train import models as models_lib
 from fdistill_jax.train import runner

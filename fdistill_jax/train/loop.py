@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fdistill_jax import config_lib
 from fdistill_jax.data import registry as data_registry
-from fdistill_jax.eval import evaluators as evaluators_lib
+from fdistill_jax.train import evaluators as evaluators_lib
 from fdistill_jax.io import atomic
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax import console

@@ -4,7 +4,7 @@ A run has four networks: the frozen teacher (never trained, never
 checkpointed), the one-step generator and the fake-score network (both copies
 of the student architecture, initialised from the teacher's weights), and the
 discriminator heads on the teacher's (or the fake score's) features. The
-teacher comes from the registry (`fdistill_jax.teachers.registry`), so this
+teacher comes from the registry (`fdistill_jax.train.registry`), so this
 module knows no problem by name.
 """
 
@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fdistill_jax.networks import heads as heads_lib
-from fdistill_jax.teachers import base
+from fdistill_jax.models import heads as heads_lib
+from fdistill_jax.train import teacher as base
 from fdistill_jax.train import conditioning as conditioning_lib
 
 

@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fdistill_jax import console
 from fdistill_jax.data import sources as data_sources
-from fdistill_jax.teachers import registry as teacher_registry
+from fdistill_jax.train import registry as teacher_registry
 
 BATCH_AXES = ("data", "fsdp")
 

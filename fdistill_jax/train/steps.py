@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from fdistill_jax import losses
-from fdistill_jax.eval import sampling
+from fdistill_jax.pipelines import sampling
 from fdistill_jax.train import state as state_lib
 
 GEN, CRITIC = 0, 1          # fold_in tags separating the two steps' randomness

@@ -1,1 +1,0 @@
-"""Evaluation: one-step sampling, FID / precision / recall, figures, the loop's evaluators."""

@@ -1,0 +1,1 @@
+"""Measures: FID, precision / recall, figures, h(r) statistics; text-to-image under `t2i`."""

@@ -1,0 +1,1 @@
+"""The problems: each folder ends in one plugin object the composition root merges."""
