@@ -8,13 +8,16 @@ from (seed, epoch); global batch `step` takes positions
 [step * B, (step + 1) * B) of the concatenated epochs (`example_indices`).
 
 Sources are built from `config.data` by `fdistill_jax.data.registry.make_source`,
-which dispatches on `kind` through the `SOURCES` registry ('tfds', 'edm',
-'memory', 'toy', and the text sources 'webdataset' and 'captions' of
-`data.webdataset`, whose batches carry captions instead of labels). This module holds what every source shares: the example
-order, the checks, `IndexedSource`, the in-memory source and `Prefetcher`.
+which dispatches on `kind` through the `SOURCES` registry, seven kinds: 'tfds',
+'edm' and 'memory' (image sources), 'toy' and 'digits' (the problems' own, in
+`problems/toy` and `problems/digits`), and the text sources 'webdataset' and
+'captions' of `data.webdataset`, whose batches carry captions instead of labels.
+This module holds what every source shares: the example order, the checks,
+`IndexedSource`, the in-memory source and `Prefetcher`.
 
 Config fields (`config.data`):
-  kind: str, required. A key of `registry.SOURCES`: 'tfds', 'edm', 'memory', 'toy'.
+  kind: str, required. A key of `registry.SOURCES`: 'tfds', 'edm', 'memory', 'toy',
+    'digits', 'webdataset', 'captions' (the fields of the last two: data.webdataset).
   resolution: int, required. Image height and width; data of another size is
     refused.
   channels: int, default 3. Image channels; data with others is refused.
