@@ -12,23 +12,31 @@ Checked on README.md and every docs/*.md page:
     `fdistill_jax.dotted.name` in inline code and every name a Python block imports from
     fdistill_jax (and the attributes it uses of the imported modules) resolves;
   - every markdown table has the header's number of cells in each row (an unescaped `|`
-    inside a cell, e.g. `KL(p||q)`, splits it on GitHub; write `KL(p\\|\\|q)`).
+    inside a cell, e.g. `KL(p||q)`, splits it on GitHub; write `KL(p\\|\\|q)`);
+  - the text-to-image recipe's first steps run on tiny stand-ins: img2dataset's output
+    folder is read by the configs' data source, and the COCO prompts command writes prompts.
 Pages other engineers write (PENDING_PAGES) may be linked before they exist.
 """
 
 import ast
 import importlib
 import importlib.util
+import io
+import json
 import os
 import pathlib
 import re
 import shlex
+import tarfile
 
 from absl import flags
 from ml_collections import config_flags
+import numpy as np
+import PIL.Image
 import pytest
 
 from fdistill_jax import config_lib
+from fdistill_jax.data import webdataset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -368,3 +376,74 @@ def test_every_table_row_has_the_headers_cell_count():
           bad.append(f"{rel(page)}:{line + k}: {len(cells(row))} cells, header {width}")
   assert found >= 10
   assert not bad, bad
+
+
+# ---------------------------------------------------------------------------------------
+# The recipes' first steps, on tiny stand-ins for the real downloads
+
+
+def _doc_command(page, module, first_flag):
+  """The args of the command of `module` on `page` whose first flag is `first_flag`."""
+  for m, args in commands(TEXT[REPO / page]):
+    if m == module and args and args[0].startswith(first_flag):
+      return list(args)
+  raise AssertionError(f"{page} has no `python -m {module} {first_flag}...` command")
+
+
+def test_img2dataset_output_folder_is_a_training_source(tmp_path):
+  """The folder img2dataset --output_format=webdataset writes (text_to_image.md step 3):
+  NNNNN.tar of KEY.jpg + KEY.txt + KEY.json, with NNNNN_stats.json and NNNNN.parquet
+  beside the shards, read by the configs' own data settings."""
+
+  recipe = TEXT[REPO / "docs" / "text_to_image.md"]
+  assert "--output_format=webdataset" in recipe and "--resize_mode=center_crop" in recipe
+  folder = tmp_path / "coyo_shards"
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  for shard in range(2):
+    with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
+      for k in range(3):
+        key = f"{shard:05d}{k:04d}"
+        buf = io.BytesIO()
+        PIL.Image.fromarray(rng.integers(0, 256, (24, 20, 3), np.uint8)).save(buf, "JPEG")
+        for ext, data in (("jpg", buf.getvalue()), ("txt", f"caption {key}".encode()),
+                          ("json", json.dumps({"key": key, "status": "success"}).encode())):
+          info = tarfile.TarInfo(f"{key}.{ext}")
+          info.size = len(data)
+          tar.addfile(info, io.BytesIO(data))
+    (folder / f"{shard:05d}_stats.json").write_text("{}")
+    (folder / f"{shard:05d}.parquet").write_bytes(b"PAR1")
+  config = config_lib.load_config_file(str(REPO / "configs" / "sd15.py") + ":js").data
+  config.path, config.resolution, config.num_threads = str(folder), 16, 1
+  assert config.kind == "webdataset"
+  source = webdataset.webdataset_source(config)
+  batch = source.batch(0, global_batch_size=6)      # one epoch: every example once
+  assert batch["images"].shape == (6, 16, 16, 3)
+  assert sorted(batch["captions"]) == sorted(f"caption {s:05d}{k:04d}"
+                                             for s in range(2) for k in range(3))
+
+
+def test_coco_prompts_command_of_the_recipe_runs(tmp_path, monkeypatch, capsys):
+  """text_to_image.md step 4's --write_prompts command, on a 4-image captions file."""
+
+  args = _doc_command("docs/text_to_image.md", "fdistill_jax.tools.evaluate_t2i",
+                      "--write_prompts")
+  assert "--num=30000" in args
+  args = ["--num=3" if a == "--num=30000" else a for a in args]
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "annotations").mkdir()
+  annotations = [{"image_id": i, "caption": f"image {i} caption {c}"}
+                 for i in range(4) for c in range(2)]
+  (tmp_path / "annotations" / "captions_val2014.json").write_text(
+      json.dumps({"annotations": annotations}))
+  evaluate_t2i = importlib.import_module("fdistill_jax.tools.evaluate_t2i")
+  flag_values = evaluate_t2i.FLAGS
+  flag_values.unparse_flags()
+  try:
+    flag_values(["evaluate_t2i", *args])
+    assert evaluate_t2i.main([]) == 0
+  finally:
+    flag_values.unparse_flags()
+  prompts = pathlib.Path(json.loads(capsys.readouterr().out)["prompts_out"]).read_text()
+  lines = prompts.splitlines()
+  assert len(lines) == 3 and len({line.split(" caption")[0] for line in lines}) == 3
