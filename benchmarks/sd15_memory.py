@@ -14,7 +14,7 @@ and their sum minus donated aliases, per device. Writes JSON.
 
 The number is XLA's plan for the backend it compiles on: on CPU it is an estimate
 for a GPU/TPU (other fusion and layout decisions; the CPU backend does not turn
-remat into savings, see README "Stable Diffusion v1.5"); on a GPU it is that GPU's.
+remat into savings, see docs/results.md, "CPU benchmarks"); on a GPU it is that GPU's.
 """
 
 import argparse

@@ -260,7 +260,7 @@ def head_parameter_count(keys, shapes, head="dmd2", channels=256):
 
 
 def test_paper_head_parameter_counts():
-  """The counts quoted in the README: CIFAR-10's three heads on DDPM++'s 256-channel
+  """The counts quoted in docs/image_runs.md: CIFAR-10's three heads on DDPM++'s 256-channel
   maps at 32, 16, 8; ImageNet-64's one head on ADM's 768-channel 8x8 map."""
   c10 = ((32, 32, 256), (16, 16, 256), (8, 8, 256))
   assert head_parameter_count((32, 16, 8), c10) == 9_444_867

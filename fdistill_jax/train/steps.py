@@ -10,7 +10,7 @@ Both are pure functions of (state, teacher_variables[, batch]); randomness is
 `fold_in(state.rng, step)`, learning rates are functions of `state.step` (the
 iteration). The teacher's variables are an argument and never receive
 gradient. The training settings and their sources (paper, FastGen, DMD2) are
-tabulated in the README ("Training settings").
+tabulated in docs/image_runs.md ("Training settings").
 """
 
 import jax

@@ -5,7 +5,7 @@ image for each of the first `eval.num_samples` prompts of `eval.prompts` (a
 .txt or .jsonl prompts file, e.g. `evaluate_t2i --write_prompts` of COCO-2014
 captions), from the same noise each time, and `sd.t2i_metrics.T2IMetrics`
 scores them with the protocol of `python -m fdistill_jax.tools.evaluate_t2i`
-(README "COCO evaluation"; DMD2's resize to 256 before Inception and CLIP):
+(docs/text_to_image.md, "The evaluation protocol"; DMD2's resize to 256 before Inception and CLIP):
 
   eval/fid          against `eval.ref` (statistics of `evaluate_t2i --make_ref`,
                     made with the same protocol) with `eval.inception`
