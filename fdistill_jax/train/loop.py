@@ -357,9 +357,7 @@ def _evaluator_actions(trainer, workdir, writer):
 def _loop(trainer, workdir, mngr, writer, sigterm):
   config, step = trainer.config, trainer.step
   averages, start = _Averages(), step
-  progress = console.Progress(config.total_steps, step)
-  report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
-                                           every_secs=60.0)
+  progress = console.Progress(config.total_steps, step, writer=writer)
   log_action = periodic_actions.PeriodicCallback(
       every_steps=config.log_every, on_steps=[config.total_steps],
       callback_fn=lambda step, t: writer.write_scalars(step, _scalars(averages.pop())))
@@ -380,10 +378,8 @@ def _loop(trainer, workdir, mngr, writer, sigterm):
       if step == start + 1:
         console.say("First iteration done in %s (compilation included); %d to go.",
                     console.format_duration(time.time() - started), config.total_steps - step)
-      report(step)
       log_action(step)
-      progress(step, lambda m=metrics: _scalars(jax.device_get(
-          {k: v for k, v in m.items() if k in console.Progress.KEYS})))
+      progress(step, metrics)
       for action in evaluators:
         action(step)
       preempted = sigterm.requested or mngr.reached_preemption(step)
