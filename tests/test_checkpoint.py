@@ -153,8 +153,12 @@ def test_corrupt_latest_checkpoint_is_skipped(tmp_path, caplog):
   assert any("Skipping unreadable checkpoint at step 4" in r.message for r in caplog.records)
 
 
-def test_incompatible_config_is_refused(tmp_path):
+def test_incompatible_config_is_refused(tmp_path, monkeypatch):
+  """... before the teacher loads (for SD that takes minutes)."""
   run_in_process(tmp_path, **toy_overrides(2, 2))
+  def no_teacher(config):
+    raise AssertionError(f"the teacher {config.teacher.kind} was loaded before the refusal")
+  monkeypatch.setattr(train.runner, "load_teacher", no_teacher)
   with pytest.raises(ValueError, match="divergence: checkpoint has 'js', config has 'fkl'"):
     train.train_and_evaluate(small_toy("fkl", **toy_overrides(4, 2)), str(tmp_path))
   with pytest.raises(ValueError, match="incompatible config"):

@@ -208,6 +208,14 @@ def saved_config(workdir):
   return None if found is None else found[1]
 
 
+def check_resumable(workdir, config):
+  """Refuses a config that the newest readable checkpoint of `workdir` was not made with
+  (`check_compatible`): the check of `restore_latest`, made before any teacher loads."""
+  saved = saved_config(workdir)
+  if saved is not None:
+    check_compatible(saved, config)
+
+
 def restore_latest(mngr, abstract_state, config, keep_unreadable=False):
   """Restores the newest readable checkpoint; returns the state or None.
 

@@ -211,7 +211,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, sourc
                        teacher=None):
   """Runs (or resumes) a distillation run in `workdir`; returns the final TrainState.
 
-  The config and the workdir are checked before the teacher is loaded.
+  The config, the workdir and (on a resume) the config against the checkpoint's are
+  checked before the teacher is loaded.
   `source` (a data source) and `teacher` (a `teachers.base.Teacher`) replace
   the ones the config names, e.g. to share one fitted teacher across a sweep.
 
@@ -222,6 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, sourc
   workdir = check_workdir(workdir)
   with _SigtermFlag() as sigterm, ckpt_lib.lock_workdir(workdir), \
       console.log_to_file(_log_path(workdir)):
+    ckpt_lib.check_resumable(workdir, config)
     console.say("Building the run in %s (teacher: %s) ...", workdir, config.teacher.kind)
     trainer = make_trainer(config, source, teacher=teacher)
     return _run(trainer, workdir, sigterm)
