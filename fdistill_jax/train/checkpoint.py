@@ -241,7 +241,9 @@ def _saved_shapes(mngr, step):
   """{path: shape} of the saved state, from its metadata; None if unreadable."""
   state_dir = os.path.join(str(mngr.directory), str(step), "state")
   try:
-    tree = ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree
+    # The item's handler reads state/_METADATA; a Checkpointer would also look for a
+    # checkpoint-level _CHECKPOINT_METADATA there (it is one level up) and warn on every resume.
+    tree = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir)).tree
   except Exception:  # pylint: disable=broad-except
     return None
   return _shapes(tree)
