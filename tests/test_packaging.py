@@ -38,8 +38,8 @@ def test_every_subpackage_is_found_by_the_package_discovery():
   found = setuptools.find_packages(where=str(REPO),
                                    **PYPROJECT["tool"]["setuptools"]["packages"]["find"])
   assert sorted(found) == source_packages()
-  for name in ("io", "teachers", "data", "train", "eval", "toy", "digits", "tools", "sd",
-               "networks.sd"):
+  for name in ("io", "data", "train", "tools", "models", "models.sd", "loaders", "pipelines",
+               "metrics", "metrics.t2i", "problems.toy", "problems.digits", "problems.t2i"):
     assert f"fdistill_jax.{name}" in found, name
 
 
