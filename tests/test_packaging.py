@@ -81,7 +81,8 @@ def test_module_level_imports_are_declared_dependencies():
 def test_console_scripts_point_at_callables():
   scripts = PYPROJECT["project"]["scripts"]
   assert {"fdistill-train", "fdistill-convert", "fdistill-sample", "fdistill-evaluate",
-          "fdistill-sweep", "fdistill-sample-t2i", "fdistill-plot-weights"} <= set(scripts)
+          "fdistill-sweep", "fdistill-sample-t2i", "fdistill-plot-weights",
+          "fdistill-evaluate-t2i", "fdistill-digits-sweep", "fdistill-analysis"} <= set(scripts)
   for name, target in scripts.items():
     module, attr = target.split(":")
     fn = getattr(importlib.import_module(module), attr)
