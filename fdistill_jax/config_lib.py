@@ -26,12 +26,13 @@ ABLATIONS = ("no_gan", "gan_only")
 
 
 def set_field(config, dotted, value):
-  """config['a']['b'] = value for dotted = 'a.b' (as `--config.a.b=value` does)."""
-  *path, last = dotted.split(".")
-  node = config
-  for part in path:
-    node = node[part]
-  node[last] = value
+  """config.a.b = value for dotted = 'a.b', as `--config.a.b=value` does (ml_collections'
+  `update_from_flattened_dict`); an unknown field is a one-line ValueError naming the nearest
+  valid fields. The one dotted setter (tools.sweep's --set, tests)."""
+  message = unknown_field(config, dotted)
+  if message:
+    raise ValueError(message)
+  config.update_from_flattened_dict({dotted: value})
 
 
 def parse_arg(arg, default_divergence, extra_tokens=()):
@@ -290,16 +291,10 @@ def field_names(config, leaves_only=False):
   With `leaves_only`, the sections ('loss') are left out; an empty section
   ('teacher.arch' of a config that sets none) counts as a leaf.
   """
-  names = []
-  def walk(node, prefix):
-    for key in node.keys():
-      value = node[key]
-      is_section = isinstance(value, _DICTS) and len(value)
-      if not (leaves_only and is_section):
-        names.append(prefix + key)
-      if is_section:
-        walk(value, prefix + key + ".")
-  walk(config, "")
+  paths = traverse_util.flatten_dict(config.to_dict(), keep_empty_nodes=True)
+  names = {".".join(p) for p in paths}
+  if not leaves_only:
+    names |= {".".join(p[:i]) for p in paths for i in range(1, len(p))}
   return sorted(names)
 
 

@@ -4,7 +4,8 @@
 orbax's and clu's INFO chatter go to the log file only); `log_to_file(path)`
 sends every INFO record to a run's log file; `say` prints a line for the person
 (stdout on process 0, and the log file); `Progress` prints training lines like
-'step 300/1500 (20%) | 12.3 it/s | ETA 1m37s | gen/loss 0.123 ...' and
+'step 300/1500 (20%) | 12.3 it/s | ETA 1m37s | gen/loss 0.123 ...' (and writes the speed,
+`steps_per_sec`) and
 `Counter` the progress of any other long loop (sampling, evaluation).
 """
 
@@ -140,21 +141,26 @@ class Counter:
 
 
 class Progress:
-  """Training progress lines with rate, ETA and the main losses.
+  """The training loop's one progress report: console lines with rate, ETA and the
+  latest losses, and the speed (`steps_per_sec`) to a clu metric writer.
 
   The rate is measured from the first completed iteration on, so compilation
-  does not distort the ETA.
+  does not distort the ETA. Each of `KEYS` shows its latest value, also on the
+  iterations that did not compute it (the generator steps once every
+  `fake_score_update_freq` iterations; the line may fall on a critic-only one).
   """
 
   KEYS = ("gen/loss", "fake/loss", "disc/loss")
 
-  def __init__(self, total, start, every_secs=10.0):
-    self.total, self.every = total, every_secs
+  def __init__(self, total, start, every_secs=10.0, writer=None):
+    self.total, self.every, self.writer = total, every_secs, writer
     self.start_step, self.start_time = None, None
     self.last_time, self.last_step = 0.0, start
+    self.latest = {}                     # key -> its latest value (a device array: no sync)
 
-  def __call__(self, step, scalars_fn=None, force=False):
-    """Prints a line if `every_secs` passed (or `force`); `scalars_fn()` gives the losses."""
+  def __call__(self, step, metrics=None, force=False):
+    """Records `metrics`' KEYS; prints a line if `every_secs` passed (or `force`)."""
+    self.latest.update({k: v for k, v in (metrics or {}).items() if k in self.KEYS})
     now = time.time()
     if self.start_step is None:
       self.start_step, self.start_time = step, now
@@ -166,7 +172,9 @@ class Progress:
     rate = done / max(now - self.start_time, 1e-9) if done else float("nan")
     eta = format_duration((self.total - step) / rate) if done else "?"
     rate_text = f"{rate:.2f} it/s" if done else "compiled"
-    scalars = scalars_fn() if scalars_fn else None
-    losses = " ".join(f"{k} {scalars[k]:.4g}" for k in self.KEYS if scalars and k in scalars)
+    values = jax.device_get(self.latest)
+    losses = " ".join(f"{k} {float(values[k]):.4g}" for k in self.KEYS if k in values)
     say("step %d/%d (%d%%) | %s | ETA %s%s", step, self.total, 100 * step // self.total,
         rate_text, eta, f" | {losses}" if losses else "")
+    if self.writer is not None and done:
+      self.writer.write_scalars(step, {"steps_per_sec": rate})

@@ -86,8 +86,16 @@ def config_error(argv):
   return None
 
 
+def flags_help():
+  """main's own flags, as --help prints them (whatever module name main runs under)."""
+  module = next(m for m, fl in FLAGS.flags_by_module_dict().items() if FLAGS["workdir"] in fl)
+  return FLAGS.module_help(module)
+
+
 def parse_flags(argv):
-  """absl's parser, after checking the config arguments: a mistake there is one line, exit 2."""
+  """absl's parser, after --help (the flags, exit 0) and a check of the config arguments (a
+  mistake there is one line, exit 2)."""
+  cli.exit_on_help(argv, __doc__, flags_help())
   message = config_error(argv)
   if message:
     print(f"fdistill_jax.main: error: {message}", file=sys.stderr)

@@ -76,6 +76,8 @@ setup() {
     python3 -m pip install -q --user uv
     ~/.local/bin/uv venv -q --python 3.11 ~/venv
     grep -v -E '^(torch|pytest)' ~/$REMOTE_DIR/requirements.txt > /tmp/req.txt
+    # The text-to-image runs' CLIP tokenizer (pinned beside the test dependencies).
+    grep -E '^(transformers|ftfy)==' ~/$REMOTE_DIR/requirements-test.txt >> /tmp/req.txt
     ~/.local/bin/uv pip install -q -p ~/venv -r /tmp/req.txt 'jax[tpu]==$JAX_VERSION' \
       -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
     # gcsfuse, then mount the bucket at the same path on every worker.

@@ -148,13 +148,19 @@ def test_corrupt_latest_checkpoint_is_skipped(tmp_path, caplog):
   trainer = train.Trainer(config)
   mngr = ckpt_lib.manager(str(tmp_path), config)
   restored = ckpt_lib.restore_latest(mngr, ckpt_lib.abstract(trainer.state), config)
+  warned = [r for r in caplog.records if "Metadata file does not exist" in r.getMessage()]
+  assert not warned, "orbax's metadata warning on resume"
   assert int(restored.step) == 2
   assert_trees_equal(jax.device_get(restored.gen), saved_state(tmp_path, 2)["gen"])
   assert any("Skipping unreadable checkpoint at step 4" in r.message for r in caplog.records)
 
 
-def test_incompatible_config_is_refused(tmp_path):
+def test_incompatible_config_is_refused(tmp_path, monkeypatch):
+  """... before the teacher loads (for SD that takes minutes)."""
   run_in_process(tmp_path, **toy_overrides(2, 2))
+  def no_teacher(config):
+    raise AssertionError(f"the teacher {config.teacher.kind} was loaded before the refusal")
+  monkeypatch.setattr(train.runner, "load_teacher", no_teacher)
   with pytest.raises(ValueError, match="divergence: checkpoint has 'js', config has 'fkl'"):
     train.train_and_evaluate(small_toy("fkl", **toy_overrides(4, 2)), str(tmp_path))
   with pytest.raises(ValueError, match="incompatible config"):

@@ -73,3 +73,31 @@ def test_progress_lines_follow_the_current_stdout(monkeypatch):
   console.say("four")
   assert second.getvalue().split() == ["two", "four"]
   assert other.getvalue().split() == ["three"]
+
+
+def test_progress_shows_the_latest_generator_values_on_critic_only_iterations(
+    monkeypatch, caplog):
+  """The generator steps on even iterations only; a line on an odd (critic-only) one still
+  shows gen/loss (its latest value) next to the critic's; the speed goes to the writer."""
+  caplog.set_level(logging.INFO, logger=console.PROGRESS_LOGGER)
+  clock = Clock(monkeypatch)
+
+  class Writer:
+    def __init__(self):
+      self.scalars = []
+
+    def write_scalars(self, step, scalars):
+      self.scalars.append((step, scalars))
+
+  writer = Writer()
+  progress = console.Progress(total=5, start=0, every_secs=1, writer=writer)
+  for step in range(1, 6):
+    clock.now += 2
+    metrics = {"fake/loss": step / 10, "disc/loss": 1.0}
+    if step % 2 == 0:
+      metrics["gen/loss"] = step / 100
+    progress(step, metrics)
+  lines = _lines(caplog)
+  assert lines[-1].endswith("| gen/loss 0.04 fake/loss 0.5 disc/loss 1"), lines
+  assert lines[2].endswith("| gen/loss 0.02 fake/loss 0.3 disc/loss 1"), lines
+  assert writer.scalars[-1] == (5, {"steps_per_sec": 0.5}), writer.scalars

@@ -234,6 +234,28 @@ def test_fig4b_and_fig5b_figures(tmp_path):
 
 
 @pytest.mark.slow
+def test_analysis_says_when_fig5b_is_skipped(tmp_path, caplog):
+  """A sweep without the 'fkl_unnormalised' row: Fig. 5(b) is skipped with one line naming
+  the missing run; with both rows both curves are drawn."""
+  caplog.set_level("INFO", logger="fdistill_jax.progress")
+  dirs = {"js": ["/runs/js"], "fkl": ["/runs/fkl"]}
+  atomic.write_json(str(tmp_path / "sweep.json"), {"run_dirs": dirs})
+  fig6, loss = analysis.sweep_runs(str(tmp_path))
+  assert fig6 == {"js": "/runs/js", "fkl": "/runs/fkl"} and loss == {}
+  (line,) = [r.getMessage() for r in caplog.records if "Fig. 5(b)" in r.getMessage()]
+  assert "skipped" in line and "'fkl_unnormalised'" in line, line
+  dirs["fkl_unnormalised"] = ["/runs/u"]
+  atomic.write_json(str(tmp_path / "sweep.json"), {"run_dirs": dirs})
+  assert list(analysis.sweep_runs(str(tmp_path))[1].values()) == ["/runs/fkl", "/runs/u"]
+
+
+def test_fig6_subtitle_keeps_a_small_effect():
+  """h normalised to mean 1 moves by tenths of a percent: 0.9968 -> 1.0041 must not print as
+  '1.00 / 1.00'."""
+  title = analysis.panel_title("js", 0.99684, 1.00412)
+  assert "0.9968 / 1.0041" in title and "+0.73%" in title, title
+
+
 def test_teacher_then_student_through_main(tmp_path, clf_path):
   """`python -m fdistill_jax.main` trains a CI-sized EDM teacher (configs/digits.py:
   teacher,runlocal), writes it as a converted teacher, and a JS student distilled from it

@@ -204,6 +204,8 @@ def test_cli_writes_metrics(tmp_path, capsys):
   assert printed == written
   assert {"fid", "precision", "recall", "num_samples", "inception", "fid_method"} <= set(written)
   assert "NOT FID" in written["inception"] and written["num_samples"] == 8
+  assert "only 8 samples" in written["fid_warning"]       # 8 < 2048 features: reported
+  assert fid.few_samples_warning(fid.MIN_FID_SAMPLES) is None
   # Samples are the reference images: every sample lies in its own ball and
   # vice versa, and the mean/covariance terms cancel (rank-8 covariances).
   assert written["precision"] == 1.0 and written["recall"] == 1.0

@@ -38,8 +38,8 @@ def test_every_subpackage_is_found_by_the_package_discovery():
   found = setuptools.find_packages(where=str(REPO),
                                    **PYPROJECT["tool"]["setuptools"]["packages"]["find"])
   assert sorted(found) == source_packages()
-  for name in ("io", "teachers", "data", "train", "eval", "toy", "digits", "tools", "sd",
-               "networks.sd"):
+  for name in ("io", "data", "train", "tools", "models", "models.sd", "loaders", "pipelines",
+               "metrics", "metrics.t2i", "problems.toy", "problems.digits", "problems.t2i"):
     assert f"fdistill_jax.{name}" in found, name
 
 
@@ -81,7 +81,8 @@ def test_module_level_imports_are_declared_dependencies():
 def test_console_scripts_point_at_callables():
   scripts = PYPROJECT["project"]["scripts"]
   assert {"fdistill-train", "fdistill-convert", "fdistill-sample", "fdistill-evaluate",
-          "fdistill-sweep", "fdistill-sample-t2i", "fdistill-plot-weights"} <= set(scripts)
+          "fdistill-sweep", "fdistill-sample-t2i", "fdistill-plot-weights",
+          "fdistill-evaluate-t2i", "fdistill-digits-sweep", "fdistill-analysis"} <= set(scripts)
   for name, target in scripts.items():
     module, attr = target.split(":")
     fn = getattr(importlib.import_module(module), attr)

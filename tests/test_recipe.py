@@ -184,6 +184,21 @@ def test_student_copies_have_no_dropout_by_default():
 # 7. Discriminator: independent noise, DMD2's head, DMD2's fake-score features.
 
 
+def test_a_feature_resolution_the_teacher_lacks_names_the_fields_to_change():
+  """disc.resolutions=(3,) on the 8x8 tiny teacher (encoder at 8, 4, ...): the error lists
+  what exists and says to change disc.resolutions or data.resolution (issue 23, item 7)."""
+  c = tiny.get_config("js")
+  c.disc.resolutions = (3,)
+  teacher = edm_teachers.random_teacher(ml_collections.FrozenConfigDict(c))
+  models = models_lib.from_teacher(teacher, c.disc)
+  with pytest.raises(ValueError) as e:
+    models_lib.init_heads(models, teacher.variables, jax.random.PRNGKey(0))
+  message = str(e.value)
+  assert "--config.disc.resolutions" in message and "--config.data.resolution" in message
+  assert "[8, 4" in message and len(message.splitlines()) == 1, message
+
+
+
 def test_real_and_generated_batches_get_independent_noise_levels(monkeypatch):
   """The heads see real data at its own sigma and noise (DMD2, FastGen)."""
   c = ml_collections.FrozenConfigDict(small_toy("js", batch_size=64))

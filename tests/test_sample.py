@@ -150,11 +150,12 @@ def test_samples_follow_the_documented_noise_and_are_reproducible(toy_run):
   assert np.abs(x8 - other).min() > 0                # every sample changes with the seed
 
 
-def test_cli_writes_toy_npz_and_plot(toy_run, tmp_path):
+def test_cli_writes_toy_npz_and_plot(toy_run, tmp_path, capsys):
   workdir, state = toy_run
   out, grid = tmp_path / "s.npz", tmp_path / "toy.png"
   assert run_sample([f"--workdir={workdir}", "--num=20", f"--out={out}", f"--grid={grid}",
                      "--seed=2", "--batch=16"]) == 0
+  assert capsys.readouterr().out.splitlines()[-2:] == [f"wrote {out}", f"wrote {grid}"]
   with np.load(out) as data:
     assert sorted(data.files) == ["labels", "samples"]
     assert data["samples"].dtype == np.float32 and data["labels"].dtype == np.int32

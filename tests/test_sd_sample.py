@@ -74,3 +74,15 @@ def test_command_line(tmp_path, tiny_folder):
   width, height = Image.open(out).size       # 3 captioned tiles, 2 per row, enlarged
   assert width > 2 * 100 and height > 2 * 100
   assert "2\tTwo dogs" in (tmp_path / "grid.png.txt").read_text(encoding="utf-8")
+
+
+def test_text_to_image_grid_has_one_column_per_image_of_a_prompt(tmp_path, monkeypatch):
+  """2 prompts x 4 images: a 4-column grid (one row per prompt), not ceil(sqrt(8)) = 3."""
+  from fdistill_jax.tools import sample_t2i  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(sample_t2i.figures, "save_image_grid",
+                      lambda images, path, **kw: calls.append(kw) or path)
+  images = np.zeros((8, 4, 4, 3), np.uint8)
+  sample_t2i.write_outputs(images, np.repeat(np.arange(2), 4), ["a", "b"], 0,
+                           out=str(tmp_path / "g.png"))
+  assert calls[0]["ncols"] == 4 and calls[0]["labels"] == ["a"] * 4 + ["b"] * 4

@@ -6,6 +6,7 @@ the files a toy run writes; one runs a real (tiny) sweep end to end.
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -106,6 +107,31 @@ def test_cli_writes_table_json_and_figure(tmp_path, monkeypatch, caplog):
   assert set(data["results"]) == {REFERENCE, "rkl", "js", "fkl"}
   assert len(data["run_dirs"]["js"]) == 2
   assert os.path.getsize(tmp_path / sweep.FIGURE) > 10_000
+
+
+def _github_cells(line):
+  """The cells GitHub renders for one table line: split at '|' not escaped by a backslash."""
+  return re.split(r"(?<!\\)\|", line.strip().strip("|"))
+
+
+def test_tables_render_on_github_and_one_seed_shows_no_spread():
+  """The toy's 'KL(p||q)' column and the digits table: every line has the header's cell
+  count (unescaped pipes would add cells); one seed prints the value, several mean ± std."""
+  from fdistill_jax.tools import digits_sweep  # pylint: disable=g-import-not-at-top
+  toy = sweep.TABLES["toy"]
+  run = {"modes_covered": 9, "num_modes": 10, "forward_kl": 0.5, "reverse_kl": 0.4,
+         "off_mode_fraction": 0.1, "precision": 0.8, "recall": 0.7, "mode_mass": [0.1] * 10,
+         "mode_weights": [0.1] * 10, "mode_mass_expected": [0.1] * 10}
+  digits_row = {"name": "js", "calls": 1, "fd": 3.0, "precision": 0.9, "recall": 0.8,
+                "class_accuracy": 0.95, "seconds": 12.0}
+  for seeds, text in ((["0"], sweep.markdown_table({"js": [run]}, toy, ["0"])),
+                      (["0", "1"], sweep.markdown_table({"js": [run, run]}, toy, ["0", "1"])),
+                      (["0"], digits_sweep.markdown_table({"js|x": [digits_row]}, ["0"]))):
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    assert len({len(_github_cells(line)) for line in lines}) == 1, text
+    assert ("±" in text) == (len(seeds) > 1), text
+  assert "KL(p\\|\\|q)" in sweep.markdown_table({"js": [run]}, toy, ["0"])
+  assert sweep.cell([0.5]) == "0.500" and sweep.cell([1.0, 3.0]) == "2.000 ± 1.000"
 
 
 def test_a_real_tiny_sweep(tmp_path, monkeypatch):

@@ -256,6 +256,19 @@ def test_plot_toy_writes_png(mixture, true_samples, tmp_path):
   assert sorted(os.listdir(tmp_path / "sub")) == ["toy.png"]   # no temporary left
 
 
+def test_toy_figure_says_grey_is_the_teacher_p_and_orange_the_generator_q(
+    mixture, true_samples, tmp_path, monkeypatch):
+  figs = []
+  monkeypatch.setattr(plots, "save_figure", lambda fig, path: figs.append(fig) or path)
+  plots.plot_toy(str(tmp_path / "t.png"), mixture, {"samples": true_samples[0][:100]}, size=16)
+  (fig,) = figs
+  legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+  assert legends, "the sample panels have no legend"
+  texts = [t.get_text() for t in legends[0].get_texts()]
+  assert texts == ["teacher p (density)", "generator q (samples)"], texts
+  assert fig.axes[0].get_title() == "teacher density p"
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_image_grid_layout_and_edm_quantisation(channels):
   images = np.random.default_rng(0).uniform(-1, 1, (5, 4, 6, channels)).astype(np.float32)

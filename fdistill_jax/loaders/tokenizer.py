@@ -34,7 +34,7 @@ def _import_tokenizer_libs():
     import transformers  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(f"tokenizing prompts needs transformers and ftfy ({e}): "
-                      "pip install -r requirements.txt") from e
+                      "pip install -r requirements-test.txt (or pip install -e '.[sd]')") from e
   return ftfy, transformers
 
 

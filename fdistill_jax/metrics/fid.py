@@ -12,6 +12,7 @@ precision and recall use the same features. Reference statistics use EDM's
 """
 
 import functools
+import logging
 import pathlib
 
 import jax
@@ -91,6 +92,23 @@ def extract_features(images, feature_fn, batch_size=256, what="Inception feature
   if not out:
     raise ValueError("No images to evaluate: got an empty set.")
   return np.concatenate(out).astype(np.float32)
+
+
+# Inception's feature dimension: with fewer samples the covariance is singular and FID is
+# strongly biased upwards (published FIDs use 50,000 samples).
+MIN_FID_SAMPLES = 2048
+_LOG = logging.getLogger(__name__)
+
+
+def few_samples_warning(num):
+  """The warning (also logged) for an FID of `num` < MIN_FID_SAMPLES samples; else None."""
+  if num >= MIN_FID_SAMPLES:
+    return None
+  message = (f"FID of only {num} samples (< {MIN_FID_SAMPLES}, Inception's feature dimension): "
+             "the covariance is singular and the value strongly biased upwards; it is not "
+             "comparable with published FIDs (50,000 samples).")
+  _LOG.warning("%s", message)
+  return message
 
 
 def fid_from_samples(images, ref_mu, ref_sigma, feature_fn, batch_size=256, method="eigh"):
@@ -222,6 +240,9 @@ def evaluate(samples, ref, weights, mode="tf", batch_size=256, k=3, num_samples=
             "num_samples": len(features), "samples": str(samples), "ref": str(ref),
             "inception": "random (tests only, NOT FID)" if is_random else str(weights),
             "preprocessing": mode, "fid_method": method}
+  warning = few_samples_warning(len(features))
+  if warning:
+    result["fid_warning"] = warning
   if "features" in reference:
     console.say("Precision and recall (k=%d, %d reference x %d sample features) ...", k,
                 len(reference["features"]), len(features))

@@ -186,6 +186,14 @@ def _field_image(ax, fig, fn, extent, size, label, vmin=None):
   return values
 
 
+def _toy_legend():
+  """The toy panels' legend: grey is the teacher's density p, orange the generator's q."""
+  from matplotlib import lines, patches  # pylint: disable=g-import-not-at-top
+  return [patches.Patch(color="grey", alpha=0.5, label="teacher p (density)"),
+          lines.Line2D([], [], ls="", marker="o", ms=3, color="tab:orange",
+                       label="generator q (samples)")]
+
+
 def plot_toy(path, mixture, samples: Mapping[str, np.ndarray], *, title="",
              field: Optional[Callable] = None, field_label="field", extent=None,
              size=200, max_points=4000):
@@ -209,7 +217,7 @@ def plot_toy(path, mixture, samples: Mapping[str, np.ndarray], *, title="",
   axes = axes[0]
   log_p = lambda x: np.asarray(mixture.log_density(x, 0.0))
   values = _field_image(axes[0], fig, log_p, extent, size, "log p(x) [nats]")
-  axes[0].set_title("teacher density")
+  axes[0].set_title("teacher density p")
   vmin = np.nanmax(values) - LOG_DENSITY_RANGE
   axes[0].images[0].set_clim(vmin, np.nanmax(values))
   for ax, (name, points) in zip(axes[1:], samples.items()):
@@ -218,6 +226,7 @@ def plot_toy(path, mixture, samples: Mapping[str, np.ndarray], *, title="",
     ax.imshow(np.where(values >= vmin, values, np.nan), extent=(*extent, *extent),
               origin="upper", cmap="Greys", alpha=0.35)
     ax.scatter(points[:, 0], points[:, 1], s=2, c="tab:orange", alpha=0.6, linewidths=0)
+    ax.legend(handles=_toy_legend(), loc="lower right", fontsize=7, framealpha=0.8)
     ax.set_xlim(extent)
     ax.set_ylim(extent)
     ax.set_aspect("equal")

@@ -119,6 +119,13 @@ def weight_and_score_difference(trainer, num, sigma, seed, batch=640):
   return np.exp(np.asarray(log_h, np.float64)), diff
 
 
+def panel_title(name, low, high):
+  """Fig. 6's panel subtitle: mean h over the lowest and highest third of score differences,
+  to 4 decimals and as a relative change (h is normalised to mean 1: the effect is small)."""
+  return (f"{name}: mean h, lowest / highest third {low:.4f} / {high:.4f} "
+          f"({100 * (high / low - 1):+.2f}%)")
+
+
 def figure6(path, runs, num, sigma, seed, num_bins):
   """Fig. 6 from {name: run dir}; returns the path and {name: Spearman-like summary}."""
   panels, summary = {}, {}
@@ -131,8 +138,7 @@ def figure6(path, runs, num, sigma, seed, num_bins):
     summary[name] = {"h_low_difference": float(y[:third].mean()),
                      "h_high_difference": float(y[-third:].mean())}
     label = f"{trainer.config.divergence} (n={num})"
-    panels[f"{name}: mean h, lowest / highest third {y[:third].mean():.2f} / "
-           f"{y[-third:].mean():.2f}"] = {label: (x, y, err)}
+    panels[panel_title(name, y[:third].mean(), y[-third:].mean())] = {label: (x, y, err)}
   figures.plot_panels(path, panels, xlabel="score difference: RMS of D_fake - D_teacher",
                       ylabel="h(r) (normalised, batch mean 1)",
                       title=f"Fig. 6: weight vs score difference, sigma = {sigma:g}, "
@@ -194,6 +200,10 @@ def _pairs(items, what):
   return out
 
 
+# Fig. 5(b)'s curves: (label, the digits sweep's row).
+FIG5B_ROWS = (("fkl, normalised", "fkl"), ("fkl, unnormalised", "fkl_unnormalised"))
+
+
 def sweep_runs(workdir):
   """({divergence row: run dir}, {loss label: run dir}) of a digits sweep (first seed)."""
   path = os.path.join(workdir, "sweep.json")
@@ -203,10 +213,13 @@ def sweep_runs(workdir):
   with open(path) as f:
     dirs = {name: runs[0] for name, runs in json.load(f)["run_dirs"].items()}
   fig6 = {d: dirs[d] for d in divergences.DIVERGENCES if d in dirs}
-  loss = {label: dirs[k] for label, k in (("fkl, normalised", "fkl"),
-                                          ("fkl, unnormalised", "fkl_unnormalised"))
-          if k in dirs}
-  return fig6, loss
+  missing = [k for _, k in FIG5B_ROWS if k not in dirs]
+  if missing:
+    console.say("Fig. 5(b) skipped: the sweep in %s has no %s run (tools.digits_sweep makes "
+                "both with 'fkl' in --variants and --unnormalised; or pass --loss_runs).",
+                workdir, " or ".join(repr(k) for k in missing))
+    return fig6, {}
+  return fig6, {label: dirs[k] for label, k in FIG5B_ROWS}
 
 
 def main(argv):

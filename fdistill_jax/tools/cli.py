@@ -1,11 +1,14 @@
-"""What every command-line tool shares: its own absl FlagValues, a quiet console, and
-user errors as one line with exit code 1.
+"""What every command-line tool shares: absl's runner, its own FlagValues, a quiet
+console, and user errors as one line with exit code 1.
 
-Each tool defines its flags on a FlagValues of its own (`define_flags()`), so
-tools can be imported together (tests, notebooks) without clashing names. A
-user's mistake (a missing file, a bad flag value, a hostile or corrupt file)
-ends in `TOOL: error: MESSAGE` on stderr and exit code 1, never a traceback;
-anything else is a bug and keeps its traceback.
+Each tool defines its flags on a FlagValues of its own (`new_flags()`), so
+tools can be imported together (tests, notebooks) without clashing names, and
+runs through `absl.app.run` (`entry_point`): absl's own flags (--verbosity,
+--only_check_args, --helpfull) work as for any absl program. `--help` prints
+the tool's docstring and its flags and exits 0; a bad flag is one line and
+exit code 2. A user's mistake (a missing file, a bad flag value, a hostile or
+corrupt file) ends in `TOOL: error: MESSAGE` on stderr and exit code 1, never a
+traceback; anything else is a bug and keeps its traceback.
 """
 
 import os
@@ -17,6 +20,7 @@ from typing import Callable, Sequence
 # oneDNN notice is printed on every start.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 from fdistill_jax import console  # noqa: E402
@@ -24,11 +28,23 @@ from fdistill_jax import console  # noqa: E402
 # Exceptions that mean "the input was wrong", reported in one line.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
                PermissionError, pickle.UnpicklingError)
+HELP_ARGS = ("--help", "-h", "--helpshort", "-?")
 
 
 def new_flags() -> flags.FlagValues:
-  """An empty FlagValues for one tool (--help is handled by `parse`)."""
+  """An empty FlagValues for one tool."""
   return flags.FlagValues()
+
+
+def exit_on_help(argv: Sequence[str], doc: str, flags_help: str):
+  """Prints `doc` and `flags_help` and exits 0 when argv asks for --help (before `--`)."""
+  args = list(argv[1:])
+  args = args[:args.index("--")] if "--" in args else args
+  if any(a in HELP_ARGS for a in args):
+    flags_help = "\n".join(line for line in flags_help.strip().splitlines()   # no module paths
+                           if line.startswith(" ") or not line.endswith(":"))
+    print(f"{doc.strip()}\n\nFlags:\n{flags_help}\n\n(absl's own flags: --helpfull)")
+    sys.exit(0)
 
 
 def call(main: Callable, name: str, argv: Sequence[str]) -> int:
@@ -41,29 +57,33 @@ def call(main: Callable, name: str, argv: Sequence[str]) -> int:
   return 0 if result is None else int(result)
 
 
-def parse(fv: flags.FlagValues, argv: Sequence[str], name: str, doc: str = ""):
-  """Parses argv into fv; --help prints `doc` and the flags and exits 0, bad flags exit 2."""
-  if "--help" in argv[1:] or "-h" in argv[1:]:
-    print(doc.strip() + "\n\nFlags:\n" + fv.get_help())
-    sys.exit(0)
+def _parse(fv: flags.FlagValues, argv: Sequence[str], name: str, known_only=False):
   try:
-    return fv(list(argv))
+    return fv(list(argv), known_only=known_only)
   except flags.Error as e:
-    print(f"{name}: error: {e} (see --help)", file=sys.stderr)
+    message = "; ".join(str(e).splitlines())
+    print(f"{name}: error: {message} (see --help)", file=sys.stderr)
     sys.exit(2)
 
 
-def run(main: Callable, name: str, fv: flags.FlagValues, doc: str = ""):
-  """The tool's entry point: parse sys.argv into fv, keep the console quiet, run main."""
-  argv = parse(fv, sys.argv, name, doc)
-  console.quiet_console()
-  sys.exit(call(main, name, argv))
+def flags_parser(fv: flags.FlagValues, name: str, doc: str = ""):
+  """absl's `flags_parser` for a tool: --help, then the tool's flags, then absl's own."""
+  def parse(argv):
+    exit_on_help(argv, doc, fv.get_help(include_special_flags=False))
+    rest = _parse(fv, argv, name, known_only=True)
+    return _parse(flags.FLAGS, rest, name)    # absl's flags; anything left is unknown
+  return parse
 
 
 def entry_point(main: Callable, name: str, fv: flags.FlagValues, doc: str = ""):
-  """A no-argument callable running the tool on sys.argv (console scripts, `__main__`)."""
+  """A no-argument callable running the tool on sys.argv through `absl.app.run`
+  (console scripts, `__main__`)."""
+  def tool_main(argv):
+    console.quiet_console()
+    return call(main, name, argv)
+
   def run_tool():
-    run(main, name, fv, doc)
+    app.run(tool_main, flags_parser=flags_parser(fv, name, doc))
   run_tool.__name__ = run_tool.__qualname__ = f"{name}_cli"
   run_tool.__doc__ = f"`{name}` on sys.argv (see pyproject.toml [project.scripts])."
   return run_tool
@@ -75,4 +95,4 @@ def invoke(main: Callable, name: str, fv: flags.FlagValues, args: Sequence[str])
   The flags are reset first, so consecutive calls do not see each other's values.
   """
   fv.unparse_flags()
-  return call(main, name, parse(fv, [name, *args], name))
+  return call(main, name, _parse(fv, [name, *args], name))

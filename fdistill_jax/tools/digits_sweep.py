@@ -30,7 +30,6 @@ import os
 import time
 
 from absl import flags
-import numpy as np
 
 from fdistill_jax import console
 from fdistill_jax.problems.digits import report as digits_report
@@ -124,27 +123,14 @@ COLUMNS = digits_report.COLUMNS + (("wall time (s)", lambda m: m["seconds"]),)
 WHOLE_NUMBERS = ("calls / sample", "wall time (s)")     # printed without decimals
 
 
-def _cell(values, decimals=3):
-  values = [v for v in values if v is not None]
-  if not values:
-    return "-"
-  v = np.asarray(values, np.float64)
-  if len(v) == 1:
-    return f"{v[0]:.{decimals}f}"
-  return f"{v.mean():.{decimals}f} ± {v.std():.{decimals}f}"
-
-
 def markdown_table(rows, seeds):
   """One row per entry of `rows`; each cell the value, or mean ± std over seeds."""
-  lines = ["| row | " + " | ".join(c for c, _ in COLUMNS) + " |",
-           "|" + "---|" * (len(COLUMNS) + 1)]
-  for name, runs in rows.items():
-    cells = [_cell([fn(m) for m in runs], 0 if column in WHOLE_NUMBERS else 3)
-             for column, fn in COLUMNS]
-    lines.append(f"| {name} | " + " | ".join(cells) + " |")
-  return "\n".join(lines) + (f"\n\nStudents: mean ± std over seeds {', '.join(map(str, seeds))}"
-                             if len(seeds) > 1 else f"\n\nStudents: seed {seeds[0]}") + \
-      "; one teacher (its rows and the floor have no spread).\n"
+  lines = [[name] + [sweep.cell([fn(m) for m in runs], 0 if column in WHOLE_NUMBERS else 3)
+                     for column, fn in COLUMNS]
+           for name, runs in rows.items()]
+  text = sweep.markdown(["row"] + [c for c, _ in COLUMNS], lines)
+  return (f"{text}\n\n{sweep.seeds_note(seeds, 'Students: ')}; one teacher (its rows and the "
+          "floor have no spread).\n")
 
 
 def main(argv):

@@ -151,6 +151,10 @@ def _score():
     result["inception"] = "random (tests only, NOT FID)"
   elif FLAGS.ref:
     result["inception"] = FLAGS.inception
+  if FLAGS.ref:
+    warning = fid.few_samples_warning(result["num_samples"])
+    if warning:
+      result["fid_warning"] = warning
   atomic.write_json(out, result)
   return result
 

@@ -192,6 +192,8 @@ def sample_text_to_image(f):
 def main(argv):
   del argv
   print(f"wrote {run()}")
+  if FLAGS.grid and not FLAGS.export:
+    print(f"wrote {os.path.abspath(FLAGS.grid)}")
 
 
 cli_main = cli.entry_point(main, "sample", FLAGS, __doc__)

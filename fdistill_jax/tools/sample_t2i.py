@@ -79,7 +79,9 @@ def write_outputs(images, prompt_index, prompts, seed, out=None, npz=None):
                      prompts=np.asarray(prompts), seed=np.int64(seed))
   if out:
     captions = [_short(prompts[p]) for p in prompt_index]
+    per_prompt = int(np.bincount(prompt_index).max())      # one row per prompt
     figures.save_image_grid(images, out, labels=captions, tile_inches=1.6,
+                            ncols=per_prompt if per_prompt > 1 else None,
                             title=f"text-to-image samples, seed {seed}")
     lines = [f"{i}\t{p}\t{prompts[p]}" for i, p in enumerate(prompt_index)]
     atomic.write_text(out + ".txt", "index\tprompt_index\tprompt (grid row-major)\n" +

@@ -88,13 +88,6 @@ def table_for(config) -> Table:
                    f"{sorted(TABLES)}.")
 
 
-def _set(config, dotted, value):
-  message = config_lib.unknown_field(config, dotted)
-  if message:
-    raise ValueError(f"--set={dotted}=...: {message}")
-  config_lib.set_field(config, dotted, value)
-
-
 def parse_override(text) -> tuple[str, Any]:
   """'loss.gan_weight=0.01' -> ('loss.gan_weight', 0.01); values are Python literals."""
   if "=" not in text:
@@ -111,9 +104,12 @@ def run_config(config_path, variant, seed, overrides, table):
   """The resolved config of one run."""
   config = config_lib.load_config_file(f"{config_path}:{variant}")  # checks the variant
   for key, value in overrides:
-    _set(config, key, value)
+    try:
+      config_lib.set_field(config, key, value)
+    except ValueError as e:
+      raise ValueError(f"--set={key}=...: {e}") from None
   for field in ("seed", "data.seed") + tuple(table.seed_fields):
-    _set(config, field, int(seed))
+    config_lib.set_field(config, field, int(seed))
   return config
 
 
@@ -169,17 +165,37 @@ def _read(path):
     return json.load(f)
 
 
+def cell(values, decimals=3) -> str:
+  """One table cell: '-' for no value, the value for one seed, else 'mean ± std'."""
+  values = [v for v in values if v is not None]
+  if not values:
+    return "-"
+  v = np.asarray(values, np.float64)
+  if len(v) == 1:
+    return f"{v[0]:.{decimals}f}"
+  return f"{v.mean():.{decimals}f} ± {v.std():.{decimals}f}"
+
+
+def markdown(header, rows) -> str:
+  """A GitHub markdown table (the project's one table writer); '|' in a cell is escaped."""
+  def line(cells):
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+  return "\n".join([line(header), "|" + "---|" * len(header)] + [line(r) for r in rows])
+
+
+def seeds_note(seeds, what="") -> str:
+  """'mean ± std over seeds 0, 1, 2' or, for one seed, 'seed 0' (no spread to show)."""
+  if len(seeds) > 1:
+    return f"{what}mean ± std over seeds {', '.join(map(str, seeds))}"
+  return f"{what}seed {seeds[0]}"
+
+
 def markdown_table(results, table, seeds):
-  """mean +- std over seeds of each measure, one row per variant."""
-  head = "| variant | " + " | ".join(c for c, _ in table.columns) + " |"
-  rows = [head, "|" + "---|" * (len(table.columns) + 1)]
-  for name, runs in results.items():
-    cells = []
-    for _, fn in table.columns:
-      v = np.array([fn(m) for m in runs], np.float64)
-      cells.append(f"{v.mean():.3f} ± {v.std():.3f}")
-    rows.append(f"| {name} | " + " | ".join(cells) + " |")
-  return "\n".join(rows) + f"\n\nmean ± std over seeds {', '.join(map(str, seeds))}.\n"
+  """mean ± std over seeds of each measure, one row per variant."""
+  rows = [[name] + [cell([fn(m) for m in runs]) for _, fn in table.columns]
+          for name, runs in results.items()]
+  text = markdown(["variant"] + [c for c, _ in table.columns], rows)
+  return f"{text}\n\n{seeds_note(seeds)}.\n"
 
 
 def main(argv):

@@ -208,6 +208,14 @@ def saved_config(workdir):
   return None if found is None else found[1]
 
 
+def check_resumable(workdir, config):
+  """Refuses a config that the newest readable checkpoint of `workdir` was not made with
+  (`check_compatible`): the check of `restore_latest`, made before any teacher loads."""
+  saved = saved_config(workdir)
+  if saved is not None:
+    check_compatible(saved, config)
+
+
 def restore_latest(mngr, abstract_state, config, keep_unreadable=False):
   """Restores the newest readable checkpoint; returns the state or None.
 
@@ -233,7 +241,9 @@ def _saved_shapes(mngr, step):
   """{path: shape} of the saved state, from its metadata; None if unreadable."""
   state_dir = os.path.join(str(mngr.directory), str(step), "state")
   try:
-    tree = ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree
+    # The item's handler reads state/_METADATA; a Checkpointer would also look for a
+    # checkpoint-level _CHECKPOINT_METADATA there (it is one level up) and warn on every resume.
+    tree = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir)).tree
   except Exception:  # pylint: disable=broad-except
     return None
   return _shapes(tree)

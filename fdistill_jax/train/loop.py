@@ -211,7 +211,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, sourc
                        teacher=None):
   """Runs (or resumes) a distillation run in `workdir`; returns the final TrainState.
 
-  The config and the workdir are checked before the teacher is loaded.
+  The config, the workdir and (on a resume) the config against the checkpoint's are
+  checked before the teacher is loaded.
   `source` (a data source) and `teacher` (a `teachers.base.Teacher`) replace
   the ones the config names, e.g. to share one fitted teacher across a sweep.
 
@@ -222,6 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, sourc
   workdir = check_workdir(workdir)
   with _SigtermFlag() as sigterm, ckpt_lib.lock_workdir(workdir), \
       console.log_to_file(_log_path(workdir)):
+    ckpt_lib.check_resumable(workdir, config)
     console.say("Building the run in %s (teacher: %s) ...", workdir, config.teacher.kind)
     trainer = make_trainer(config, source, teacher=teacher)
     return _run(trainer, workdir, sigterm)
@@ -357,9 +359,7 @@ def _evaluator_actions(trainer, workdir, writer):
 def _loop(trainer, workdir, mngr, writer, sigterm):
   config, step = trainer.config, trainer.step
   averages, start = _Averages(), step
-  progress = console.Progress(config.total_steps, step)
-  report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
-                                           every_secs=60.0)
+  progress = console.Progress(config.total_steps, step, writer=writer)
   log_action = periodic_actions.PeriodicCallback(
       every_steps=config.log_every, on_steps=[config.total_steps],
       callback_fn=lambda step, t: writer.write_scalars(step, _scalars(averages.pop())))
@@ -380,10 +380,8 @@ def _loop(trainer, workdir, mngr, writer, sigterm):
       if step == start + 1:
         console.say("First iteration done in %s (compilation included); %d to go.",
                     console.format_duration(time.time() - started), config.total_steps - step)
-      report(step)
       log_action(step)
-      progress(step, lambda m=metrics: _scalars(jax.device_get(
-          {k: v for k, v in m.items() if k in console.Progress.KEYS})))
+      progress(step, metrics)
       for action in evaluators:
         action(step)
       preempted = sigterm.requested or mngr.reached_preemption(step)

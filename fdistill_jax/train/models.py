@@ -84,6 +84,12 @@ def init_heads(models, teacher_vars, rng):
     _, f = models.teacher.apply(teacher_vars, x, jnp.ones((1,)), labels,
                                 feature_resolutions=models.feature_keys)
     return f
-  shapes = jax.eval_shape(feats)
+  try:
+    shapes = jax.eval_shape(feats)
+  except ValueError as e:        # the teacher has no features at some of the keys
+    raise ValueError(
+        f"disc.resolutions={models.feature_keys}: {e} Change --config.disc.resolutions to "
+        "those, or --config.data.resolution (the features lie at the input resolution divided "
+        "by the U-Net's downsampling, and by the VAE's for a latent teacher).") from None
   dummy = {k: jnp.zeros(v.shape, jnp.float32) for k, v in shapes.items()}
   return models.heads.init(rng, dummy)["params"]

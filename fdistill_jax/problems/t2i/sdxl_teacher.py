@@ -81,6 +81,7 @@ def teacher_from_config(config) -> base.Teacher:
 
 def random_teacher(config) -> base.Teacher:
   """`teacher.kind='sdxl_random'`: `teacher.arch`'s SDXL networks with random weights."""
+  sd.refuse_path(config, "sdxl")
   arch = config.teacher.arch.to_dict()
   missing = [k for k in PARTS if k not in arch]
   if missing:
@@ -95,8 +96,8 @@ def random_teacher(config) -> base.Teacher:
   for key, tower in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
     folder = config.teacher.get(key, "")
     if not folder:
-      raise ValueError(f"teacher.kind='sdxl_random' needs --config.teacher.{key}=FOLDER (a CLIP "
-                       "tokenizer folder: vocab.json + merges.txt).")
+      raise ValueError(f"teacher.kind='sdxl_random' needs --config.teacher.{key}=FOLDER "
+                       f"({sd.TOKENIZER_HINT}).")
     length = modules[tower].text_model.max_position_embeddings
     tokenizers.append(sd_tokenizer.CLIPTokenizer(folder, length))
   identity = {"kind": "sdxl_random", "arch": arch, "seed": config.seed + 1}

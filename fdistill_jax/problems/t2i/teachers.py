@@ -99,8 +99,23 @@ def teacher_from_config(config) -> base.Teacher:
   return _build(modules, variables, pipe.tokenizer, config, cfgs["unet"], identity)
 
 
+TOKENIZER_HINT = ("a CLIP tokenizer folder: tokenizer.json, or vocab.json + merges.txt, e.g. "
+                  "the tokenizer/ folder of stable-diffusion-v1-5")
+
+
+def refuse_path(config, real_kind):
+  """The '_random' kinds draw their networks and read no weights: a teacher.path is refused
+  (it would be silently ignored), naming the kind that reads it."""
+  if config.teacher.get("path"):
+    raise ValueError(
+        f"teacher.kind={config.teacher.kind!r} (the 'tiny' variant) draws random networks and "
+        f"reads no --config.teacher.path={config.teacher.path}; to distil your own model "
+        f"folder, add --config.teacher.kind={real_kind}.")
+
+
 def random_teacher(config) -> base.Teacher:
   """`teacher.kind='sd15_random'`: `teacher.arch`'s SD networks with random weights."""
+  refuse_path(config, "sd15")
   arch = config.teacher.arch.to_dict()
   missing = [k for k in ("unet", "text_encoder", "vae") if k not in arch]
   if missing:
@@ -113,8 +128,8 @@ def random_teacher(config) -> base.Teacher:
                for i, k in enumerate(("unet", "text_encoder", "vae"))}
   tok_dir = config.teacher.get("tokenizer", "")
   if not tok_dir:
-    raise ValueError("teacher.kind='sd15_random' needs --config.teacher.tokenizer=FOLDER (a CLIP "
-                     "tokenizer folder: vocab.json + merges.txt).")
+    raise ValueError("teacher.kind='sd15_random' needs --config.teacher.tokenizer=FOLDER "
+                     f"({TOKENIZER_HINT}).")
   tokenizer = sd_tokenizer.CLIPTokenizer(
       tok_dir, modules["text_encoder"].text_model.max_position_embeddings)
   identity = {"kind": "sd15_random", "arch": arch, "seed": config.seed + 1}
