@@ -25,6 +25,7 @@ import numpy as np
 import PIL.Image
 
 from fdistill_jax.data import sources
+from fdistill_jax.loaders import limits
 
 MAX_IMAGE_BYTES = 256 * 2**20          # one image file
 MAX_LABELS_BYTES = 2**30               # dataset.json (ImageNet's is ~50 MB)
@@ -83,8 +84,12 @@ class _EdmFiles:
                             "dataset file of this format.")
     if os.path.isdir(self.path):
       with open(file, "rb") as f:
-        return f.read()
-    return self._zip().read(name)
+        return f.read(limit + 1)[:limit]
+    where = f"{self.path}/{name}"
+    try:     # inflated in pieces, never past the declared (checked) size
+      return limits.read_zip_member(self._zip(), name, limits.Budget(limit, where))
+    except limits.ResourceLimitError as e:
+      raise UnreadableImage(f"{where}: {e}") from None
 
 
 def _labels_json(files: _EdmFiles):

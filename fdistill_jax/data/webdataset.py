@@ -14,7 +14,8 @@ sees exactly the batches it would have seen.
 Images are decoded with Pillow, converted to RGB, center-cropped to a square
 and resized to data.resolution with bicubic filtering (img2dataset's
 `resize_mode='center_crop'`), and scaled to [-1, 1]. An example whose image
-cannot be decoded, or whose caption is empty or not UTF-8, is skipped: its row
+cannot be decoded or is larger than `MAX_IMAGE_SIDE` on a side (read from its
+header, before decoding), or whose caption is empty or not UTF-8, is skipped: its row
 takes the next readable example of the index (i + 1, i + 2, ...), so the
 batch stays a function of (seed, step); skips are counted in `source.skipped`
 and logged.
@@ -49,6 +50,7 @@ from fdistill_jax.data.edm_dataset import MAX_IMAGE_BYTES
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 MAX_CAPTION_BYTES = 64 * 2**10
+MAX_IMAGE_SIDE = 4096         # larger images are skipped from their header, never decoded
 MAX_PROMPT_FILE_BYTES = 2**30
 _LOG = logging.getLogger(__name__)
 
@@ -122,7 +124,10 @@ class WebDatasetIndex:
 def center_crop_resize(data: bytes, resolution: int) -> np.ndarray:
   """uint8 [R, R, 3]: decode, RGB, center square crop, bicubic resize (module docstring)."""
   try:
-    with PIL.Image.open(io.BytesIO(data)) as im:
+    with PIL.Image.open(io.BytesIO(data)) as im:   # reads the header only
+      if max(im.size) > MAX_IMAGE_SIDE:
+        raise _Skip(f"image too large ({im.size[0]}x{im.size[1]} pixels, at most "
+                    f"{MAX_IMAGE_SIDE} per side; checked before decoding)")
       im = im.convert("RGB")
       w, h = im.size
       s = min(w, h)
