@@ -150,3 +150,26 @@ def test_a_failed_run_says_so_and_leaves_no_temporary_checkpoint(tmp_path):
                     "error": "OSError: [Errno 28] No space left on device"}
   loop._record_failure(workdir, 7, KeyboardInterrupt())
   assert json.loads(open(os.path.join(workdir, "status.json")).read())["state"] == "interrupted"
+
+
+def test_library_tracebacks_stay_off_the_console_but_reach_the_log_file(tmp_path):
+  """orbax logs a traceback per failed write (through absl): the log file keeps them."""
+  import io  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
+  from fdistill_jax import console  # pylint: disable=g-import-not-at-top
+  root = logging.getLogger()
+  saved, level = root.handlers[:], root.level
+  stream = io.StringIO()
+  root.handlers[:] = [logging.StreamHandler(stream)]
+  try:
+    console.quiet_console()
+    with console.log_to_file(str(tmp_path / "log.txt")):
+      try:
+        raise OSError(28, "No space left on device")
+      except OSError:
+        logging.getLogger("absl").error("write failed", exc_info=True)
+  finally:
+    root.handlers[:], root.level = saved, level
+  assert "Traceback" not in stream.getvalue() and "write failed" not in stream.getvalue()
+  log = (tmp_path / "log.txt").read_text()
+  assert "write failed" in log and "Traceback" in log and "No space left" in log

@@ -96,10 +96,10 @@ def _labels_json(files: _EdmFiles):
   """The 'labels' list of dataset.json (or None), checked; errors name the file."""
   where = f"{files.path}/dataset.json"
   try:
-    raw = json.loads(files.read("dataset.json", MAX_LABELS_BYTES))
-  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-    raise ValueError(f"{where} is not valid JSON ({str(e)[:200] or type(e).__name__}); rebuild "
-                     "it with dataset_tool.py.") from None
+    raw = limits.json_loads(files.read("dataset.json", MAX_LABELS_BYTES), where,
+                            max_bytes=MAX_LABELS_BYTES)
+  except ValueError as e:
+    raise ValueError(f"{e}; rebuild it with dataset_tool.py.") from None
   if not isinstance(raw, dict):
     raise ValueError(f"{where} must hold a JSON object {{\"labels\": [[file, class], ...]}}, "
                      f"got a {type(raw).__name__}.")

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import io
-import json
 import logging
 import os
 import pathlib
@@ -47,6 +46,7 @@ import PIL.Image
 from fdistill_jax.data import pixels
 from fdistill_jax.data import sources
 from fdistill_jax.data.edm_dataset import MAX_IMAGE_BYTES
+from fdistill_jax.loaders import limits
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 MAX_CAPTION_BYTES = 64 * 2**10
@@ -215,16 +215,20 @@ def read_prompts(path, caption_key="caption", what="data.path") -> tuple[list, i
   if p.stat().st_size > MAX_PROMPT_FILE_BYTES:
     raise ValueError(f"{path}: {p.stat().st_size} bytes is over the 1 GiB limit for a prompts "
                      "file; split it.")
-  lines = p.read_text(encoding="utf-8").splitlines()
+  try:
+    lines = p.read_text(encoding="utf-8").splitlines()
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save the "
+                     "prompts file as UTF-8.") from None
   if p.suffix == ".jsonl":
     prompts = []
     for n, line in enumerate(lines, 1):
       if not line.strip():
         continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not a JSON object ({e.msg}).") from None
+      try:      # bounded: a line nested 100,000 deep is one line of error, not a traceback
+        record = limits.json_loads(line, f"{path}:{n}", max_depth=8)
+      except ValueError as e:
+        raise ValueError(f"{e} Expected one JSON object per line.") from None
       if not isinstance(record, dict) or not isinstance(record.get(caption_key), str):
         raise ValueError(f"{path}:{n}: expected an object with a string {caption_key!r} field "
                          "(set data.caption_key).")

@@ -363,8 +363,8 @@ def _json_depth(obj: Any, max_depth: int, what: str) -> None:
     value, depth = stack.pop()
     if isinstance(value, (dict, list)):
       if depth > max_depth:
-        raise ValueError(f"{what}: JSON nested more than {max_depth} deep: the file is corrupt "
-                         "or hostile.")
+        raise ValueError(f"{what} is not valid JSON (nested more than {max_depth} deep: the "
+                         "file is corrupt or hostile).")
       items = value.values() if isinstance(value, dict) else value
       stack.extend((v, depth + 1) for v in items if isinstance(v, (dict, list)))
 
@@ -392,8 +392,8 @@ def json_loads(text, what: str = "the JSON file", *, max_bytes: int = MAX_JSON_B
   try:
     obj = json.loads(text, parse_constant=no_constants)
   except RecursionError:
-    raise ValueError(f"{what}: JSON nested more than {max_depth} deep: the file is corrupt or "
-                     "hostile.") from None
+    raise ValueError(f"{what} is not valid JSON (nested more than {max_depth} deep: the file "
+                     "is corrupt or hostile).") from None
   except ValueError as e:
     raise ValueError(f"{what} is not valid JSON ({str(e)[:200]}).") from None
   _json_depth(obj, max_depth, what)
