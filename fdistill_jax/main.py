@@ -29,7 +29,6 @@ from ml_collections import config_flags  # noqa: E402
 from fdistill_jax import config_lib  # noqa: E402
 from fdistill_jax import console  # noqa: E402
 from fdistill_jax.tools import cli  # noqa: E402
-from fdistill_jax.train import checkpoint as ckpt_lib  # noqa: E402
 from fdistill_jax.train import loop  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -106,8 +105,7 @@ def main(argv):
               jax.process_count(), jax.local_device_count(), jax.device_count(),
               jax.devices()[0].platform)
   try:
-    ckpt_lib.check_run_target(FLAGS.workdir)
-    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, foreign_ok=False)
   except loop.Preempted as e:
     console.say("%s", e)
     sys.exit(loop.PREEMPTED_EXIT_CODE)

@@ -114,6 +114,9 @@ def test_train_refuses_a_users_folder(tmp_path):
   (folder / "config.json").write_text('{"mine": true}')
   with pytest.raises(ckpt_lib.CheckpointError, match="not a run of this project.*config.json"):
     ckpt_lib.check_run_target(str(folder))
+  with pytest.raises(ckpt_lib.CheckpointError, match="not a run of this project"):
+    loop.check_workdir(str(folder), foreign_ok=False)     # what `main --workdir` runs
+  assert loop.check_workdir(str(folder)) == str(folder)    # library callers: their choice
   ckpt_lib.check_run_target(str(tmp_path / "new"))          # new, empty or a run: fine
   ckpt_lib.check_run_target(str(_run_dir(tmp_path)))
   (tmp_path / "started").mkdir()

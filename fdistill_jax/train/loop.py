@@ -188,8 +188,9 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def check_workdir(workdir):
-  """Fails at once, before the teacher loads, when the workdir cannot be written."""
+def check_workdir(workdir, foreign_ok=True):
+  """Fails at once, before the teacher loads, when the workdir cannot be written (or, unless
+  `foreign_ok`, is a non-empty folder that is not a run: `checkpoint.check_run_target`)."""
   workdir = os.path.abspath(workdir)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f"--workdir={workdir} exists and is not a directory; pass a directory.")
@@ -204,22 +205,25 @@ def check_workdir(workdir):
   except OSError as e:
     raise ValueError(f"--workdir={workdir} is not writable ({e.strerror}); choose a writable "
                      "location.") from None
+  if not foreign_ok:
+    ckpt_lib.check_run_target(workdir)
   return workdir
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, source=None,
-                       teacher=None):
+                       teacher=None, foreign_ok=True):
   """Runs (or resumes) a distillation run in `workdir`; returns the final TrainState.
 
   The config and the workdir are checked before the teacher is loaded.
   `source` (a data source) and `teacher` (a `teachers.base.Teacher`) replace
   the ones the config names, e.g. to share one fitted teacher across a sweep.
+  `foreign_ok=False` (the command line) refuses a non-empty workdir that is not a run.
 
   Raises:
     Preempted: SIGTERM arrived; the state was saved first.
   """
   config = _validated(config)
-  workdir = check_workdir(workdir)
+  workdir = check_workdir(workdir, foreign_ok)
   with _SigtermFlag() as sigterm, ckpt_lib.lock_workdir(workdir), \
       console.log_to_file(_log_path(workdir)):
     console.say("Building the run in %s (teacher: %s) ...", workdir, config.teacher.kind)
