@@ -94,3 +94,16 @@ def test_real_configs_still_build():
   sd_configs.vae_from_config(VAE)
   sd_configs.text_from_config(TEXT)
   sd_configs.vision_from_config(VISION)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"patch_size": 0}, "ViT config: patch_size=0"),
+    ({"num_hidden_layers": 100000}, "ViT config: num_hidden_layers=100000"),
+    ({"qkv_bias": "yes"}, "ViT config: qkv_bias='yes'"),
+    ({"hidden_size": 770}, "does not divide hidden_size=770"),
+])
+def test_dino_vit_config_is_checked_too(change, fragment):
+  from fdistill_jax.metrics.t2i import dino  # pylint: disable=g-import-not-at-top
+  assert dino.vit_from_config({}).hidden_size == 768
+  with pytest.raises(ConversionError, match=fragment):
+    dino.vit_from_config(change)

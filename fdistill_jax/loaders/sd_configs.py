@@ -335,20 +335,26 @@ def text_with_projection_from_config(config: Mapping[str, Any], dtype=jnp.float3
   return clip.CLIPTextModelWithProjection(text, projection_dim=int(proj))
 
 
+def check_vision(c: Mapping[str, Any], what: str) -> None:
+  """A vision transformer's resolved config (CLIP's vision tower, DINO's ViT) against
+  `VISION_SCHEMA`: ranges, heads dividing the width, patches fitting the image, the budget."""
+  check_schema(c, VISION_SCHEMA, what)
+  _check_heads(c["hidden_size"], c["num_attention_heads"], what)
+  if c["patch_size"] > c["image_size"]:
+    raise ConversionError(f"{what} config: patch_size={c['patch_size']} is larger than "
+                          f"image_size={c['image_size']}.")
+  h = c["hidden_size"]
+  _check_budget(c["num_hidden_layers"] * (4 * h * h + 2 * h * c["intermediate_size"])
+                + (c["image_size"] // c["patch_size"]) ** 2 * h
+                + c["num_channels"] * c["patch_size"] ** 2 * h, what)
+
+
 def vision_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
   """CLIPVisionModelWithProjection from a CLIPVisionConfig or a full CLIPConfig dict."""
   if "vision_config" in config:  # A full CLIPConfig: projection_dim is top-level.
     config = {**config["vision_config"], "projection_dim": config.get("projection_dim", 512)}
   c = resolve(config, VISION_KEYS, "CLIP vision", strict=False)
-  check_schema(c, VISION_SCHEMA, "CLIP vision")
-  _check_heads(c["hidden_size"], c["num_attention_heads"], "CLIP vision")
-  if c["patch_size"] > c["image_size"]:
-    raise ConversionError(f"CLIP vision config: patch_size={c['patch_size']} is larger than "
-                          f"image_size={c['image_size']}.")
-  h = c["hidden_size"]
-  _check_budget(c["num_hidden_layers"] * (4 * h * h + 2 * h * c["intermediate_size"])
-                + (c["image_size"] // c["patch_size"]) ** 2 * h
-                + c["num_channels"] * c["patch_size"] ** 2 * h, "CLIP vision")
+  check_vision(c, "CLIP vision")
   c["hidden_act"] = _activation(config, VISION_KEYS)
   proj = c.pop("projection_dim")
   return clip.CLIPVisionModelWithProjection(
