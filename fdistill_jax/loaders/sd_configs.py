@@ -256,9 +256,10 @@ def _check_addition_embedding(c):
 def unet_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
   """UNet2DConditionModel from a diffusers `unet/config.json` dict."""
   c = resolve(config, UNET_KEYS, "UNet")
+  check_schema(c, {"block_out_channels": UNET_SCHEMA["block_out_channels"]}, "UNet")
+  _check_block_types(c)          # names per-block layers_per_block / cross_attention_dim
   check_schema(c, UNET_SCHEMA, "UNet")
   _check_groups(c, "UNet")
-  _check_block_types(c)
   _check_addition_embedding(c)
   n = len(c["block_out_channels"])
   c["transformer_layers_per_block"] = _per_block(c["transformer_layers_per_block"], n,
