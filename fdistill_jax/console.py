@@ -20,18 +20,30 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 PROGRESS_LOGGER = "fdistill_jax.progress"
 
 
+class _NoLibraryTracebacks(logging.Filter):
+  """Keeps the libraries' tracebacks (orbax logs one per failed write through absl) off the
+  console: the log file still gets them, the console gets the tool's one-line error."""
+
+  def filter(self, record):
+    foreign = not record.name.startswith("fdistill_jax")
+    return not (foreign and (record.exc_info or "Traceback (most recent call last)"
+                             in str(record.msg)))
+
+
 def quiet_console():
-  """Console handlers show warnings and errors only; the root logger keeps INFO for files."""
+  """Console handlers show warnings and errors only, without library tracebacks; the root
+  logger keeps INFO (and every traceback) for files."""
   root = logging.getLogger()
   root.setLevel(logging.INFO)
+  if not root.handlers:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
   for handler in root.handlers:
     if not isinstance(handler, logging.FileHandler):
       handler.setLevel(logging.WARNING)
-  if not root.handlers:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setLevel(logging.WARNING)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
+      if not any(isinstance(f, _NoLibraryTracebacks) for f in handler.filters):
+        handler.addFilter(_NoLibraryTracebacks())
 
 
 @contextlib.contextmanager

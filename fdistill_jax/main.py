@@ -113,7 +113,7 @@ def main(argv):
               jax.process_count(), jax.local_device_count(), jax.device_count(),
               jax.devices()[0].platform)
   try:
-    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, foreign_ok=False)
   except loop.Preempted as e:
     console.say("%s", e)
     sys.exit(loop.PREEMPTED_EXIT_CODE)

@@ -165,6 +165,11 @@ def pickle_attacks():
       ("build_function.pkl", PROTO2 + g("_codecs", "encode") + tup(
           NONE, d((s("__defaults__"), tup(s("rot13"))))) + BUILD + STOP,
        "setting the state of a function object is refused"),
+      # A tuple nested 250,000 deep as a dict key: hashing it recursed in C (a segfault).
+      ("deep_tuple_key.pkl", PROTO2 + EMPTY_DICT + b")" + b"\x85" * 250_000 + NONE + SETITEM
+       + STOP, "nests tuples more than 100 deep"),
+      ("tuple_laughs.pkl", PROTO2 + b")" + put(0) + (MARK + b"h\x00" * 10 + TUPLE + put(0)) * 30
+       + EMPTY_DICT + b"h\x00" + NONE + SETITEM + STOP, "expands to more than"),
   ]
 
 
@@ -199,6 +204,16 @@ def zip_bomb_pt(path, torch, mib=256):
         zeros = bytes(2**20)
         for _ in range(mib):
           f.write(zeros)
+
+
+def bzip2_pt(path, torch):
+  """A torch zip archive whose members are bzip2-compressed (method 12: inflated in one call)."""
+  buf = io.BytesIO()
+  torch.save({"w": torch.zeros(4)}, buf)
+  src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+  with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_BZIP2) as out:
+    for name in src.namelist():
+      out.writestr(name, src.read(name))
 
 
 def npz_claiming(path, shape=(10**12,), descr="<f4", payload=b"\0" * 16, member="w.npy",

@@ -36,6 +36,7 @@ def _convert_cases(root):
   hf.stride0_pt(src / "stride0.pt", torch)
   hf.shared_views_pt(src / "views.pt", torch)
   hf.zip_bomb_pt(src / "bomb.pt", torch)
+  hf.bzip2_pt(src / "bzip2.pt", torch)
   hf.npz_claiming(src / "bomb.npz")
   hf.deep_json(src / "deep.json")
   hf.tiny_teacher_npz(src / "tiny.npz", hf.arch_json(src / "tiny.json", **TINY))
@@ -44,6 +45,7 @@ def _convert_cases(root):
       ("stride0.pt", [f"--input={src / 'stride0.pt'}", arch], "stride-0 expansions are refused"),
       ("views.pt", [f"--input={src / 'views.pt'}", arch], "more than the torch archive can justify"),
       ("bomb.pt", [f"--input={src / 'bomb.pt'}", arch], "zip member 'archive/data/0'"),
+      ("bzip2.pt", [f"--input={src / 'bzip2.pt'}", arch], "zip compression method 12 refused"),
       ("bomb.npz", [f"--input={src / 'bomb.npz'}", arch], "the header declares shape (1000000000000,)"),
       ("deep.json", [f"--input={src / 'tiny.npz'}", f"--arch={src / 'deep.json'}"],
        "is not valid JSON"),

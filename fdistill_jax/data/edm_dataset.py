@@ -25,6 +25,7 @@ import numpy as np
 import PIL.Image
 
 from fdistill_jax.data import sources
+from fdistill_jax.loaders import limits
 
 MAX_IMAGE_BYTES = 256 * 2**20          # one image file
 MAX_LABELS_BYTES = 2**30               # dataset.json (ImageNet's is ~50 MB)
@@ -83,18 +84,22 @@ class _EdmFiles:
                             "dataset file of this format.")
     if os.path.isdir(self.path):
       with open(file, "rb") as f:
-        return f.read()
-    return self._zip().read(name)
+        return f.read(limit + 1)[:limit]
+    where = f"{self.path}/{name}"
+    try:     # inflated in pieces, never past the declared (checked) size
+      return limits.read_zip_member(self._zip(), name, limits.Budget(limit, where))
+    except limits.ResourceLimitError as e:
+      raise UnreadableImage(f"{where}: {e}") from None
 
 
 def _labels_json(files: _EdmFiles):
   """The 'labels' list of dataset.json (or None), checked; errors name the file."""
   where = f"{files.path}/dataset.json"
   try:
-    raw = json.loads(files.read("dataset.json", MAX_LABELS_BYTES))
-  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-    raise ValueError(f"{where} is not valid JSON ({str(e)[:200] or type(e).__name__}); rebuild "
-                     "it with dataset_tool.py.") from None
+    raw = limits.json_loads(files.read("dataset.json", MAX_LABELS_BYTES), where,
+                            max_bytes=MAX_LABELS_BYTES)
+  except ValueError as e:
+    raise ValueError(f"{e}; rebuild it with dataset_tool.py.") from None
   if not isinstance(raw, dict):
     raise ValueError(f"{where} must hold a JSON object {{\"labels\": [[file, class], ...]}}, "
                      f"got a {type(raw).__name__}.")

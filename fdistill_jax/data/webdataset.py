@@ -14,7 +14,8 @@ sees exactly the batches it would have seen.
 Images are decoded with Pillow, converted to RGB, center-cropped to a square
 and resized to data.resolution with bicubic filtering (img2dataset's
 `resize_mode='center_crop'`), and scaled to [-1, 1]. An example whose image
-cannot be decoded, or whose caption is empty or not UTF-8, is skipped: its row
+cannot be decoded or is larger than `MAX_IMAGE_SIDE` on a side (read from its
+header, before decoding), or whose caption is empty or not UTF-8, is skipped: its row
 takes the next readable example of the index (i + 1, i + 2, ...), so the
 batch stays a function of (seed, step); skips are counted in `source.skipped`
 and logged.
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import io
-import json
 import logging
 import os
 import pathlib
@@ -46,9 +46,11 @@ import PIL.Image
 from fdistill_jax.data import pixels
 from fdistill_jax.data import sources
 from fdistill_jax.data.edm_dataset import MAX_IMAGE_BYTES
+from fdistill_jax.loaders import limits
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 MAX_CAPTION_BYTES = 64 * 2**10
+MAX_IMAGE_SIDE = 4096         # larger images are skipped from their header, never decoded
 MAX_PROMPT_FILE_BYTES = 2**30
 _LOG = logging.getLogger(__name__)
 
@@ -122,7 +124,10 @@ class WebDatasetIndex:
 def center_crop_resize(data: bytes, resolution: int) -> np.ndarray:
   """uint8 [R, R, 3]: decode, RGB, center square crop, bicubic resize (module docstring)."""
   try:
-    with PIL.Image.open(io.BytesIO(data)) as im:
+    with PIL.Image.open(io.BytesIO(data)) as im:   # reads the header only
+      if max(im.size) > MAX_IMAGE_SIDE:
+        raise _Skip(f"image too large ({im.size[0]}x{im.size[1]} pixels, at most "
+                    f"{MAX_IMAGE_SIDE} per side; checked before decoding)")
       im = im.convert("RGB")
       w, h = im.size
       s = min(w, h)
@@ -210,16 +215,20 @@ def read_prompts(path, caption_key="caption", what="data.path") -> tuple[list, i
   if p.stat().st_size > MAX_PROMPT_FILE_BYTES:
     raise ValueError(f"{path}: {p.stat().st_size} bytes is over the 1 GiB limit for a prompts "
                      "file; split it.")
-  lines = p.read_text(encoding="utf-8").splitlines()
+  try:
+    lines = p.read_text(encoding="utf-8").splitlines()
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save the "
+                     "prompts file as UTF-8.") from None
   if p.suffix == ".jsonl":
     prompts = []
     for n, line in enumerate(lines, 1):
       if not line.strip():
         continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not a JSON object ({e.msg}).") from None
+      try:      # bounded: a line nested 100,000 deep is one line of error, not a traceback
+        record = limits.json_loads(line, f"{path}:{n}", max_depth=8)
+      except ValueError as e:
+        raise ValueError(f"{e} Expected one JSON object per line.") from None
       if not isinstance(record, dict) or not isinstance(record.get(caption_key), str):
         raise ValueError(f"{path}:{n}: expected an object with a string {caption_key!r} field "
                          "(set data.caption_key).")

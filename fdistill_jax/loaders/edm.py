@@ -129,10 +129,10 @@ def read_arch(arch: Union[PathLike, Mapping[str, Any]]) -> dict:
     raise ConversionError(f"architecture file {path} has {path.stat().st_size:,} bytes; an "
                           f"EDMPrecond argument list has far fewer (limit {MAX_ARCH_BYTES:,}).")
   try:
-    value = json.loads(path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-    raise ConversionError(f"architecture file {path} is not valid JSON: "
-                          f"{str(e)[:200] or type(e).__name__}") from None
+    value = limits.json_load(path, f"architecture file {path}")
+  except ValueError as e:
+    raise ConversionError(f"{e}" if "is not valid JSON" in str(e) else
+                          f"architecture file {path} is not valid JSON: {e}") from None
   if not isinstance(value, dict) or "img_resolution" not in value:
     raise ConversionError(
         f"architecture file {path} must hold a JSON object of EDMPrecond "
@@ -384,10 +384,10 @@ def teacher_identity(path: PathLike) -> dict:
   source = path / SOURCE_FILE
   if source.is_file() and source.stat().st_size < MAX_ARCH_BYTES:
     try:
-      recorded = json.loads(source.read_text())
+      recorded = limits.json_load(source)
       if isinstance(recorded, dict) and isinstance(recorded.get("sha256"), str):
         return {"kind": "edm", "path": str(path), "sha256": recorded["sha256"]}
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+    except ValueError:
       pass
   digest = hashlib.sha256()
   for file in sorted(p for p in path.rglob("*") if p.is_file()):

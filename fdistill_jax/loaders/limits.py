@@ -11,21 +11,26 @@ without bound:
   before it is made.
 * `BoundedReader`: a file wrapper whose `read(n)` never asks for more than the
   bytes left, so a length field claiming 2**60 bytes allocates nothing.
-* `zip_member_size`: the uncompressed size a zip member declares (zipfile
-  never decompresses past it), checked against a budget before reading: a
-  zip bomb is refused without inflating it.
+* `read_zip_member`: a zip member's declared size charged to a budget before
+  reading, at most that many bytes produced (inflated in 1 MiB pieces), and only
+  stored / deflate members (`check_zip_member`: bzip2, lzma, unknown methods and
+  encrypted members are refused): a zip bomb costs no more than it declares.
 * `load_npz`: `.npz` members read after checking each `.npy` header (plain
   numeric dtype, shape x itemsize equal to the member's declared size).
 * `check_graph`: an unpickled object graph must be acyclic, at most
   `MAX_DEPTH` deep and expand to at most `MAX_EXPANDED` nodes when shared
   references are followed (the "billion laughs" list is a small file).
+* `json_loads` / `json_load`: JSON parsed with a size and nesting limit, every
+  error a `ValueError` naming the file (never a RecursionError).
 * `short_repr`: bounded `repr` for error messages about hostile values.
 """
 
 import io
+import json
 import os
 import reprlib
 import zipfile
+import zlib
 from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
@@ -33,10 +38,19 @@ import numpy as np
 BUDGET_FACTOR = 2            # arrays made from a file: at most 2x its size ...
 BUDGET_SLACK = 16 * 2**20    # ... plus 16 MiB
 MAX_DEPTH = 100              # nesting of containers in an unpickled object
+MAX_JSON_BYTES = 64 * 2**20  # a JSON file a user gives (configs, tokenizers, specs)
+MAX_JSON_DEPTH = 64          # nesting of a JSON document
 MAX_EXPANDED = 2_000_000     # nodes of an unpickled object with shared references expanded
 PLAIN_KINDS = "biufc"        # bool, signed / unsigned int, float, complex
 
-_REPR = reprlib.Repr()
+class _ShortRepr(reprlib.Repr):
+  """reprlib that never converts a huge int to decimal (quadratic; refused past 4300 digits)."""
+
+  def repr_int(self, x, level):
+    return f"<int of {x.bit_length()} bits>" if x.bit_length() > 64 else repr(x)
+
+
+_REPR = _ShortRepr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
 
 
@@ -75,11 +89,29 @@ class Budget:
     self.used += nbytes
 
 
+MAX_DIM = 2**62               # any size, stride or count a file gives: a machine integer
+
+
+def is_dim(value: Any) -> bool:
+  """A plain int in [0, MAX_DIM] (cheap whatever its size: no arithmetic on it)."""
+  return type(value) is int and 0 <= value <= MAX_DIM  # pylint: disable=unidiomatic-typecheck
+
+
 def nbytes_of(shape: Iterable[int], itemsize: int) -> int:
-  """Exact byte size of an array (Python integers: no overflow)."""
-  total = int(itemsize)
+  """Exact byte size of an array; a factor outside [0, MAX_DIM] or a product past
+  MAX_DIM is refused before it is multiplied (no big-integer arithmetic on file values)."""
+  shape = tuple(shape)
+  if not all(is_dim(n) for n in shape) or not is_dim(itemsize):
+    raise ResourceLimitError(f"array shape {short_repr(shape)}: every size must be an int in "
+                             f"[0, 2**62]: the file is corrupt or hostile.")
+  if 0 in shape:
+    return 0
+  total = itemsize
   for n in shape:
-    total *= int(n)
+    total *= n
+    if total > MAX_DIM:
+      raise ResourceLimitError(f"array shape {short_repr(shape)} holds more than 2**62 bytes: "
+                               "the file is corrupt or hostile.")
   return total
 
 
@@ -126,20 +158,66 @@ def bounded(file) -> BoundedReader:
   return file if isinstance(file, BoundedReader) else BoundedReader(file)
 
 
-def zip_member_size(archive: zipfile.ZipFile, name: str, budget: Budget) -> int:
-  """Declared uncompressed size of `name`, charged to `budget` before any inflating."""
+# Zip members: only the methods the formats we read use (np.savez / torch.save
+# write "stored", np.savez_compressed and dataset zips "deflate"). zipfile
+# inflates bzip2 and lzma members in one call, whatever size they declared.
+ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
+ZIP_CHUNK = 2**20             # bytes asked of the decompressor per read
+
+
+def check_zip_member(info: zipfile.ZipInfo, where: str) -> zipfile.ZipInfo:
+  """Refuses encrypted members and compression methods other than stored / deflate."""
+  if info.flag_bits & 0x1:
+    raise ResourceLimitError(f"{where}: the zip member is encrypted; only plain members are "
+                             "read.")
+  if info.compress_type not in ZIP_METHODS:
+    raise ResourceLimitError(
+        f"{where}: zip compression method {info.compress_type} refused; only stored (0) and "
+        "deflate (8) members are read (re-save the file with numpy / torch).")
+  return info
+
+
+def zip_member_info(archive: zipfile.ZipFile, name: str, where: str = "") -> zipfile.ZipInfo:
+  """The checked `ZipInfo` of `name` (`check_zip_member`)."""
+  where = where or f"zip member {name!r}"
   try:
     info = archive.getinfo(name)
   except KeyError as e:
     raise ResourceLimitError(f"zip member {name!r} is missing.") from e
+  return check_zip_member(info, where)
+
+
+def zip_member_size(archive: zipfile.ZipFile, name: str, budget: Budget) -> int:
+  """Declared uncompressed size of `name`, charged to `budget` before any inflating."""
+  info = zip_member_info(archive, name)
   budget.charge(info.file_size, f"zip member {name!r} (compressed {info.compress_size:,} bytes)")
   return info.file_size
 
 
 def read_zip_member(archive: zipfile.ZipFile, name: str, budget: Budget) -> bytes:
-  """The bytes of a zip member, its declared size charged first (no zip bombs)."""
-  zip_member_size(archive, name, budget)
-  return archive.read(name)
+  """The bytes of a zip member: its declared size charged first, at most that many produced.
+
+  The member is inflated in `ZIP_CHUNK` pieces and never past its declared
+  size, so a member that understates its size costs no more than it declared
+  (zipfile's own `read()` inflates up to 2 GiB per call).
+  """
+  size = zip_member_size(archive, name, budget)
+  out = bytearray()
+  try:
+    with archive.open(name) as member:
+      while len(out) < size:
+        chunk = member.read(min(ZIP_CHUNK, size - len(out)))
+        if not chunk:
+          break
+        out += chunk
+  except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError,
+          RuntimeError) as e:
+    raise ResourceLimitError(f"zip member {name!r} is corrupt ({type(e).__name__}: "
+                             f"{str(e)[:200]}).") from None
+  if len(out) != size:
+    raise ResourceLimitError(f"zip member {name!r} holds {len(out):,} of its declared {size:,} "
+                             "bytes: the file is truncated.")
+  return bytes(out)
 
 
 def check_plain_dtype(dtype: np.dtype, where: str) -> np.dtype:
@@ -167,6 +245,7 @@ def _npy_header(member, where: str):
 
 
 def _read_member(archive, info, where, budget):
+  check_zip_member(info, where)
   with archive.open(info) as member:
     shape, dtype, fortran = _npy_header(member, where)
     header_len = member.tell()
@@ -272,3 +351,58 @@ def check_graph(root: Any, children: Callable[[Any], Optional[list]], *,
     stack.append((obj, depth, True))
     stack.extend((c, depth + 1, False) for c in kids)
   return sizes.get(id(root), 1)
+
+
+# --------------------------------------------------------------------------
+# JSON from a file.
+
+
+def _json_depth(obj: Any, max_depth: int, what: str) -> None:
+  stack = [(obj, 1)]
+  while stack:
+    value, depth = stack.pop()
+    if isinstance(value, (dict, list)):
+      if depth > max_depth:
+        raise ValueError(f"{what} is not valid JSON (nested more than {max_depth} deep: the "
+                         "file is corrupt or hostile).")
+      items = value.values() if isinstance(value, dict) else value
+      stack.extend((v, depth + 1) for v in items if isinstance(v, (dict, list)))
+
+
+def json_loads(text, what: str = "the JSON file", *, max_bytes: int = MAX_JSON_BYTES,
+               max_depth: int = MAX_JSON_DEPTH) -> Any:
+  """`json.loads` of a file's text (str or bytes) with a size and nesting limit.
+
+  Raises:
+    ValueError: naming `what`: too large, not UTF-8, not JSON, nested too deep
+      (the parser's RecursionError included), or holding NaN / Infinity.
+  """
+  if len(text) > max_bytes:
+    raise ValueError(f"{what}: {len(text):,} bytes of JSON, more than the {max_bytes:,} "
+                     "accepted: the file is corrupt or not of this format.")
+  if isinstance(text, (bytes, bytearray)):
+    try:
+      text = bytes(text).decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{what} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
+
+  def no_constants(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+  try:
+    obj = json.loads(text, parse_constant=no_constants)
+  except RecursionError:
+    raise ValueError(f"{what} is not valid JSON (nested more than {max_depth} deep: the file "
+                     "is corrupt or hostile).") from None
+  except ValueError as e:
+    raise ValueError(f"{what} is not valid JSON ({str(e)[:200]}).") from None
+  _json_depth(obj, max_depth, what)
+  return obj
+
+
+def json_load(path, what: str = "", **kwargs) -> Any:
+  """`json_loads` of a file, read no further than the size limit."""
+  limit = kwargs.get("max_bytes", MAX_JSON_BYTES)
+  with open(path, "rb") as f:
+    data = f.read(limit + 1)
+  return json_loads(data, what or str(path), **kwargs)

@@ -133,13 +133,17 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *unused, budget):
   size = unpickler.check_shape(tuple(unpickler.check_sequence(size, "tensor size")), "tensor size")
   stride = tuple(unpickler.check_sequence(stride, "tensor stride"))
   offset = storage_offset
-  if (type(offset) is not int or len(size) != len(stride) or offset < 0
-      or not all(type(s) is int and s >= 0 for s in stride)):
+  if (not limits.is_dim(offset) or len(size) != len(stride)
+      or not all(limits.is_dim(s) for s in stride)):
     raise TorchFormatError(f"bad tensor layout: offset {limits.short_repr(offset)}, size "
                            f"{size}, stride {limits.short_repr(stride)}.")
-  numel = limits.nbytes_of(size, 1)
+  try:
+    numel = limits.nbytes_of(size, 1)   # sizes bounded before any product
+  except limits.ResourceLimitError as e:
+    raise UnsafePickleError(f"tensor: {e}") from None
   if numel == 0:
     return np.zeros(size, storage.dtype)
+  # Every term is a bounded machine integer (< 2**124): no big-integer arithmetic.
   last = offset + sum((n - 1) * s for n, s in zip(size, stride))
   if last >= storage.size:
     raise TorchFormatError(
@@ -260,7 +264,7 @@ def _storage_pid(pid) -> tuple:
   """Checks a ('storage', type, key, location, numel[, view]) persistent id."""
   if (not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage"
       or not isinstance(pid[1], StorageType) or not isinstance(pid[2], (str, int))
-      or type(pid[4]) is not int or pid[4] < 0):
+      or not limits.is_dim(pid[4])):
     raise TorchFormatError(f"unsupported persistent id {limits.short_repr(pid)} in a torch "
                            "archive: only tensor storages are supported.")
   return pid[1], str(pid[2]), pid[4], (pid[5] if len(pid) > 5 else None)
@@ -342,9 +346,12 @@ def _legacy_storages(stream, keys, seen, order, budget):
     stype, _ = seen[key]
     dtype = _storage_dtype(stype.dtype, order)
     (numel,) = struct.unpack("<q", stream.read(8))
-    raw = stream.read(max(numel, 0) * dtype.itemsize)
-    if numel < 0 or len(raw) < numel * dtype.itemsize:
-      raise TorchFormatError(f"storage {limits.short_repr(key)} is truncated.")
+    left = len(stream.getbuffer()) - stream.tell()
+    if numel < 0 or numel > left // dtype.itemsize:   # checked before reading or allocating
+      raise TorchFormatError(f"storage {limits.short_repr(key)} claims {numel:,} elements of "
+                             f"{dtype.itemsize} bytes, the file holds {left:,} more bytes: it "
+                             "is truncated or corrupt.")
+    raw = stream.read(numel * dtype.itemsize)
     budget.charge(len(raw), f"storage {limits.short_repr(key)}")
     storages[key] = np.frombuffer(raw, dtype).astype(dtype.newbyteorder("="), copy=False)
   return storages

@@ -17,6 +17,7 @@ The SD 1.5 configs themselves (runwayml/stable-diffusion-v1-5, as
 that carry no config.
 """
 
+import math
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -82,6 +83,97 @@ VISION_KEYS = {
 }
 
 
+# The schema of every used numeric key: (kind, low, high), kind "int", "float", "ints" (an
+# int or a list of at most MAX_BLOCKS ints) or "int?" / "float?" (null allowed). Checked
+# before any module is built: a wrong type or an absurd size is one line naming the key,
+# not a raw Flax error or minutes of tracing.
+MAX_BLOCKS = 8
+MAX_PARAMS = 2e10               # SDXL's U-Net has 2.6e9 parameters, bigG's text tower 6.9e8
+_CHANNELS = ("int", 1, 16384)
+UNET_SCHEMA = {
+    "in_channels": ("int", 1, 64), "out_channels": ("int", 1, 64),
+    "block_out_channels": ("list", 1, 16384), "layers_per_block": ("int", 1, 16),
+    "downsample_padding": ("int", 0, 3), "mid_block_scale_factor": ("float", 0, 1e3),
+    "norm_num_groups": ("int", 1, 1024), "norm_eps": ("float", 1e-12, 1.0),
+    "cross_attention_dim": ("int", 1, 16384), "transformer_layers_per_block": ("ints", 1, 64),
+    "attention_head_dim": ("ints", 1, 1024), "num_attention_heads": ("ints?", 1, 1024),
+    "freq_shift": ("float", -1e3, 1e3), "resnet_out_scale_factor": ("float", 1e-6, 1e3),
+    "time_embedding_dim": ("int?", 1, 65536), "conv_in_kernel": ("int", 1, 7),
+    "conv_out_kernel": ("int", 1, 7), "addition_time_embed_dim": ("int?", 1, 65536),
+    "projection_class_embeddings_input_dim": ("int?", 1, 65536),
+}
+VAE_SCHEMA = {
+    "in_channels": ("int", 1, 64), "out_channels": ("int", 1, 64),
+    "block_out_channels": ("list", 1, 16384), "layers_per_block": ("int", 1, 16),
+    "latent_channels": ("int", 1, 64), "norm_num_groups": ("int", 1, 1024),
+}
+TEXT_SCHEMA = {
+    "vocab_size": ("int", 1, 1_000_000), "hidden_size": _CHANNELS,
+    "intermediate_size": ("int", 1, 65536), "num_hidden_layers": ("int", 1, 64),
+    "num_attention_heads": ("int", 1, 1024), "max_position_embeddings": ("int", 1, 1024),
+    "layer_norm_eps": ("float", 1e-12, 1.0), "eos_token_id": ("int", 0, 1_000_000),
+}
+VISION_SCHEMA = {
+    "hidden_size": _CHANNELS, "intermediate_size": ("int", 1, 65536),
+    "num_hidden_layers": ("int", 1, 64), "num_attention_heads": ("int", 1, 1024),
+    "num_channels": ("int", 1, 16), "image_size": ("int", 1, 1024),
+    "patch_size": ("int", 1, 1024), "layer_norm_eps": ("float", 1e-12, 1.0),
+    "projection_dim": _CHANNELS,
+}
+
+
+def _number_ok(value, kind, low, high) -> bool:
+  if isinstance(value, bool):
+    return False
+  if kind == "int" and not isinstance(value, int):
+    return False
+  if kind == "float" and not (isinstance(value, (int, float)) and math.isfinite(value)):
+    return False
+  return low <= value <= high
+
+
+def check_schema(c: Mapping[str, Any], schema: Mapping[str, tuple], what: str) -> None:
+  """Every key of `schema` in `c` has its type and range (see `UNET_SCHEMA`), else one line."""
+  for key, (kind, low, high) in schema.items():
+    if key not in c:
+      continue
+    value = c[key]
+    if kind.endswith("?"):
+      if value is None:
+        continue
+      kind = kind[:-1]
+    if kind in ("ints", "list"):
+      listed = isinstance(value, (list, tuple))
+      items = list(value) if listed else [value]
+      ok = (listed or kind == "ints") and 1 <= len(items) <= MAX_BLOCKS and all(
+          _number_ok(v, "int", low, high) for v in items)
+      expected = (f"{'an integer' if kind == 'ints' else 'a list of 1 to '}"
+                  f"{' in ' if kind == 'ints' else str(MAX_BLOCKS) + ' integers in '}"
+                  f"[{low}, {high}]{f' or a list of 1 to {MAX_BLOCKS} of them' if kind == 'ints' else ''}")
+    else:
+      ok = _number_ok(value, kind, low, high)
+      expected = f"{'an integer' if kind == 'int' else 'a finite number'} in [{low}, {high}]"
+    if not ok:
+      raise ConversionError(f"{what} config: {key}={short_value(value)} must be {expected}.")
+
+
+def short_value(value) -> str:
+  text = repr(value)
+  return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_budget(count: float, what: str) -> None:
+  if count > MAX_PARAMS:
+    raise ConversionError(f"{what} config describes about {count:.3g} parameters, more than "
+                          f"the {MAX_PARAMS:.0e} accepted: the file is corrupt or not a Stable "
+                          "Diffusion / CLIP config.")
+
+
+def _check_heads(width, heads, what, key="num_attention_heads"):
+  if width % heads:
+    raise ConversionError(f"{what} config: {key}={heads} does not divide hidden_size={width}.")
+
+
 def resolve(config: Mapping[str, Any], table: Mapping[str, tuple], what: str,
             strict: bool = True) -> dict:
   """The config's used keys with defaults filled in; refuses values not implemented.
@@ -107,12 +199,27 @@ def resolve(config: Mapping[str, Any], table: Mapping[str, tuple], what: str,
   return out
 
 
+def _finite_number(value) -> bool:
+  """An int or float (not a bool) that is finite."""
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
 def _per_block(value, n, key):
   if isinstance(value, int):
     return (value,) * n
   if len(value) != n:
     raise ConversionError(f"UNet config: {key} has {len(value)} entries for {n} blocks.")
   return tuple(int(v) for v in value)
+
+
+def _check_groups(c, what):
+  """GroupNorm's groups must divide every block's channels."""
+  groups = c["norm_num_groups"]
+  bad = [ch for ch in c["block_out_channels"] if ch % groups]
+  if bad:
+    raise ConversionError(f"{what} config: norm_num_groups={groups} does not divide "
+                          f"block_out_channels {bad[:4]}.")
 
 
 def _check_block_types(c):
@@ -149,7 +256,10 @@ def _check_addition_embedding(c):
 def unet_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
   """UNet2DConditionModel from a diffusers `unet/config.json` dict."""
   c = resolve(config, UNET_KEYS, "UNet")
-  _check_block_types(c)
+  check_schema(c, {"block_out_channels": UNET_SCHEMA["block_out_channels"]}, "UNet")
+  _check_block_types(c)          # names per-block layers_per_block / cross_attention_dim
+  check_schema(c, UNET_SCHEMA, "UNet")
+  _check_groups(c, "UNet")
   _check_addition_embedding(c)
   n = len(c["block_out_channels"])
   c["transformer_layers_per_block"] = _per_block(c["transformer_layers_per_block"], n,
@@ -158,18 +268,35 @@ def unet_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
   heads = _per_block(c.pop("num_attention_heads") or c["attention_head_dim"], n,
                      "num_attention_heads")
   c.pop("attention_head_dim")
+  chans, depth = c["block_out_channels"], c["layers_per_block"]
+  # Resnets (two 3x3 convs) and transformers (~12 c^2 each, plus cross-attention) per layer,
+  # down and up (up has one more layer): a generous upper estimate.
+  _check_budget(sum((2 * depth + 1) * (18 * ch * ch + max(c["transformer_layers_per_block"])
+                                       * (12 * ch * ch + 2 * ch * c["cross_attention_dim"]))
+                    for ch in chans), "UNet")
   return UNet2DConditionModel(num_attention_heads=heads, dtype=dtype, remat=remat, **c)
 
 
 def vae_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
   """(AutoencoderKL, scaling_factor, shift_factor) from a diffusers `vae/config.json` dict."""
   c = resolve(config, VAE_KEYS, "VAE")
+  check_schema(c, VAE_SCHEMA, "VAE")
+  _check_groups(c, "VAE")
+  _check_budget(2 * (2 * c["layers_per_block"] + 2) * sum(
+      18 * ch * ch for ch in c["block_out_channels"]), "VAE")
   n = len(c["block_out_channels"])
   for key, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
     if tuple(c[key]) != (kind,) * n:
       raise ConversionError(f"VAE config: {key}={list(c[key])} is not implemented; expected "
                             f"{n} x {kind!r} (one per block_out_channels).")
-  scale, shift = float(c.pop("scaling_factor")), c.pop("shift_factor")
+  scale, shift = c.pop("scaling_factor"), c.pop("shift_factor")
+  if not _finite_number(scale) or not 0 < scale <= 1e3:
+    raise ConversionError(f"VAE config: scaling_factor={scale!r} must be a finite number in "
+                          "(0, 1000] (SD 1.5: 0.18215, SDXL: 0.13025); the file is corrupt.")
+  if shift is not None and (not _finite_number(shift) or abs(shift) > 1e3):
+    raise ConversionError(f"VAE config: shift_factor={shift!r} must be null or a finite number "
+                          "of magnitude <= 1000.")
+  scale = float(scale)
   for key in ("down_block_types", "up_block_types"):
     c.pop(key)
   vae = AutoencoderKL(norm_num_groups=c.pop("norm_num_groups"), dtype=dtype, remat=remat, **c)
@@ -187,6 +314,11 @@ def text_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
   if "text_config" in config:  # A full CLIPConfig.
     config = config["text_config"]
   c = resolve(config, TEXT_KEYS, "CLIP text", strict=False)
+  check_schema(c, TEXT_SCHEMA, "CLIP text")
+  _check_heads(c["hidden_size"], c["num_attention_heads"], "CLIP text")
+  h = c["hidden_size"]
+  _check_budget(c["num_hidden_layers"] * (4 * h * h + 2 * h * c["intermediate_size"])
+                + (c["vocab_size"] + c["max_position_embeddings"]) * h, "CLIP text")
   c["hidden_act"] = _activation(config, TEXT_KEYS)
   return clip.CLIPTextModel(clip.CLIPTextTransformer(**c, dtype=dtype, remat=remat))
 
@@ -197,8 +329,25 @@ def text_with_projection_from_config(config: Mapping[str, Any], dtype=jnp.float3
   proj = config.get("projection_dim", 512)
   if "text_config" in config:
     config = config["text_config"]
+  if isinstance(proj, bool) or not isinstance(proj, int) or not 1 <= proj <= 16384:
+    raise ConversionError(f"CLIP text config: projection_dim={short_value(proj)} must be an "
+                          "integer in [1, 16384].")
   text = text_from_config(config, dtype, remat).text_model
   return clip.CLIPTextModelWithProjection(text, projection_dim=int(proj))
+
+
+def check_vision(c: Mapping[str, Any], what: str) -> None:
+  """A vision transformer's resolved config (CLIP's vision tower, DINO's ViT) against
+  `VISION_SCHEMA`: ranges, heads dividing the width, patches fitting the image, the budget."""
+  check_schema(c, VISION_SCHEMA, what)
+  _check_heads(c["hidden_size"], c["num_attention_heads"], what)
+  if c["patch_size"] > c["image_size"]:
+    raise ConversionError(f"{what} config: patch_size={c['patch_size']} is larger than "
+                          f"image_size={c['image_size']}.")
+  h = c["hidden_size"]
+  _check_budget(c["num_hidden_layers"] * (4 * h * h + 2 * h * c["intermediate_size"])
+                + (c["image_size"] // c["patch_size"]) ** 2 * h
+                + c["num_channels"] * c["patch_size"] ** 2 * h, what)
 
 
 def vision_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
@@ -206,6 +355,7 @@ def vision_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False
   if "vision_config" in config:  # A full CLIPConfig: projection_dim is top-level.
     config = {**config["vision_config"], "projection_dim": config.get("projection_dim", 512)}
   c = resolve(config, VISION_KEYS, "CLIP vision", strict=False)
+  check_vision(c, "CLIP vision")
   c["hidden_act"] = _activation(config, VISION_KEYS)
   proj = c.pop("projection_dim")
   return clip.CLIPVisionModelWithProjection(

@@ -23,6 +23,7 @@ from typing import Iterable, Mapping, Optional
 
 import numpy as np
 
+from fdistill_jax.loaders import limits
 from fdistill_jax.loaders import safe_pickle
 from fdistill_jax.train.teacher import ConversionError
 
@@ -153,9 +154,13 @@ def read_state_dict(path) -> dict:
 
 def _read_sharded(index_path) -> dict:
   try:
-    weight_map = json.loads(index_path.read_text())["weight_map"]
-  except (json.JSONDecodeError, KeyError, TypeError) as e:
-    raise ConversionError(f"{index_path}: not a sharded-checkpoint index ({e!r}).") from e
+    weight_map = limits.json_load(index_path)["weight_map"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise ConversionError(f"{index_path}: not a sharded-checkpoint index ({e!r}).") from None
+  if not isinstance(weight_map, dict) or not all(
+      isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+    raise ConversionError(f"{index_path}: weight_map must be a JSON object of tensor name -> "
+                          f"shard file name, got {limits.short_repr(weight_map)}.")
   files = sorted(set(weight_map.values()))
   escaping = [f for f in files if pathlib.PurePath(f).name != f]
   if escaping:

@@ -24,6 +24,7 @@ path) and are imported when a tokenizer is made, never by the core package.
 
 import html
 import pathlib
+from typing import Optional
 
 import numpy as np
 
@@ -51,18 +52,42 @@ class CLIPTokenizer:
       tokenizer_config.json).
     max_length: the text encoder's `max_position_embeddings` (77 for CLIP);
       the folder's `model_max_length` is not trusted (SD 1.5's says 1e30).
+    vocab_size: the text encoder's `vocab_size`: every id the folder can
+      produce (its vocabulary and its special tokens) must be below it, or the
+      embedding lookup would read past the table (NaN or garbage, silently).
+
+  Raises:
+    FileNotFoundError: the folder, or its vocabulary files, are missing.
+    ValueError: the files cannot be read as a CLIP tokenizer, or hold ids the
+      text encoder does not have (one line naming the folder).
   """
 
-  def __init__(self, folder, max_length: int = 77):
+  def __init__(self, folder, max_length: int = 77, vocab_size: Optional[int] = None):
     folder = pathlib.Path(folder)
     if not folder.is_dir():
       raise FileNotFoundError(f"tokenizer folder {folder} does not exist.")
+    if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()) and not (
+        folder / "tokenizer.json").is_file():
+      raise FileNotFoundError(f"tokenizer folder {folder} holds neither vocab.json + merges.txt "
+                              "nor tokenizer.json; copy the model's tokenizer/ folder.")
     self._ftfy, transformers = _import_tokenizer_libs()
-    self._tok = transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    try:
+      self._tok = transformers.CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+      self.pad_token_id = int(self._tok.pad_token_id)
+      self.eos_token_id = int(self._tok.eos_token_id)
+      self.bos_token_id = int(self._tok.bos_token_id)
+      largest = max(max(self._tok.get_vocab().values()), self.pad_token_id, self.eos_token_id,
+                    self.bos_token_id)
+    except Exception as e:  # pylint: disable=broad-except  (whatever the library raises)
+      raise ValueError(f"tokenizer folder {folder}: cannot read it as a CLIP tokenizer "
+                       f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})."
+                       ) from None
     self.max_length = int(max_length)
-    self.pad_token_id = int(self._tok.pad_token_id)
-    self.eos_token_id = int(self._tok.eos_token_id)
-    self.bos_token_id = int(self._tok.bos_token_id)
+    if vocab_size is not None and not 0 <= largest < int(vocab_size):
+      raise ValueError(f"tokenizer folder {folder}: token id {largest} (its vocabulary and "
+                       f"special tokens, pad {self.pad_token_id}) is outside the text encoder's "
+                       f"vocabulary of {int(vocab_size)}: the folder does not belong to this "
+                       "model.")
 
   def __call__(self, prompts) -> np.ndarray:
     if isinstance(prompts, str):

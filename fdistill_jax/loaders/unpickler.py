@@ -147,8 +147,9 @@ def _restore_type_tag(value, type_tag):
 
 def _torch_size(dims=()):
   dims = check_sequence(dims, "torch.Size")
-  if len(dims) > 64 or not all(type(d) is int for d in dims):
-    raise UnsafePickleError(f"torch.Size{limits.short_repr(dims)} refused: at most 64 ints.")
+  if len(dims) > 64 or not all(limits.is_dim(d) for d in dims):
+    raise UnsafePickleError(f"torch.Size{limits.short_repr(dims)} refused: at most 64 ints in "
+                            "[0, 2**62].")
   return tuple(dims)
 
 
@@ -215,9 +216,9 @@ def _plain_dtype(dtype, where):
 
 def check_shape(value, where):
   if (not isinstance(value, tuple) or len(value) > 64
-      or not all(type(n) is int and n >= 0 for n in value)):
+      or not all(limits.is_dim(n) for n in value)):
     raise UnsafePickleError(f"{where}: shape {limits.short_repr(value)} refused: at most 64 "
-                            "non-negative ints.")
+                            "ints in [0, 2**62].")
   return value
 
 
@@ -396,6 +397,7 @@ class RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-acces
     self._torchscript = torchscript
     self._script_types = {}
     self._opcodes = 0
+    self._tuples, self._tuple_refs = {}, []
 
   def find_class(self, module, name):
     if not isinstance(module, str) or not isinstance(name, str):
@@ -454,6 +456,43 @@ class RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-acces
     self.append(bytearray(data))
 
   dispatch[pickle.BYTEARRAY8[0]] = _counted(load_bytearray8)
+
+  def _check_new_tuple(self):
+    """Depth and expanded size of the tuple just pushed, refused before anything hashes it.
+
+    Hashing or comparing a tuple recurses in C through nested tuples (no cache,
+    no depth guard): a tuple nested 250,000 deep as a dict key or set element
+    crashes the interpreter, and a 'billion laughs' of tuples takes 10^9 steps.
+    Both are refused here, when the tuple is made, not after the load.
+    """
+    tup = self.stack[-1]
+    depth, size = 1, 1
+    for item in tup:
+      if type(item) is tuple:  # pylint: disable=unidiomatic-typecheck
+        d, n = self._tuples.get(id(item), (1, 1 + len(item)))
+        depth, size = max(depth, d + 1), size + n
+      else:
+        size += 1
+    if depth > limits.MAX_DEPTH:
+      raise UnsafePickleError(f"the pickle nests tuples more than {limits.MAX_DEPTH} deep: "
+                              "refused while reading (before anything hashes them).")
+    if size > limits.MAX_EXPANDED:
+      raise UnsafePickleError(
+          f"the pickle holds a tuple that expands to more than {limits.MAX_EXPANDED:,} nodes "
+          "through shared references: refused while reading.")
+    self._tuples[id(tup)] = (depth, size)
+    self._tuple_refs.append(tup)     # keeps the id valid for the whole load
+
+  def _tuple_op(op):  # pylint: disable=no-self-argument
+    def load(self):
+      op(self)  # pylint: disable=not-callable
+      self._check_new_tuple()
+    return load
+
+  for _op in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"):
+    dispatch[getattr(pickle, _op)[0]] = _counted(_tuple_op(
+        pickle._Unpickler.dispatch[getattr(pickle, _op)[0]]))  # pylint: disable=protected-access
+  del _op, _tuple_op
 
   def load(self):
     """Unpickles, then checks the object graph; any malformed input is an UnpicklingError."""

@@ -264,4 +264,8 @@ def load_reference_stats(path):
                               or stats["features"].shape[1:] != stats["mu"].shape):
     raise ValueError(f"{path}: features have shape {stats['features'].shape}; expected "
                      f"[N, {stats['mu'].shape[0]}].")
+  if "features" in stats and (not np.issubdtype(stats["features"].dtype, np.floating)
+                              or not np.all(np.isfinite(stats["features"]))):
+    raise ValueError(f"{path}: features hold NaN or infinite values (or are not float); "
+                     "recompute the statistics with --ref_from --save_features.")
   return stats

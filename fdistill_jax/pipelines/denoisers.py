@@ -41,11 +41,34 @@ from fdistill_jax.train.teacher import ConversionError
 TIMESTEP_MODES = ("interpolate", "nearest")
 
 
+MAX_TRAIN_TIMESTEPS = 100_000
+
+
+def _schedule_number(c, key, default, low, high):
+  """A finite number in [low, high] from the scheduler config, else one line naming it."""
+  value = c.get(key, default)
+  if (isinstance(value, bool) or not isinstance(value, (int, float))
+      or not np.isfinite(value) or not low <= value <= high):
+    raise ConversionError(f"scheduler config: {key}={value!r} must be a finite number in "
+                          f"[{low}, {high}]; the file is corrupt.")
+  return value
+
+
 def _betas_from_config(c):
-  kind, n = c.get("beta_schedule", "linear"), int(c.get("num_train_timesteps", 1000))
-  start, end = float(c.get("beta_start", 0.0001)), float(c.get("beta_end", 0.02))
+  kind = c.get("beta_schedule", "linear")
+  n = _schedule_number(c, "num_train_timesteps", 1000, 1, MAX_TRAIN_TIMESTEPS)
+  if n != int(n):
+    raise ConversionError(f"scheduler config: num_train_timesteps={n!r} must be an integer.")
+  n = int(n)
+  start = float(_schedule_number(c, "beta_start", 0.0001, 0.0, 1.0))
+  end = float(_schedule_number(c, "beta_end", 0.02, 0.0, 1.0))
   if c.get("trained_betas") is not None:
-    return np.asarray(c["trained_betas"], np.float64)
+    betas = c["trained_betas"]
+    if (not isinstance(betas, (list, tuple)) or not 0 < len(betas) <= MAX_TRAIN_TIMESTEPS
+        or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)):
+      raise ConversionError("scheduler config: trained_betas must be a list of 1 to "
+                            f"{MAX_TRAIN_TIMESTEPS:,} numbers.")
+    return np.asarray(betas, np.float64)
   if kind == "scaled_linear":
     return np.linspace(start**0.5, end**0.5, n, dtype=np.float64) ** 2
   if kind == "linear":
@@ -75,7 +98,13 @@ class DiscreteSchedule:
                             "is not implemented; only 'epsilon' (SD 1.x) is.")
     if config.get("rescale_betas_zero_snr", False):
       raise ConversionError("scheduler config: rescale_betas_zero_snr=true is not implemented.")
-    ac = np.cumprod(1.0 - _betas_from_config(config))
+    betas = _betas_from_config(config)
+    if not (np.all(np.isfinite(betas)) and np.all(betas > 0) and np.all(betas < 1)):
+      raise ConversionError("scheduler config: every beta must be a finite number in (0, 1) "
+                            f"(got values in [{np.nanmin(betas):.3g}, {np.nanmax(betas):.3g}]"
+                            f"{', with NaN' if np.isnan(betas).any() else ''}); check beta_start, "
+                            "beta_end and trained_betas.")
+    ac = np.cumprod(1.0 - betas)
     return cls(ac, bool(config.get("set_alpha_to_one", True)), int(config.get("steps_offset", 0)))
 
   @property

@@ -21,13 +21,13 @@ where z is the VAE's latent (SD 1.5: 0.18215 and 0).
 """
 
 import dataclasses
-import json
 import pathlib
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
+from fdistill_jax.loaders import limits
 from fdistill_jax.train.teacher import ConversionError
 from fdistill_jax.models import sd as sd_nets
 from fdistill_jax.loaders import sd_configs as configs
@@ -51,9 +51,9 @@ def read_json(path) -> dict:
     raise FileNotFoundError(f"{path} does not exist: a diffusers model folder needs "
                             f"{sorted(CONFIG_FILES.values())}.")
   try:
-    value = json.loads(path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ConversionError(f"{path} is not valid JSON: {e}") from e
+    value = limits.json_load(path)
+  except ValueError as e:
+    raise ConversionError(str(e)) from None
   if not isinstance(value, dict):
     raise ConversionError(f"{path} must hold a JSON object.")
   return value
@@ -138,7 +138,8 @@ def _tokenizer(folder, text_encoder):
   if folder is None or not pathlib.Path(folder).is_dir():
     return None
   from fdistill_jax.loaders.tokenizer import CLIPTokenizer  # pylint: disable=g-import-not-at-top
-  return CLIPTokenizer(folder, text_encoder.text_model.max_position_embeddings)
+  return CLIPTokenizer(folder, text_encoder.text_model.max_position_embeddings,
+                       vocab_size=text_encoder.text_model.vocab_size)
 
 
 def load_pipeline(path, *, dtype=jnp.float32, remat=False, variant=None, config_dir=None,

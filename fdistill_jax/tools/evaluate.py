@@ -33,6 +33,8 @@ flags.DEFINE_string("ref_from", None, "Compute reference statistics from a folde
 flags.DEFINE_string("ref_out", None, "Where --ref_from writes its EDM-format npz.", flag_values=FLAGS)
 flags.DEFINE_bool("save_features", False, "--ref_from also stores the features.", flag_values=FLAGS)
 flags.DEFINE_string("out", None, "JSON output (default: next to --samples).", flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "Replace an existing --out / --ref_out file (never an "
+                  "input).", flag_values=FLAGS)
 flags.DEFINE_enum("preprocessing", "tf", sorted(inception.PREPROCESSING),
                   "tf: EDM's / the original FID's; pytorch_fid: pytorch-fid's.", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 256, "Images per Inception batch.", flag_values=FLAGS)
@@ -54,6 +56,8 @@ def _evaluate(argv):
   if FLAGS.ref_from:
     if not FLAGS.ref_out:
       raise ValueError("--ref_from needs --ref_out=PATH.npz for the statistics.")
+    atomic.check_output_file(FLAGS.ref_out, overwrite=FLAGS.overwrite, what="--ref_out",
+                             inputs=[FLAGS.ref_from, FLAGS.inception])
     feature_fn = fid.load_feature_fn(FLAGS.inception, FLAGS.preprocessing)
     stats = fid.reference_from_images(FLAGS.ref_from, feature_fn, FLAGS.batch_size,
                                       FLAGS.ref_out, FLAGS.save_features)
@@ -66,9 +70,11 @@ def _evaluate(argv):
                      "all samples).")
   if FLAGS.batch_size <= 0 or FLAGS.k <= 0:
     raise ValueError(f"--batch_size={FLAGS.batch_size} and --k={FLAGS.k} must be positive.")
+  out = FLAGS.out or str(pathlib.Path(FLAGS.samples).with_suffix("")) + "_metrics.json"
+  atomic.check_output_file(out, overwrite=FLAGS.overwrite, what="--out",
+                           inputs=[FLAGS.samples, FLAGS.ref, FLAGS.inception])
   result = fid.evaluate(FLAGS.samples, FLAGS.ref, FLAGS.inception, FLAGS.preprocessing,
                         FLAGS.batch_size, FLAGS.k, FLAGS.num_samples, FLAGS.fid_method)
-  out = FLAGS.out or str(pathlib.Path(FLAGS.samples).with_suffix("")) + "_metrics.json"
   atomic.write_json(out, result)
   print(json.dumps(result))
   return 0

@@ -59,7 +59,9 @@ flags.DEFINE_string("arch", None, "--teacher is a plain state dict (.npz, .pt, .
                     ".safetensors): its EDMPrecond kwargs as JSON (like tools.convert's --arch).",
                     flag_values=FLAGS)
 flags.DEFINE_string("export", None, "Write the generator alone to this directory and exit.", flag_values=FLAGS)
-flags.DEFINE_bool("overwrite", False, "--export: replace a directory this tool exported before.", flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "--export: replace a directory this tool exported before; "
+                  "--out / --grid: replace an existing file (never an input or a file of a "
+                  "run).", flag_values=FLAGS)
 flags.DEFINE_integer("num", 50000, "Number of samples.", flag_values=FLAGS)
 flags.DEFINE_string("out", None, "Output .npz.", flag_values=FLAGS)
 flags.DEFINE_string("grid", None, "Optional PNG of the first 64 samples (toy: scatter plot).", flag_values=FLAGS)
@@ -75,7 +77,7 @@ flags.DEFINE_string("prompts_file", None, "Text-to-image runs: a .txt (one promp
                     "of prompts.",
                     flag_values=FLAGS)
 flags.DEFINE_integer("num_per_prompt", 1, "Text-to-image runs: images per prompt.",
-                     flag_values=FLAGS)
+                     upper_bound=10_000, flag_values=FLAGS)
 flags.DEFINE_enum("teacher_preset", "cifar10", sorted(edm_sampler.EDM_SAMPLER_PRESETS),
                   "EDM sampler settings for --teacher.", flag_values=FLAGS)
 flags.DEFINE_integer("num_steps", None, "Override the preset's number of steps.", flag_values=FLAGS)
@@ -135,6 +137,16 @@ def sample_teacher(teacher, num, *, preset="cifar10", num_steps=None, labels="un
                                   batch=batch, classes=classes, postprocess=pixels.to_uint8)
 
 
+def check_outputs(f):
+  """--out and --grid: never an input or a file of a run; an existing file only with
+  --overwrite (checked before any sampling)."""
+  inputs = [f.workdir, f.teacher, f.arch, f.prompts_file]
+  for name in ("out", "grid"):
+    if f[name].value:
+      atomic.check_output_file(f[name].value, overwrite=f.overwrite, inputs=inputs,
+                               protected=ckpt_lib.is_run_workdir, what=f"--{name}")
+
+
 def run(f=FLAGS):
   """Export, or sample the generator / teacher into --out (checked before any work)."""
   if bool(f.workdir) == bool(f.teacher):
@@ -149,6 +161,7 @@ def run(f=FLAGS):
                                      overwrite=f.overwrite)
   if not f.out:
     raise ValueError("--out=PATH.npz is required (or --export=OUT_DIR).")
+  check_outputs(f)
   if f.workdir and run_sampling.is_t2i_run(f.workdir):
     return sample_text_to_image(f)
   if f.prompt or f.prompts_file:

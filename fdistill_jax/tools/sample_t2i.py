@@ -13,6 +13,7 @@ npz with `images` (uint8 NHWC), `prompt_index`, `prompts` and `seed`. Sample i
 `fdistill_jax.pipelines.sd_sampling` for the samplers.
 """
 
+import math
 import os
 
 from absl import flags
@@ -36,18 +37,26 @@ flags.DEFINE_string("model", None, "diffusers model folder, or a single-file .sa
 flags.DEFINE_multi_string("prompt", [], "Prompt (repeatable).", flag_values=FLAGS)
 flags.DEFINE_string("prompts_file", None, "A .txt (one prompt per line; blank lines "
                     "skipped) or .jsonl ('caption' field) of prompts.", flag_values=FLAGS)
-flags.DEFINE_integer("num_per_prompt", 1, "Images per prompt.", flag_values=FLAGS)
+MAX_SIDE = 2048              # pixels; SDXL's native size is 1024
+MAX_PER_PROMPT = 10_000
+flags.DEFINE_integer("num_per_prompt", 1, "Images per prompt.", lower_bound=1,
+                     upper_bound=MAX_PER_PROMPT, flag_values=FLAGS)
 flags.DEFINE_integer("steps", 50, "Sampling steps (network evaluations: 2 x steps with CFG).",
-                     flag_values=FLAGS)
+                     lower_bound=1, upper_bound=1000, flag_values=FLAGS)
 flags.DEFINE_float("cfg", 7.5, "Classifier-free guidance weight (1: none).", flag_values=FLAGS)
+flags.register_validator("cfg", lambda w: math.isfinite(w) and 0 <= w <= 100,
+                         "--cfg must be a finite guidance weight in [0, 100] (1: none)",
+                         flag_values=FLAGS)
 flags.DEFINE_enum("sampler", "ddim", sampling.SAMPLERS, "Noise levels: DDIM timesteps or Karras.",
                   flag_values=FLAGS)
 flags.DEFINE_enum("timestep", "interpolate", denoiser_lib.TIMESTEP_MODES, "sigma -> timestep.",
                   flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "Seed; sample i uses fold_in(PRNGKey(seed), i).",
                      flag_values=FLAGS)
-flags.DEFINE_integer("height", 512, "Image height (multiple of 8 for SD).", flag_values=FLAGS)
-flags.DEFINE_integer("width", 512, "Image width (multiple of 8 for SD).", flag_values=FLAGS)
+flags.DEFINE_integer("height", 512, "Image height (multiple of 8 for SD).", lower_bound=8,
+                     upper_bound=MAX_SIDE, flag_values=FLAGS)
+flags.DEFINE_integer("width", 512, "Image width (multiple of 8 for SD).", lower_bound=8,
+                     upper_bound=MAX_SIDE, flag_values=FLAGS)
 flags.DEFINE_integer("batch", 8, "Samples per jitted call (rounded up to the device count).",
                      flag_values=FLAGS)
 flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "Compute dtype of the networks.",

@@ -46,6 +46,7 @@ import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
 
+from fdistill_jax.loaders import limits
 from fdistill_jax.io import atomic
 
 CHECKPOINTS = "checkpoints"
@@ -86,6 +87,22 @@ def write_status(workdir, state, step, **extra):
 
 # ----------------------------------------------------------------------------
 # Training checkpoints.
+
+
+def remove_temporary_checkpoints(workdir):
+  """Deletes orbax's unfinished save folders (`*.orbax-checkpoint-tmp*`) under checkpoints/.
+
+  Called once the manager is closed (no save in flight): a save that failed,
+  e.g. on a full disk, must not leave a partial copy of the state filling it.
+  """
+  directory = path(workdir, CHECKPOINTS)
+  if not os.path.isdir(directory):
+    return
+  for name in os.listdir(directory):
+    if ".orbax-checkpoint-tmp" in name:
+      full = os.path.join(directory, name)
+      _LOG.warning("removing the unfinished checkpoint folder %s", full)
+      shutil.rmtree(full, ignore_errors=True)
 
 
 def manager(workdir, config):
@@ -379,8 +396,14 @@ def write_teacher(workdir, identity):
 def _read_json(file, what):
   if not os.path.isfile(file):
     raise CheckpointError(f"{what} not found: looked for {file}.")
-  with open(file) as f:
-    return json.load(f)
+  try:
+    value = limits.json_load(file, f"{what} {file}")
+  except ValueError as e:
+    raise CheckpointError(str(e)) from None
+  if not isinstance(value, dict):
+    raise CheckpointError(f"{what} {file} must hold a JSON object, got a "
+                          f"{type(value).__name__}.")
+  return value
 
 
 def _reader(workdir):
@@ -499,6 +522,28 @@ def load_generator(directory, *, which="ema", step=None, student_from_spec=None)
 def is_run_workdir(directory):
   """True for a training workdir (it holds checkpoints/ or status.json)."""
   return any(os.path.exists(os.path.join(directory, n)) for n in (CHECKPOINTS, STATUS_FILE))
+
+
+def check_run_target(workdir):
+  """Refuses a `train --workdir` that is a non-empty folder but not one of its runs.
+
+  A run's folder holds checkpoints/ or status.json; a run that failed while
+  starting up leaves only its lock, logs and event files. Anything else is
+  the user's folder, whose config.json / status.json a run would replace.
+  """
+  if not os.path.isdir(workdir) or is_run_workdir(workdir):
+    return
+  own = (LOCK_FILE, LOG_FILE, CONFIG_FILE, TEACHER_FILE, GENERATOR_SPEC)
+  foreign = sorted(n for n in os.listdir(workdir) if n not in own
+                   and not n.startswith(("log_process", "events.out.tfevents")))
+  if foreign or any(os.path.exists(path(workdir, n)) for n in
+                    (CONFIG_FILE, TEACHER_FILE, GENERATOR_SPEC)):
+    shown = foreign or [n for n in (CONFIG_FILE, TEACHER_FILE, GENERATOR_SPEC)
+                        if os.path.exists(path(workdir, n))]
+    raise CheckpointError(
+        f"--workdir={workdir} is a non-empty folder that is not a run of this project (it "
+        f"holds {', '.join(shown[:5])} but no {CHECKPOINTS}/ or {STATUS_FILE}): a run would "
+        "replace files there. Choose a new or empty folder.")
 
 
 def check_export_target(workdir, out_dir):

@@ -188,8 +188,9 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def check_workdir(workdir):
-  """Fails at once, before the teacher loads, when the workdir cannot be written."""
+def check_workdir(workdir, foreign_ok=True):
+  """Fails at once, before the teacher loads, when the workdir cannot be written (or, unless
+  `foreign_ok`, is a non-empty folder that is not a run: `checkpoint.check_run_target`)."""
   workdir = os.path.abspath(workdir)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f"--workdir={workdir} exists and is not a directory; pass a directory.")
@@ -204,23 +205,26 @@ def check_workdir(workdir):
   except OSError as e:
     raise ValueError(f"--workdir={workdir} is not writable ({e.strerror}); choose a writable "
                      "location.") from None
+  if not foreign_ok:
+    ckpt_lib.check_run_target(workdir)
   return workdir
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, source=None,
-                       teacher=None):
+                       teacher=None, foreign_ok=True):
   """Runs (or resumes) a distillation run in `workdir`; returns the final TrainState.
 
   The config, the workdir and (on a resume) the config against the checkpoint's are
   checked before the teacher is loaded.
   `source` (a data source) and `teacher` (a `teachers.base.Teacher`) replace
   the ones the config names, e.g. to share one fitted teacher across a sweep.
+  `foreign_ok=False` (the command line) refuses a non-empty workdir that is not a run.
 
   Raises:
     Preempted: SIGTERM arrived; the state was saved first.
   """
   config = _validated(config)
-  workdir = check_workdir(workdir)
+  workdir = check_workdir(workdir, foreign_ok)
   with _SigtermFlag() as sigterm, ckpt_lib.lock_workdir(workdir), \
       console.log_to_file(_log_path(workdir)):
     ckpt_lib.check_resumable(workdir, config)
@@ -272,6 +276,7 @@ def _run(trainer, workdir, sigterm):
               os.path.basename(_log_path(workdir)))
   _stop_if_requested(sigterm, trainer)
   mngr = ckpt_lib.manager(workdir, config)
+  started = False            # the resume checks passed and the run files are written
   try:
     if mngr.all_steps():
       ckpt_lib.check_teacher(workdir, trainer.teacher_identity,
@@ -282,15 +287,48 @@ def _run(trainer, workdir, sigterm):
     elif config.get("init_from"):
       trainer.state = warm_start.warm_start(trainer.state, config.init_from)
     _write_run_files(trainer, workdir)
+    started = True
     _stop_if_requested(sigterm, trainer, workdir)
     writer = metric_writers.create_default_writer(workdir,
                                                   just_logging=jax.process_index() > 0)
     with metric_writers.ensure_flushes(writer):
       _loop(trainer, workdir, mngr, writer, sigterm)
+  except BaseException as e:
+    if started and not isinstance(e, Preempted):
+      _record_failure(workdir, trainer.step, e)
+    raise
   finally:
-    mngr.wait_until_finished()
-    mngr.close()
+    _close_manager(mngr, workdir)
   return trainer.state
+
+
+def _record_failure(workdir, step, error):
+  """status.json says the run failed (disk full, vanished data, ...) and why, in one line."""
+  _LOG.info("The run failed at step %d", step, exc_info=error)    # the log file only
+  if jax.process_index() != 0:
+    return
+  state = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+  reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+  try:
+    ckpt_lib.write_status(workdir, state, step, error=reason)
+  except OSError:                      # a full disk: the small file may still fit in place
+    try:
+      with open(ckpt_lib.path(workdir, ckpt_lib.STATUS_FILE), "w", encoding="utf-8") as f:
+        json.dump({"state": state, "step": int(step), "error": reason}, f)
+    except OSError:
+      _LOG.error("could not record the failure in %s", ckpt_lib.STATUS_FILE)
+
+
+def _close_manager(mngr, workdir):
+  """Waits for pending saves and closes; a failed save leaves no temporary folder behind."""
+  try:
+    mngr.wait_until_finished()
+  finally:
+    try:
+      mngr.close()
+    finally:
+      if jax.process_index() == 0:
+        ckpt_lib.remove_temporary_checkpoints(workdir)
 
 
 def _write_run_files(trainer, workdir):

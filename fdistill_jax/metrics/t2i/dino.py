@@ -45,7 +45,12 @@ VIT_KEYS = {
 
 def vit_from_config(config) -> vit.ViTModel:
   """ViTModel from a transformers ViTConfig dict (unknown generic keys skipped)."""
-  return vit.ViTModel(**configs.resolve(config, VIT_KEYS, "ViT", strict=False))
+  c = configs.resolve(config, VIT_KEYS, "ViT", strict=False)
+  configs.check_vision(c, "ViT")
+  if not isinstance(c["qkv_bias"], bool):
+    raise configs.ConversionError(f"ViT config: qkv_bias={configs.short_value(c['qkv_bias'])} "
+                                  "must be true or false.")
+  return vit.ViTModel(**c)
 
 
 def _flax_names(state_dict) -> dict:

@@ -103,7 +103,8 @@ def load_clip(folder, dtype=jnp.float32) -> Clip:
           f"CLIP {name} tower ({path})")
       for name, module in (("vision", vision), ("text", text))}
   from fdistill_jax.loaders.tokenizer import CLIPTokenizer  # pylint: disable=g-import-not-at-top
-  tokenizer = CLIPTokenizer(folder, text.text_model.max_position_embeddings)
+  tokenizer = CLIPTokenizer(folder, text.text_model.max_position_embeddings,
+                            vocab_size=text.text_model.vocab_size)
   return Clip(vision, text, variables, tokenizer, str(folder))
 
 

@@ -27,13 +27,13 @@ over the devices with `eval.sampling.BatchSampler` (compiled once per sampler).
 """
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
+from fdistill_jax.loaders import limits
 from fdistill_jax.data import pixels
 from fdistill_jax.pipelines import sampling as sampling_lib
 from fdistill_jax.pipelines import denoisers as denoiser_lib
@@ -107,8 +107,11 @@ def is_t2i_run(workdir) -> bool:
   file = ckpt_lib.path(workdir, ckpt_lib.GENERATOR_SPEC)
   if not os.path.isfile(file):
     return False
-  with open(file) as f:
-    return json.load(f).get("kind") in T2I_KINDS
+  spec = limits.json_load(file, f"generator spec {file}")
+  if not isinstance(spec, dict):
+    raise ValueError(f"generator spec {file} must hold a JSON object, got a "
+                     f"{type(spec).__name__}.")
+  return spec.get("kind") in T2I_KINDS
 
 
 def load_run(workdir, *, which="ema", step=None) -> T2IRun:

@@ -99,6 +99,7 @@ def random_teacher(config) -> base.Teacher:
       raise ValueError(f"teacher.kind='sdxl_random' needs --config.teacher.{key}=FOLDER "
                        f"({sd.TOKENIZER_HINT}).")
     length = modules[tower].text_model.max_position_embeddings
-    tokenizers.append(sd_tokenizer.CLIPTokenizer(folder, length))
+    tokenizers.append(sd_tokenizer.CLIPTokenizer(
+        folder, length, vocab_size=modules[tower].text_model.vocab_size))
   identity = {"kind": "sdxl_random", "arch": arch, "seed": config.seed + 1}
   return _build(modules, variables, tuple(tokenizers), config, arch["unet"], identity)

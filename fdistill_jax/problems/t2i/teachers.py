@@ -131,7 +131,8 @@ def random_teacher(config) -> base.Teacher:
     raise ValueError("teacher.kind='sd15_random' needs --config.teacher.tokenizer=FOLDER "
                      f"({TOKENIZER_HINT}).")
   tokenizer = sd_tokenizer.CLIPTokenizer(
-      tok_dir, modules["text_encoder"].text_model.max_position_embeddings)
+      tok_dir, modules["text_encoder"].text_model.max_position_embeddings,
+      vocab_size=modules["text_encoder"].text_model.vocab_size)
   identity = {"kind": "sd15_random", "arch": arch, "seed": config.seed + 1}
   return _build(modules, variables, tokenizer, config, arch["unet"], identity)
 
