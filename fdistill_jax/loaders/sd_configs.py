@@ -146,7 +146,7 @@ def _check_addition_embedding(c):
                           f"got {widths}.")
 
 
-def unet_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
+def unet_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False, attention="xla"):
   """UNet2DConditionModel from a diffusers `unet/config.json` dict."""
   c = resolve(config, UNET_KEYS, "UNet")
   _check_block_types(c)
@@ -158,10 +158,11 @@ def unet_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
   heads = _per_block(c.pop("num_attention_heads") or c["attention_head_dim"], n,
                      "num_attention_heads")
   c.pop("attention_head_dim")
-  return UNet2DConditionModel(num_attention_heads=heads, dtype=dtype, remat=remat, **c)
+  return UNet2DConditionModel(num_attention_heads=heads, dtype=dtype, remat=remat,
+                              attention=attention, **c)
 
 
-def vae_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
+def vae_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False, attention="xla"):
   """(AutoencoderKL, scaling_factor, shift_factor) from a diffusers `vae/config.json` dict."""
   c = resolve(config, VAE_KEYS, "VAE")
   n = len(c["block_out_channels"])
@@ -172,7 +173,8 @@ def vae_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
   scale, shift = float(c.pop("scaling_factor")), c.pop("shift_factor")
   for key in ("down_block_types", "up_block_types"):
     c.pop(key)
-  vae = AutoencoderKL(norm_num_groups=c.pop("norm_num_groups"), dtype=dtype, remat=remat, **c)
+  vae = AutoencoderKL(norm_num_groups=c.pop("norm_num_groups"), dtype=dtype, remat=remat,
+                      attention=attention, **c)
   return vae, scale, float(shift or 0.0)
 
 
@@ -182,26 +184,28 @@ def _activation(config, table) -> str:
   return config.get("hidden_act", table["hidden_act"][0])
 
 
-def text_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
+def text_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False, attention="xla"):
   """CLIPTextModel from a transformers `text_encoder/config.json` dict."""
   if "text_config" in config:  # A full CLIPConfig.
     config = config["text_config"]
   c = resolve(config, TEXT_KEYS, "CLIP text", strict=False)
   c["hidden_act"] = _activation(config, TEXT_KEYS)
-  return clip.CLIPTextModel(clip.CLIPTextTransformer(**c, dtype=dtype, remat=remat))
+  return clip.CLIPTextModel(clip.CLIPTextTransformer(**c, dtype=dtype, remat=remat,
+                                                         attention=attention))
 
 
-def text_with_projection_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
+def text_with_projection_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False,
+                                     attention="xla"):
   """CLIPTextModelWithProjection from a CLIPTextConfig (with projection_dim) or a CLIPConfig
   (SDXL's `text_encoder_2/config.json` is the former)."""
   proj = config.get("projection_dim", 512)
   if "text_config" in config:
     config = config["text_config"]
-  text = text_from_config(config, dtype, remat).text_model
+  text = text_from_config(config, dtype, remat, attention).text_model
   return clip.CLIPTextModelWithProjection(text, projection_dim=int(proj))
 
 
-def vision_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
+def vision_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False, attention="xla"):
   """CLIPVisionModelWithProjection from a CLIPVisionConfig or a full CLIPConfig dict."""
   if "vision_config" in config:  # A full CLIPConfig: projection_dim is top-level.
     config = {**config["vision_config"], "projection_dim": config.get("projection_dim", 512)}
@@ -209,7 +213,8 @@ def vision_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False
   c["hidden_act"] = _activation(config, VISION_KEYS)
   proj = c.pop("projection_dim")
   return clip.CLIPVisionModelWithProjection(
-      clip.CLIPVisionTransformer(**c, dtype=dtype, remat=remat), projection_dim=proj)
+      clip.CLIPVisionTransformer(**c, dtype=dtype, remat=remat, attention=attention),
+      projection_dim=proj)
 
 
 SD15_CONFIGS = {
