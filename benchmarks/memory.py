@@ -26,13 +26,17 @@ The estimate, per device, of one step (generator or critic) is the sum of:
               i.e. parameters, are not counted twice), at the per-device batch:
               the critic step's fake-score and discriminator VJPs run one after
               the other, so the larger of the two counts;
+  attention_scores  the largest attention score matrix of the batch (float32
+              logits + weights, [B, heads, Lq, Lk]) where the reference attention
+              runs (`attention=xla`, and `auto` on CPUs, as traced here): a
+              transient the residuals do not show; fused kernels keep O(L);
   batch       the step's input batch on the device.
 
 Not counted: XLA's temporaries (the transient buffers of one layer, e.g. a
 materialised attention score matrix, workspace of fused kernels), FSDP's
 all-gathered parameters of the layer being computed, and fragmentation; leave
-10-20% headroom. `per_example` is the residuals' slope in the batch: the bytes
-each further example adds.
+10-20% headroom. `per_example` is the slope in the batch of residuals + attention
+scores: the bytes each further example adds.
 
 `--xla_plan=1` also compiles each step on this backend (a mesh of `--devices`
 devices; simulated on CPU) and reports XLA's own buffer plan
@@ -202,6 +206,22 @@ def residual_bytes(loss, diff_args, *rest):
   return total
 
 
+def attention_scores_per_example():
+  """Bytes per example of the largest attention score matrix the traced steps build.
+
+  The reference ('xla', 'jax') materialises float32 logits and the weights in the
+  compute dtype, [heads, Lq, Lk] each, one attention at a time: a transient the
+  residuals do not show (remat recomputes it in the backward pass too). Fused
+  kernels ('cudnn', 'pallas') keep O(L) instead: 0 here.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from fdistill_jax.models import attention  # pylint: disable=g-import-not-at-top
+  sizes = [heads * lq * lk * (4 + np.dtype(dtype).itemsize)
+           for _, impl, _, heads, _, lq, lk, dtype in attention.traced_calls()
+           if impl in ("xla", "jax")]
+  return max(sizes, default=0)
+
+
 def _step_residuals(models, optimizers, config, state, tv, batch):
   """{'gen': bytes, 'critic': bytes}: the VJP residuals of each step at this batch."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -239,6 +259,7 @@ def estimate(config, name, per_device_batches, devices=1, sd_configs=SD15_CONFIG
   """The estimate (module docstring) of one config at each per-device batch, in bytes."""
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
+  from fdistill_jax.models import attention as attention_lib  # pylint: disable=g-import-not-at-top
   from fdistill_jax.train import models as models_lib  # pylint: disable=g-import-not-at-top
   from fdistill_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from fdistill_jax.train import teacher as base  # pylint: disable=g-import-not-at-top
@@ -264,12 +285,15 @@ def estimate(config, name, per_device_batches, devices=1, sd_configs=SD15_CONFIG
     c = ml_collections.FrozenConfigDict(c)
     batch = _abstract_batch(models, c, b)
     start = time.perf_counter()
+    attention_lib.traced_calls(clear=True)
     res = _step_residuals(models, optimizers, c, state, tv, batch)
+    scores = attention_scores_per_example()
     row = {"per_device_batch": b, "global_batch": b * devices, "residuals": res,
+           "attention_scores": b * scores,
            "batch": _nbytes(batch), "trace_s": time.perf_counter() - start}
     state_bytes = fixed["trainable_params"] + fixed["optimizer_moments"] + fixed["ema"]
     row["total"] = {s: state_bytes + fixed["frozen"] + fixed["grads"][s] + res[s] + row["batch"]
-                    for s in ("gen", "critic")}
+                    + row["attention_scores"] for s in ("gen", "critic")}
     rows.append(row)
   for row in rows:
     row["per_example"] = _per_example(rows, row)
@@ -277,12 +301,14 @@ def estimate(config, name, per_device_batches, devices=1, sd_configs=SD15_CONFIG
 
 
 def _per_example(rows, row):
-  """Residual bytes per further example: the slope between the two extreme batches."""
+  """Bytes per further example (residuals + attention scores): the slope between the two
+  extreme batches (one batch: its bytes / batch)."""
   lo, hi = rows[0], rows[-1]
+  grow = lambda r, s: r["residuals"][s] + r["attention_scores"]
   if lo["per_device_batch"] == hi["per_device_batch"]:
-    return {s: row["residuals"][s] / row["per_device_batch"] for s in ("gen", "critic")}
+    return {s: grow(row, s) / row["per_device_batch"] for s in ("gen", "critic")}
   db = hi["per_device_batch"] - lo["per_device_batch"]
-  return {s: (hi["residuals"][s] - lo["residuals"][s]) / db for s in ("gen", "critic")}
+  return {s: (grow(hi, s) - grow(lo, s)) / db for s in ("gen", "critic")}
 
 
 def xla_plan(config, devices, per_device_batch, sd_configs=SD15_CONFIGS, name="sd15"):
@@ -352,17 +378,20 @@ def configure(spec, remat=None, dtype=None, frozen_dtype=None, devices=1, fsdp=0
 def table(results):
   """Markdown rows: one per (config, settings, batch)."""
   lines = ["| config | dtype | remat | devices (fsdp) | per-device batch | state + frozen GiB "
-           "| gen step GiB | critic step GiB | residuals/example gen, critic GiB |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| gen step GiB | critic step GiB | residuals/example gen, critic GiB "
+           "| attention scores/example GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
   for r in results:
     f = r["estimate"]["fixed"]
     fixed = (f["trainable_params"] + f["optimizer_moments"] + f["ema"] + f["frozen"]) / GIB
-    for row in r["estimate"]["rows"]:
+    rows = r["estimate"]["rows"]
+    for row in rows:
+      b = row["per_device_batch"]
+      scores = row["attention_scores"] / b
       lines.append(
-          f"| {r['config']} | {r['dtype']} | {r['remat']} | {r['devices']} ({r['fsdp']}) | "
-          f"{row['per_device_batch']} | {fixed:.2f} | {row['total']['gen'] / GIB:.2f} | "
-          f"{row['total']['critic'] / GIB:.2f} | {row['per_example']['gen'] / GIB:.3f}, "
-          f"{row['per_example']['critic'] / GIB:.3f} |")
+          f"| {r['config']} | {r['dtype']} | {r['remat']} | {r['devices']} ({r['fsdp']}) | {b} | "
+          f"{fixed:.2f} | {row['total']['gen'] / GIB:.2f} | {row['total']['critic'] / GIB:.2f} | "
+          f"{(row['per_example']['gen'] - scores) / GIB:.3f}, "
+          f"{(row['per_example']['critic'] - scores) / GIB:.3f} | {scores / GIB:.3f} |")
   return "\n".join(lines)
 
 

@@ -137,9 +137,9 @@ def test_explicit_kernel_on_the_wrong_backend_fails_with_the_fix():
 
 def _kernels_traced(module, *args):
   """The implementations `module` runs at its attentions (traced only: eval_shape)."""
-  attention_lib._LOGGED.clear()  # pylint: disable=protected-access
+  attention_lib.traced_calls(clear=True)
   jax.eval_shape(lambda *a: module.init_with_output(jax.random.PRNGKey(0), *a), *args)
-  return {key[0:2] for key in attention_lib._LOGGED}  # pylint: disable=protected-access
+  return {call[0:2] for call in attention_lib.traced_calls()}
 
 
 def test_every_network_passes_the_setting_down():

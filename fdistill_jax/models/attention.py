@@ -105,6 +105,16 @@ def choose(setting: str, q_shape, kv_len: int, dtype, backend: Optional[str] = N
   return "xla", "auto: " + "; ".join(reasons)
 
 
+def traced_calls(clear=False):
+  """The distinct attention calls traced in this process so far, as tuples
+  (setting, implementation, reason, heads, head size, Lq, Lk, dtype name);
+  `clear` forgets them (so the next calls are logged again)."""
+  calls = sorted(_LOGGED)
+  if clear:
+    _LOGGED.clear()
+  return calls
+
+
 def _log_once(setting, impl, reason, q_shape, kv_len, dtype):
   key = (setting, impl, reason, q_shape[2], q_shape[3], q_shape[1], kv_len, jnp.dtype(dtype).name)
   if key not in _LOGGED:
