@@ -336,6 +336,8 @@ def main(argv=None):
   args = p.parse_args(sys.argv[1:] if argv is None else argv)
   args.configs = [c for c in args.configs.split(",") if c]
   args.dtypes = [d for d in args.dtypes.split(",") if d]
+  # The training runs are child processes: this one must not take the device's memory first.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   import jax  # pylint: disable=g-import-not-at-top
   start = time.time()
   report = {"command": "python -m benchmarks.device_report " + " ".join(
