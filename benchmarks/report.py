@@ -1,11 +1,18 @@
-"""What every benchmark shares: timing a jitted function, and the JSON report."""
+"""What every benchmark shares: timing a jitted function, the JSON report, the fixtures."""
 
 import json
+import os
+import pathlib
 import time
 
-import jax
-
 from fdistill_jax.io import atomic
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# The shared fixtures (tests use the same variable); SD 1.5's config.json files and tokenizer,
+# no weights, give the full-size architecture.
+FIXTURES = pathlib.Path(os.environ.get("FDISTILL_SHARED_FIXTURES",
+                                       REPO.parent / "shared" / "fixtures"))
+SD15_CONFIGS = str(FIXTURES / "sd15")
 
 
 def write_report(report, out=None):
@@ -21,6 +28,7 @@ def time_jit(fn, args, warmup, iters):
   Compilation (lower + compile) is timed apart; then `warmup` untimed calls,
   then `iters` calls each waited for with block_until_ready.
   """
+  import jax  # pylint: disable=g-import-not-at-top  (benchmarks.memory sets XLA_FLAGS first)
   start = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()
   compile_s = time.perf_counter() - start

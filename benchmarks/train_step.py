@@ -60,9 +60,11 @@ import jax
 import ml_collections
 import numpy as np
 
+from benchmarks.report import SD15_CONFIGS
 from benchmarks.report import write_report
 from configs import cifar10, imagenet64, sd15, tiny, toy2d
 from fdistill_jax import console
+from fdistill_jax.models import attention as attention_lib
 from fdistill_jax.models.edm import CIFAR10_ARCH
 from fdistill_jax.models.edm import IMAGENET64_ARCH
 from fdistill_jax.data import registry as data_registry
@@ -75,7 +77,6 @@ CONFIGS = {"cifar10": cifar10, "imagenet64": imagenet64, "sd15": sd15, "tiny": t
            "toy2d": toy2d}
 FULL_ARCHS = {"cifar10": CIFAR10_ARCH, "imagenet64": IMAGENET64_ARCH}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SD15_CONFIGS = os.path.join(os.path.dirname(REPO), "shared", "fixtures", "sd15")
 
 # Dense peak TFLOP/s per JAX device from the vendors' spec sheets, keyed by a
 # substring of `device.device_kind`; first match wins. GPU float32 uses the
@@ -106,13 +107,15 @@ def peak_tflops(device_kind, dtype, override=None):
 
 
 def make_config(name, dtype, per_device_batch, variant=None, fsdp=1, remat=None,
-                sd_configs=SD15_CONFIGS):
+                sd_configs=SD15_CONFIGS, attention=None):
   """The named config at full size, random teacher, global batch = per-device x devices."""
   module = CONFIGS[name]
   c = module.get_config(variant) if variant else module.get_config()
   c.batch_size = per_device_batch * jax.device_count()
   c.compute_dtype = dtype
   c.mesh.fsdp = fsdp
+  if attention:
+    c.attention = attention
   if name in FULL_ARCHS:
     c.teacher.kind = "random"
     c.teacher.arch = ml_collections.ConfigDict(FULL_ARCHS[name])
@@ -235,7 +238,8 @@ def peak_memory():
 
 def build(args, dtype):
   config = make_config(args.config, dtype, args.per_device_batch, args.variant, args.fsdp,
-                       None if args.remat == [] else int(args.remat[0]), args.sd_configs)
+                       None if args.remat == [] else int(args.remat[0]), args.sd_configs,
+                       args.attention)
   start = time.perf_counter()     # teacher.kind='random': numpy-drawn weights, no compiled init
   trainer = loop.build_trainer(config, make_source(config, args.data))
   jax.block_until_ready(trainer.state)
@@ -281,7 +285,7 @@ def _report(trainer, dtype, args, r):
   per_s = flops["cycle"] / cycle_s if "cycle" in flops else None
   peak = peak_tflops(jax.devices()[0].device_kind, dtype, args.peak_tflops)
   return dict(
-      dtype=dtype, remat=c.teacher.get("remat"), global_batch=b, fake_score_update_freq=freq, cycle_ms=1e3 * cycle_s,
+      dtype=dtype, remat=c.teacher.get("remat"), attention=c.get("attention"), global_batch=b, fake_score_update_freq=freq, cycle_ms=1e3 * cycle_s,
       gen_images_per_s=b / cycle_s, critic_images_per_s=freq * b / cycle_s, **r,
       flops_per_s_per_device=per_s, peak_tflops=peak,
       mfu=per_s / (peak * 1e12) if per_s and peak else None,
@@ -304,7 +308,7 @@ def _run_isolated(argv, dtype, remat=None):
 
 def _child_argv(args):
   keep = ("config", "variant", "per_device_batch", "cycles", "warmup", "data", "fsdp",
-          "peak_tflops", "sd_configs")
+          "peak_tflops", "sd_configs", "attention")
   return ["benchmarks.train_step"] + [f"--{k}={getattr(args, k)}" for k in keep
                                       if getattr(args, k) is not None]
 
@@ -328,6 +332,8 @@ flags.DEFINE_list("remat", [], "teacher.remat settings (0/1; each in its own pro
 flags.DEFINE_string("sd_configs", SD15_CONFIGS, "sd15: an SD 1.5 folder whose unet/, "
                     "text_encoder/, vae/ config.json and tokenizer/ give the full-size "
                     "architecture (no weights needed).", flag_values=FLAGS)
+flags.DEFINE_enum("attention", None, list(attention_lib.SETTINGS), "config.attention (default: "
+                  "the config's, 'auto').", flag_values=FLAGS)
 flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device for MFU (default: "
                    "PEAK_TFLOPS by device kind).", flag_values=FLAGS)
 flags.DEFINE_string("out", None, "JSON output file.", flag_values=FLAGS)

@@ -20,6 +20,7 @@ import ml_collections
 
 from fdistill_jax import divergences
 from fdistill_jax import losses
+from fdistill_jax.models import attention as attention_lib
 
 DIVERGENCES = tuple(divergences.DIVERGENCES)
 ABLATIONS = ("no_gan", "gan_only")
@@ -80,6 +81,8 @@ def base_config():
   c.ema_decays = (0.9999, 0.99995, 0.9996)   # per iteration (FastGen); ema:0 samples/exports
   c.student_dropout = 0.0             # dropout of generator and fake score (DMD2/FastGen: 0)
   c.compute_dtype = "float32"
+  c.attention = "auto"                # auto | xla (reference) | jax | cudnn | pallas
+  c.frozen_dtype = "float32"          # storage of teacher, VAE, text towers (bfloat16: half)
   c.init_from = ""                    # a run's workdir: warm start gen/fake/disc from it
 
   c.teacher = ml_collections.ConfigDict()
@@ -197,6 +200,9 @@ def validate(config, num_devices, process_count=1):
   _check(config.mesh.fsdp >= 1 and num_devices % config.mesh.fsdp == 0,
          f"mesh.fsdp={config.mesh.fsdp} must be >= 1 and divide the {num_devices} devices.")
   divergences.get_divergence(config.divergence)   # ValueError listing the names
+  attention_lib.check_setting(config.get("attention", "auto"))
+  _check(config.get("frozen_dtype", "float32") in ("float32", "bfloat16"),
+         f"frozen_dtype={config.get('frozen_dtype')!r}; expected 'float32' or 'bfloat16'.")
   _check(config.total_steps > 0, f"total_steps={config.total_steps} must be positive.")
   _check(config.fake_score_update_freq >= 1,
          f"fake_score_update_freq={config.fake_score_update_freq} must be >= 1.")

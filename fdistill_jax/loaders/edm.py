@@ -317,7 +317,7 @@ def _saved_shapes(directory: pathlib.Path) -> Optional[dict]:
           for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def load_converted(directory: PathLike, dtype=jnp.float32):
+def load_converted(directory: PathLike, dtype=jnp.float32, attention="xla"):
   """(module, variables) from a directory written by `convert` (or the workdir of a
   method='edm' run: its `teacher/`).
 
@@ -358,7 +358,7 @@ def load_converted(directory: PathLike, dtype=jnp.float32):
   except (ValueError, KeyError) as e:
     raise ConversionError(f"{directory}/{VARIABLES_DIR} does not match "
                           f"{ARCH_FILE}: {e}") from e
-  return build_edm(arch, dtype), variables
+  return build_edm(arch, dtype, attention), variables
 
 
 def file_sha256(path: PathLike) -> str:
@@ -470,12 +470,12 @@ def teacher_from_config(config) -> base.Teacher:
                      "the workdir of a method='edm' run.")
   if pathlib.Path(path).is_dir():
     path = resolve_converted(path)            # a method='edm' workdir: its teacher/
-    module, variables = load_converted(path, _dtype(config))
+    module, variables = load_converted(path, _dtype(config), base.attention(config))
     arch = read_arch(path / ARCH_FILE)
   else:
     arch, state_dict = read_teacher(path)
     variables = teacher_variables(arch, state_dict, path)
-    module = build_edm(arch, _dtype(config))
+    module = build_edm(arch, _dtype(config), base.attention(config))
   return _image_teacher(module, variables, path, arch, teacher_identity(path))
 
 
@@ -483,7 +483,7 @@ def initialized_teacher(config) -> base.Teacher:
   """`teacher.kind='init'`: EDM's own initialisation of `teacher.arch` (`module.init`:
   Xavier-uniform layers, near-zero last layers), the start of a method='edm' run."""
   arch = config.teacher.arch.to_dict()
-  module = build_edm(arch, dtype=_dtype(config))
+  module = build_edm(arch, dtype=_dtype(config), attention=base.attention(config))
   r, c = module.img_resolution, module.img_channels
   labels = jnp.zeros((1, module.label_dim)) if module.label_dim else None
   init = jax.jit(lambda key: module.init(key, jnp.zeros((1, r, r, c)), jnp.ones((1,)), labels))
@@ -495,7 +495,7 @@ def initialized_teacher(config) -> base.Teacher:
 def random_teacher(config) -> base.Teacher:
   """`teacher.kind='random'`: an EDM network with random weights (tests, benchmarks)."""
   arch = config.teacher.arch.to_dict()
-  module = build_edm(arch, dtype=_dtype(config))
+  module = build_edm(arch, dtype=_dtype(config), attention=base.attention(config))
   variables = random_variables(module, seed=config.seed + 1)
   return _image_teacher(module, variables, "teacher.arch", arch,
                         {"kind": "random", "arch": arch, "seed": config.seed + 1})

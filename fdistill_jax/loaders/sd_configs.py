@@ -253,7 +253,7 @@ def _check_addition_embedding(c):
                           f"got {widths}.")
 
 
-def unet_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
+def unet_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False, attention="xla"):
   """UNet2DConditionModel from a diffusers `unet/config.json` dict."""
   c = resolve(config, UNET_KEYS, "UNet")
   check_schema(c, {"block_out_channels": UNET_SCHEMA["block_out_channels"]}, "UNet")
@@ -274,10 +274,11 @@ def unet_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
   _check_budget(sum((2 * depth + 1) * (18 * ch * ch + max(c["transformer_layers_per_block"])
                                        * (12 * ch * ch + 2 * ch * c["cross_attention_dim"]))
                     for ch in chans), "UNet")
-  return UNet2DConditionModel(num_attention_heads=heads, dtype=dtype, remat=remat, **c)
+  return UNet2DConditionModel(num_attention_heads=heads, dtype=dtype, remat=remat,
+                              attention=attention, **c)
 
 
-def vae_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
+def vae_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False, attention="xla"):
   """(AutoencoderKL, scaling_factor, shift_factor) from a diffusers `vae/config.json` dict."""
   c = resolve(config, VAE_KEYS, "VAE")
   check_schema(c, VAE_SCHEMA, "VAE")
@@ -299,7 +300,8 @@ def vae_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
   scale = float(scale)
   for key in ("down_block_types", "up_block_types"):
     c.pop(key)
-  vae = AutoencoderKL(norm_num_groups=c.pop("norm_num_groups"), dtype=dtype, remat=remat, **c)
+  vae = AutoencoderKL(norm_num_groups=c.pop("norm_num_groups"), dtype=dtype, remat=remat,
+                      attention=attention, **c)
   return vae, scale, float(shift or 0.0)
 
 
@@ -309,7 +311,7 @@ def _activation(config, table) -> str:
   return config.get("hidden_act", table["hidden_act"][0])
 
 
-def text_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
+def text_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False, attention="xla"):
   """CLIPTextModel from a transformers `text_encoder/config.json` dict."""
   if "text_config" in config:  # A full CLIPConfig.
     config = config["text_config"]
@@ -320,10 +322,12 @@ def text_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
   _check_budget(c["num_hidden_layers"] * (4 * h * h + 2 * h * c["intermediate_size"])
                 + (c["vocab_size"] + c["max_position_embeddings"]) * h, "CLIP text")
   c["hidden_act"] = _activation(config, TEXT_KEYS)
-  return clip.CLIPTextModel(clip.CLIPTextTransformer(**c, dtype=dtype, remat=remat))
+  return clip.CLIPTextModel(clip.CLIPTextTransformer(**c, dtype=dtype, remat=remat,
+                                                         attention=attention))
 
 
-def text_with_projection_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
+def text_with_projection_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False,
+                                     attention="xla"):
   """CLIPTextModelWithProjection from a CLIPTextConfig (with projection_dim) or a CLIPConfig
   (SDXL's `text_encoder_2/config.json` is the former)."""
   proj = config.get("projection_dim", 512)
@@ -332,7 +336,7 @@ def text_with_projection_from_config(config: Mapping[str, Any], dtype=jnp.float3
   if isinstance(proj, bool) or not isinstance(proj, int) or not 1 <= proj <= 16384:
     raise ConversionError(f"CLIP text config: projection_dim={short_value(proj)} must be an "
                           "integer in [1, 16384].")
-  text = text_from_config(config, dtype, remat).text_model
+  text = text_from_config(config, dtype, remat, attention).text_model
   return clip.CLIPTextModelWithProjection(text, projection_dim=int(proj))
 
 
@@ -350,7 +354,7 @@ def check_vision(c: Mapping[str, Any], what: str) -> None:
                 + c["num_channels"] * c["patch_size"] ** 2 * h, what)
 
 
-def vision_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False):
+def vision_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False, attention="xla"):
   """CLIPVisionModelWithProjection from a CLIPVisionConfig or a full CLIPConfig dict."""
   if "vision_config" in config:  # A full CLIPConfig: projection_dim is top-level.
     config = {**config["vision_config"], "projection_dim": config.get("projection_dim", 512)}
@@ -359,7 +363,8 @@ def vision_from_config(config: Mapping[str, Any], dtype=jnp.float32, remat=False
   c["hidden_act"] = _activation(config, VISION_KEYS)
   proj = c.pop("projection_dim")
   return clip.CLIPVisionModelWithProjection(
-      clip.CLIPVisionTransformer(**c, dtype=dtype, remat=remat), projection_dim=proj)
+      clip.CLIPVisionTransformer(**c, dtype=dtype, remat=remat, attention=attention),
+      projection_dim=proj)
 
 
 SD15_CONFIGS = {

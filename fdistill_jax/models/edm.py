@@ -223,7 +223,7 @@ def _tuples(kwargs):
   return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in kwargs.items()}
 
 
-def build_edm(arch: Mapping[str, Any], dtype=jnp.float32) -> EDMPrecond:
+def build_edm(arch: Mapping[str, Any], dtype=jnp.float32, attention="xla") -> EDMPrecond:
   """EDMPrecond from EDM's constructor arguments (see the module docstring).
 
   Args:
@@ -231,6 +231,7 @@ def build_edm(arch: Mapping[str, Any], dtype=jnp.float32) -> EDMPrecond:
       'EDMPrecond') and 'use_fp16' are accepted and ignored.
     dtype: compute dtype of the U-Net (parameters stay float32; the output
       and the preconditioning are float32).
+    attention: the self-attention kernel (`fdistill_jax.models.attention.SETTINGS`).
 
   Raises:
     ValueError: unknown model_type, precond or keys, or values out of range (`check_arch`).
@@ -252,7 +253,7 @@ def build_edm(arch: Mapping[str, Any], dtype=jnp.float32) -> EDMPrecond:
   model = MODEL_TYPES[model_type](
       img_resolution=arch["img_resolution"], in_channels=arch["img_channels"],
       out_channels=arch["img_channels"], label_dim=arch.get("label_dim", 0), dtype=dtype,
-      **model_kwargs)
+      attention=attention, **model_kwargs)
   return EDMPrecond(
       model=model, img_resolution=arch["img_resolution"], img_channels=arch["img_channels"],
       label_dim=arch.get("label_dim", 0), sigma_data=float(arch.get("sigma_data", 0.5)),

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdistill_jax.models import attention as attention_lib
+
 
 def _xavier_uniform():
   # EDM's default for SongUNet; Flax's own is identical up to layout.
@@ -151,12 +153,20 @@ class GroupNorm(nn.Module):
     return (y * weight + bias).astype(x.dtype)
 
 
-def attention(qkv, num_heads):
+def _reference_attention(q, k, v):
+  """The 'xla' reference: float32 logits and softmax; q, k, v [B, L, H, d]."""
+  logits = jnp.einsum("bqhc,bkhc->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
+  weights = jax.nn.softmax(logits / np.sqrt(q.shape[-1]), axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhc->bqhc", weights, v)
+
+
+def attention(qkv, num_heads, implementation="xla"):
   """EDM's multi-head self-attention on a fused NHWC `qkv` tensor.
 
   EDM reshapes the 3C channels of `qkv` as (heads, C / heads, 3): channel
-  `h * 3 d + 3 c + j` is component j (q, k, v) of channel c of head h. Logits
-  q.k / sqrt(d) and the softmax are computed in float32.
+  `h * 3 d + 3 c + j` is component j (q, k, v) of channel c of head h. The
+  kernel is `implementation` (`fdistill_jax.models.attention.SETTINGS`); the
+  reference 'xla' computes q.k / sqrt(d) and the softmax in float32.
 
   Returns:
     `[B, H, W, C]` attention output, heads concatenated along channels.
@@ -165,9 +175,7 @@ def attention(qkv, num_heads):
   d = c3 // (3 * num_heads)
   qkv = qkv.reshape(b, h * w, num_heads, d, 3)
   q, k, v = qkv[..., 0], qkv[..., 1], qkv[..., 2]
-  logits = jnp.einsum("bqhc,bkhc->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
-  weights = jax.nn.softmax(logits / np.sqrt(d), axis=-1).astype(qkv.dtype)
-  out = jnp.einsum("bhqk,bkhc->bqhc", weights, v)
+  out = attention_lib.attend(q, k, v, implementation, _reference_attention)
   return out.reshape(b, h, w, num_heads * d)
 
 
@@ -190,6 +198,7 @@ class UNetBlock(nn.Module):
   init: nn.initializers.Initializer = _xavier_uniform()
   init_zero: nn.initializers.Initializer = nn.initializers.zeros
   init_attn: nn.initializers.Initializer = _xavier_uniform()
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x, emb, train: bool = False):
@@ -215,7 +224,7 @@ class UNetBlock(nn.Module):
     if self.num_heads:
       qkv = Conv2d(cout * 3, 1, kernel_init=self.init_attn, name="qkv")(
           GroupNorm(eps=self.eps, name="norm2")(x))
-      a = attention(qkv, self.num_heads)
+      a = attention(qkv, self.num_heads, self.attention)
       x = (Conv2d(cout, 1, kernel_init=self.init_zero, name="proj")(a) + x) * self.skip_scale
     return x
 

@@ -104,6 +104,7 @@ class BlockOptions:
   init: nn.initializers.Initializer = nn.initializers.xavier_uniform()
   init_zero: nn.initializers.Initializer = nn.initializers.zeros
   init_attn: nn.initializers.Initializer = nn.initializers.xavier_uniform()
+  attention: str = "xla"
 
   def block(self, step: Step) -> UNetBlock:
     return UNetBlock(step.out, up=step.up, down=step.down, num_heads=step.heads,
@@ -213,6 +214,7 @@ class SongUNet(nn.Module):
   decoder_type: str = "standard"
   resample_filter: Sequence[int] = (1, 1)
   dtype: jnp.dtype = jnp.float32
+  attention: str = "xla"   # self-attention kernel (fdistill_jax.models.attention)
 
   def options(self) -> BlockOptions:
     xavier = nn.initializers.xavier_uniform
@@ -220,7 +222,8 @@ class SongUNet(nn.Module):
         dropout=self.dropout, skip_scale=float(np.sqrt(0.5)), eps=1e-6,
         resample_filter=tuple(self.resample_filter), resample_proj=True, adaptive_scale=False,
         init=xavier(), init_zero=nn.initializers.variance_scaling(1e-10, "fan_avg", "uniform"),
-        init_attn=nn.initializers.variance_scaling(0.2, "fan_avg", "uniform"))
+        init_attn=nn.initializers.variance_scaling(0.2, "fan_avg", "uniform"),
+        attention=self.attention)
 
   def plans(self):
     heads_fn = lambda c: 1
@@ -278,10 +281,11 @@ class DhariwalUNet(nn.Module):
   dropout: float = 0.10
   label_dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  attention: str = "xla"   # self-attention kernel (fdistill_jax.models.attention)
 
   def options(self) -> BlockOptions:
     return BlockOptions(dropout=self.dropout, init=_scaled_init(1 / 3), init_zero=nn.initializers.zeros,
-                        init_attn=_scaled_init(1 / 3))
+                        init_attn=_scaled_init(1 / 3), attention=self.attention)
 
   def plans(self):
     heads_fn = lambda c: c // 64

@@ -53,21 +53,23 @@ class _Dense(nn.Module):
 class _SelfAttention(nn.Module):
   heads: int
   qkv_bias: bool = True
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
     q, k, v = (Linear(d, use_bias=self.qkv_bias, name=n)(x) for n in ("query", "key", "value"))
-    return attention(q, k, v, self.heads)
+    return attention(q, k, v, self.heads, implementation=self.attention)
 
 
 class _Attention(nn.Module):
   heads: int
   qkv_bias: bool = True
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x):
-    h = _SelfAttention(self.heads, self.qkv_bias, name="attention")(x)
+    h = _SelfAttention(self.heads, self.qkv_bias, self.attention, name="attention")(x)
     return _Dense(x.shape[-1], name="output")(h)
 
 
@@ -76,10 +78,11 @@ class ViTLayer(nn.Module):
   intermediate_size: int
   eps: float = 1e-12
   qkv_bias: bool = True
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x):
-    x = x + _Attention(self.heads, self.qkv_bias, name="attention")(
+    x = x + _Attention(self.heads, self.qkv_bias, self.attention, name="attention")(
         LayerNorm(self.eps, name="layernorm_before")(x))
     h = _Dense(self.intermediate_size, name="intermediate")(
         LayerNorm(self.eps, name="layernorm_after")(x))
@@ -92,11 +95,12 @@ class _Encoder(nn.Module):
   intermediate_size: int
   eps: float
   qkv_bias: bool
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x):
     for i in range(self.num_layers):
-      x = ViTLayer(self.heads, self.intermediate_size, self.eps, self.qkv_bias,
+      x = ViTLayer(self.heads, self.intermediate_size, self.eps, self.qkv_bias, self.attention,
                    name=f"layer_{i}")(x)
     return x
 
@@ -149,11 +153,12 @@ class ViTModel(nn.Module):
   patch_size: int = 16
   num_channels: int = 3
   qkv_bias: bool = True
+  attention: str = "xla"   # attention kernel (fdistill_jax.models.attention)
 
   @nn.compact
   def __call__(self, pixels):
     x = _Embeddings(self.hidden_size, self.image_size, self.patch_size,
                     name="embeddings")(jnp.asarray(pixels, jnp.float32))
     x = _Encoder(self.num_hidden_layers, self.num_attention_heads, self.intermediate_size,
-                 self.layer_norm_eps, self.qkv_bias, name="encoder")(x)
+                 self.layer_norm_eps, self.qkv_bias, self.attention, name="encoder")(x)
     return LayerNorm(self.layer_norm_eps, name="layernorm")(x)

@@ -64,11 +64,12 @@ def read_configs(folder) -> dict:
   return {name: read_json(pathlib.Path(folder) / rel) for name, rel in CONFIG_FILES.items()}
 
 
-def build_modules(cfgs, dtype=jnp.float32, remat=False) -> dict:
-  """Flax modules and the schedule from config dicts (`read_configs` or `SD15_CONFIGS`)."""
-  vae, scale, shift = configs.vae_from_config(cfgs["vae"], dtype, remat)
-  return {"unet": configs.unet_from_config(cfgs["unet"], dtype, remat),
-          "text_encoder": configs.text_from_config(cfgs["text_encoder"], dtype, remat),
+def build_modules(cfgs, dtype=jnp.float32, remat=False, attention="xla") -> dict:
+  """Flax modules and the schedule from config dicts (`read_configs` or `SD15_CONFIGS`);
+  `attention` is the kernel of every network (`fdistill_jax.models.attention`)."""
+  vae, scale, shift = configs.vae_from_config(cfgs["vae"], dtype, remat, attention)
+  return {"unet": configs.unet_from_config(cfgs["unet"], dtype, remat, attention),
+          "text_encoder": configs.text_from_config(cfgs["text_encoder"], dtype, remat, attention),
           "vae": vae, "scaling_factor": scale, "shift_factor": shift,
           "schedule": denoiser.DiscreteSchedule.from_config(cfgs["scheduler"])}
 
@@ -143,7 +144,7 @@ def _tokenizer(folder, text_encoder):
 
 
 def load_pipeline(path, *, dtype=jnp.float32, remat=False, variant=None, config_dir=None,
-                  tokenizer_dir=None, ema=False) -> Pipeline:
+                  tokenizer_dir=None, ema=False, attention="xla") -> Pipeline:
   """Loads a diffusers folder or a single-file LDM checkpoint (module docstring).
 
   Args:
@@ -156,6 +157,7 @@ def load_pipeline(path, *, dtype=jnp.float32, remat=False, variant=None, config_
     tokenizer_dir: tokenizer folder (default: `tokenizer/` of the folder or
       of `config_dir`); without one, prompts cannot be encoded.
     ema: single files only: take the U-Net's `model_ema.` weights.
+    attention: the attention kernel (`fdistill_jax.models.attention.SETTINGS`).
   """
   path = pathlib.Path(path)
   if (path / "text_encoder_2").is_dir():
@@ -168,7 +170,7 @@ def load_pipeline(path, *, dtype=jnp.float32, remat=False, variant=None, config_
     source = pathlib.Path(config_dir) if config_dir else None
   else:
     raise FileNotFoundError(f"{path} is neither a diffusers model folder nor a checkpoint file.")
-  modules = build_modules(cfgs, dtype, remat)
+  modules = build_modules(cfgs, dtype, remat, attention)
   if path.is_dir():
     variables = folder_variables(path, modules, variant)
   else:

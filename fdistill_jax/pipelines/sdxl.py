@@ -80,11 +80,11 @@ def _check_widths(unet, text, text_2, what="SDXL folder"):
         f"addition_time_embed_dim is {added}: the components do not belong together.")
 
 
-def build_modules(cfgs, dtype=jnp.float32, remat=False) -> dict:
+def build_modules(cfgs, dtype=jnp.float32, remat=False, attention="xla") -> dict:
   """`pipeline.build_modules` + the second text encoder; widths checked."""
-  modules = pipeline.build_modules(cfgs, dtype, remat)
+  modules = pipeline.build_modules(cfgs, dtype, remat, attention)
   modules["text_encoder_2"] = configs.text_with_projection_from_config(
-      cfgs["text_encoder_2"], dtype, remat)
+      cfgs["text_encoder_2"], dtype, remat, attention)
   _check_widths(modules["unet"], modules["text_encoder"], modules["text_encoder_2"])
   modules["force_zeros_for_empty_prompt"] = bool(
       cfgs.get("model_index", {}).get("force_zeros_for_empty_prompt", True))
@@ -165,7 +165,8 @@ def unet_denoiser(unet, unet_variables, schedule, timestep="interpolate"):
   return denoiser.eps_denoiser(eps_fn, schedule, timestep)
 
 
-def load_pipeline(folder, *, dtype=jnp.float32, remat=False, variant=None) -> SDXLPipeline:
+def load_pipeline(folder, *, dtype=jnp.float32, remat=False, variant=None,
+                  attention="xla") -> SDXLPipeline:
   """Loads a diffusers SDXL folder (module docstring); everything is checked before returning.
 
   Args:
@@ -174,6 +175,7 @@ def load_pipeline(folder, *, dtype=jnp.float32, remat=False, variant=None) -> SD
       float16 (its config says `force_upcast`); bfloat16 keeps float32's range.
     remat: `nn.remat` on every resnet, transformer block and CLIP layer.
     variant: weight-file variant, e.g. 'fp16' (`diffusion_pytorch_model.fp16.safetensors`).
+    attention: the attention kernel (`fdistill_jax.models.attention.SETTINGS`).
   """
   folder = pathlib.Path(folder)
   if not folder.is_dir():
@@ -181,7 +183,7 @@ def load_pipeline(folder, *, dtype=jnp.float32, remat=False, variant=None) -> SD
   if not is_sdxl_folder(folder):
     raise ConversionError(f"{folder} has no text_encoder_2/config.json: not an SDXL folder "
                           "(load SD 1.x/2.x folders with fdistill_jax.pipelines.sd.load_pipeline).")
-  modules = build_modules(read_configs(folder), dtype, remat)
+  modules = build_modules(read_configs(folder), dtype, remat, attention)
   variables = pipeline.folder_variables(folder, modules, variant, COMPONENTS, WEIGHT_STEMS)
   tok = pipeline._tokenizer(folder / "tokenizer", modules["text_encoder"])  # pylint: disable=protected-access
   tok_2 = pipeline._tokenizer(folder / "tokenizer_2", modules["text_encoder_2"])  # pylint: disable=protected-access

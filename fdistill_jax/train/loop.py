@@ -40,6 +40,7 @@ from fdistill_jax.train import models as models_lib
 from fdistill_jax.train import runner
 from fdistill_jax.train import state as state_lib
 from fdistill_jax.train import steps
+from fdistill_jax.train import teacher as teacher_lib
 from fdistill_jax.train import warm_start
 # The mesh helpers live in `train.runner` (shared by every method); re-exported here.
 from fdistill_jax.train.runner import BATCH_AXES, make_mesh, param_sharding, tree_sharding  # noqa: F401
@@ -75,8 +76,9 @@ class Trainer(runner.Runner):
     self.source = source if source is not None else data_registry.make_source(config.data)
     self.models.conditioning.check_source(self.source, config)
     self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
-    teacher_sh = tree_sharding(self.mesh, teacher.variables)
-    self.teacher_vars = jax.device_put(teacher.variables, teacher_sh)
+    frozen = teacher_lib.frozen_variables(teacher.variables, config)   # frozen_dtype storage
+    teacher_sh = tree_sharding(self.mesh, frozen)
+    self.teacher_vars = jax.device_put(frozen, teacher_sh)
     self._init_state(teacher.student_params)
     self._compiled = set()
     kw = dict(models=self.models, optimizers=self.optimizers, config=config,

@@ -38,18 +38,25 @@ def make_mesh(config, devices=None):
   return Mesh(devices.reshape(-1, config.mesh.fsdp), BATCH_AXES)
 
 
-def param_sharding(mesh, leaf):
-  """Shards a leaf's largest axis divisible by the fsdp size; else replicates."""
-  n = mesh.shape["fsdp"]
-  shape = getattr(leaf, "shape", ())
+def fsdp_axis(shape, n):
+  """The axis FSDP over n devices shards: the largest divisible by n; None: replicated."""
   if n == 1 or not shape:
-    return NamedSharding(mesh, P())
+    return None
   for i in sorted(range(len(shape)), key=lambda i: -shape[i]):
     if shape[i] % n == 0:
-      spec = [None] * len(shape)
-      spec[i] = "fsdp"
-      return NamedSharding(mesh, P(*spec))
-  return NamedSharding(mesh, P())
+      return i
+  return None
+
+
+def param_sharding(mesh, leaf):
+  """Shards a leaf's largest axis divisible by the fsdp size; else replicates."""
+  shape = getattr(leaf, "shape", ())
+  axis = fsdp_axis(shape, mesh.shape["fsdp"])
+  if axis is None:
+    return NamedSharding(mesh, P())
+  spec = [None] * len(shape)
+  spec[axis] = "fsdp"
+  return NamedSharding(mesh, P(*spec))
 
 
 def tree_sharding(mesh, tree):

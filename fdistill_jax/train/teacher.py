@@ -16,9 +16,34 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
+from fdistill_jax.models import attention as attention_lib
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def frozen_variables(variables, config):
+  """The frozen networks' variables stored in `config.frozen_dtype` (its floating leaves).
+
+  'bfloat16' halves the teacher's (and the VAE's and text towers') memory; every
+  layer casts its parameters to the compute dtype anyway, so under
+  `compute_dtype='bfloat16'` only float32-computed parameters (normalisation
+  scales, embeddings) round. The trainable copies (`Teacher.student_params`)
+  and their optimiser moments are not touched: they stay float32.
+  """
+  name = config.get("frozen_dtype", "float32")
+  if name not in DTYPES:
+    raise ValueError(f"frozen_dtype={name!r}; expected one of {sorted(DTYPES)}.")
+  dtype = DTYPES[name]
+  cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+  return jax.tree.map(cast, variables)
+
+
+def attention(config) -> str:
+  """The run's attention kernel setting (config field `attention`), checked."""
+  return attention_lib.check_setting(config.get("attention", "auto"))
 
 
 class ConversionError(ValueError):

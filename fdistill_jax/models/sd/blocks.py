@@ -93,11 +93,13 @@ class BasicTransformerBlock(nn.Module):
   """Pre-norm self-attention (attn1), cross-attention (attn2), GEGLU feed-forward (ff)."""
   heads: int
   head_dim: int
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x, context):
-    x = Attention(self.heads, self.head_dim, name="attn1")(LayerNorm(name="norm1")(x)) + x
-    x = Attention(self.heads, self.head_dim, name="attn2")(
+    attn = lambda name: Attention(self.heads, self.head_dim, attention=self.attention, name=name)
+    x = attn("attn1")(LayerNorm(name="norm1")(x)) + x
+    x = attn("attn2")(
         LayerNorm(name="norm2")(x), context) + x
     return FeedForward(name="ff")(LayerNorm(name="norm3")(x)) + x
 
@@ -114,6 +116,7 @@ class Transformer2DModel(nn.Module):
   groups: int = 32
   use_linear_projection: bool = False
   remat: bool = False
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x, context):
@@ -126,7 +129,8 @@ class Transformer2DModel(nn.Module):
       y = Conv(inner, 1, name="proj_in")(y).reshape(b, h * w, inner)
     block = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
     for i in range(self.depth):
-      y = block(self.heads, self.head_dim, name=f"transformer_blocks_{i}")(y, context)
+      y = block(self.heads, self.head_dim, self.attention, name=f"transformer_blocks_{i}")(
+          y, context)
     if self.use_linear_projection:
       y = Linear(c, name="proj_out")(y).reshape(b, h, w, c)
     else:

@@ -67,11 +67,13 @@ class CLIPEncoderLayer(nn.Module):
   hidden_act: str = "quick_gelu"
   eps: float = 1e-5
   causal: bool = False
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x):
     attn = Attention(self.heads, x.shape[-1] // self.heads, qkv_bias=True, causal=self.causal,
-                     names=("q_proj", "k_proj", "v_proj", "out_proj"), name="self_attn")
+                     names=("q_proj", "k_proj", "v_proj", "out_proj"), attention=self.attention,
+                     name="self_attn")
     x = x + attn(LayerNorm(self.eps, name="layer_norm1")(x))
     mlp = CLIPMLP(self.intermediate_size, self.hidden_act, name="mlp")
     return x + mlp(LayerNorm(self.eps, name="layer_norm2")(x))
@@ -86,6 +88,7 @@ class CLIPEncoder(nn.Module):
   eps: float = 1e-5
   causal: bool = False
   remat: bool = False
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x, output_hidden_states=False):
@@ -94,7 +97,7 @@ class CLIPEncoder(nn.Module):
     states = [x]
     for i in range(self.num_layers):
       x = layer(self.heads, self.intermediate_size, self.hidden_act, self.eps, self.causal,
-                name=f"layers_{i}")(x)
+                self.attention, name=f"layers_{i}")(x)
       states.append(x)
     return (x, tuple(states)) if output_hidden_states else x
 
@@ -125,6 +128,7 @@ class CLIPTextTransformer(nn.Module):
   eos_token_id: int = 49407
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, input_ids, output_hidden_states=False):
@@ -137,7 +141,8 @@ class CLIPTextTransformer(nn.Module):
                            name="embeddings")(ids, self.dtype)
     x, states = CLIPEncoder(self.num_hidden_layers, self.num_attention_heads,
                             self.intermediate_size, self.hidden_act, self.layer_norm_eps,
-                            causal=True, remat=self.remat, name="encoder")(x, True)
+                            causal=True, remat=self.remat, attention=self.attention,
+                            name="encoder")(x, True)
     x = LayerNorm(self.layer_norm_eps, name="final_layer_norm")(x)
     if self.eos_token_id == 2:  # Legacy configs: the end token has the largest id.
       eos = jnp.argmax(ids, axis=-1)
@@ -211,6 +216,7 @@ class CLIPVisionTransformer(nn.Module):
   layer_norm_eps: float = 1e-5
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, pixels):
@@ -222,7 +228,8 @@ class CLIPVisionTransformer(nn.Module):
                              name="embeddings")(jnp.asarray(pixels).astype(self.dtype))
     x = LayerNorm(self.layer_norm_eps, name="pre_layrnorm")(x)
     x = CLIPEncoder(self.num_hidden_layers, self.num_attention_heads, self.intermediate_size,
-                    self.hidden_act, self.layer_norm_eps, remat=self.remat, name="encoder")(x)
+                    self.hidden_act, self.layer_norm_eps, remat=self.remat,
+                    attention=self.attention, name="encoder")(x)
     pooled = LayerNorm(self.layer_norm_eps, name="post_layernorm")(x[:, 0])
     return x, pooled
 

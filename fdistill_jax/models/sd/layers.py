@@ -9,6 +9,10 @@ Parameter names are those of the PyTorch references (diffusers
 Compute dtype: parameters are float32 and are cast to the dtype of the input,
 as `networks.layers` does. Normalisation statistics, attention logits and the
 softmax are computed in float32 whatever the compute dtype.
+
+`attention` (a module attribute from the network down to `Attention`) picks
+the attention kernel: `fdistill_jax.models.attention` ('xla' is the reference
+math below).
 """
 
 from typing import Optional, Sequence, Union
@@ -18,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdistill_jax.models import attention as attention_lib
 from fdistill_jax.models.layers import GroupNorm as _EDMGroupNorm
 from fdistill_jax.models.layers import Linear
 
@@ -86,7 +91,19 @@ class Embedding(nn.Module):
     return jnp.take(table, ids, axis=0).astype(dtype)
 
 
-def attention(q, k, v, heads: int, causal: bool = False):
+def _reference_attention(q, k, v, causal):
+  """The 'xla' reference: einsum logits and softmax in float32; q, k, v [B, L, H, d]."""
+  lq, d = q.shape[1], q.shape[3]
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  logits = logits / np.sqrt(d).astype(np.float32)
+  if causal:
+    mask = np.tril(np.ones((lq, k.shape[1]), bool))
+    logits = jnp.where(mask, logits, -jnp.inf)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def attention(q, k, v, heads: int, causal: bool = False, implementation: str = "xla"):
   """Multi-head scaled dot-product attention, softmax(q k^T / sqrt(d)) v.
 
   Args:
@@ -94,22 +111,20 @@ def attention(q, k, v, heads: int, causal: bool = False):
       as PyTorch's `view(B, L, H, d)` splits them).
     heads: number of heads H.
     causal: mask keys after the query position (CLIP's text tower).
+    implementation: an `fdistill_jax.models.attention.SETTINGS` name; 'xla'
+      is the reference (logits and softmax in float32).
 
   Returns:
-    [B, Lq, H * d] in the dtype of `v`; logits and softmax in float32.
+    [B, Lq, H * d] in the dtype of `v`.
   """
   b, lq, c = q.shape
   d = c // heads
   q = q.reshape(b, lq, heads, d)
   k = k.reshape(b, k.shape[1], heads, d)
   v = v.reshape(b, v.shape[1], heads, d)
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-  logits = logits / np.sqrt(d).astype(np.float32)
-  if causal:
-    mask = np.tril(np.ones((lq, k.shape[1]), bool))
-    logits = jnp.where(mask, logits, -jnp.inf)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, lq, heads * d)
+  reference = lambda q, k, v: _reference_attention(q, k, v, causal)
+  out = attention_lib.attend(q, k, v, implementation, reference, causal)
+  return out.reshape(b, lq, heads * d)
 
 
 class Attention(nn.Module):
@@ -126,6 +141,7 @@ class Attention(nn.Module):
     qkv_bias: biases on the q, k, v projections (the output always has one).
     causal: causal mask (CLIP text).
     names: (q, k, v, out) submodule names.
+    attention: the kernel (`fdistill_jax.models.attention.SETTINGS`).
   """
   heads: int
   head_dim: int
@@ -133,6 +149,7 @@ class Attention(nn.Module):
   qkv_bias: bool = False
   causal: bool = False
   names: tuple = ("to_q", "to_k", "to_v", "to_out_0")
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x, context=None):
@@ -142,7 +159,7 @@ class Attention(nn.Module):
     q = Linear(inner, use_bias=self.qkv_bias, name=qn)(x)
     k = Linear(inner, use_bias=self.qkv_bias, name=kn)(context)
     v = Linear(inner, use_bias=self.qkv_bias, name=vn)(context)
-    out = attention(q, k, v, self.heads, self.causal)
+    out = attention(q, k, v, self.heads, self.causal, self.attention)
     return Linear(self.out_features or x.shape[-1], name=on)(out)
 
 

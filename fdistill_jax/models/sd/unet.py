@@ -89,10 +89,11 @@ class BlockOptions:
   transformer_depth: int = 1
   use_linear_projection: bool = False
   remat: bool = False
+  attention: str = "xla"
 
   def transformer(self, channels, heads, name):
     return Transformer2DModel(heads, channels // heads, self.transformer_depth, self.groups,
-                              self.use_linear_projection, self.remat, name=name)
+                              self.use_linear_projection, self.remat, self.attention, name=name)
 
   def resnet(self, channels, name):
     return resnet(self.remat)(channels, self.groups, self.eps, self.output_scale_factor, name=name)
@@ -163,7 +164,8 @@ class UNet2DConditionModel(nn.Module):
   Attributes mirror diffusers' config keys (resolved: `num_attention_heads` is
   per block). `dtype` is the compute dtype (parameters stay float32; the time
   embedding is float32); `remat` wraps every resnet and transformer block in
-  `nn.remat`.
+  `nn.remat`; `attention` picks the attention kernel
+  (`fdistill_jax.models.attention.SETTINGS`).
   """
   in_channels: int = 4
   out_channels: int = 4
@@ -191,6 +193,7 @@ class UNet2DConditionModel(nn.Module):
   projection_class_embeddings_input_dim: Optional[int] = None
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  attention: str = "xla"
 
   def transformer_depths(self):
     """Transformer layers of each block (down order): `transformer_layers_per_block` per block."""
@@ -201,7 +204,7 @@ class UNet2DConditionModel(nn.Module):
     return BlockOptions(self.norm_num_groups, self.norm_eps,
                         output_scale_factor or self.resnet_out_scale_factor,
                         self.transformer_depths()[-1] if depth is None else depth, self.use_linear_projection,
-                        self.remat)
+                        self.remat, self.attention)
 
   def _embed(self, timesteps, batch, text_embeds, time_ids):
     t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))

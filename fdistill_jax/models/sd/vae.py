@@ -36,13 +36,14 @@ EPS = 1e-6
 class VAEAttention(nn.Module):
   """Single-head self-attention over all pixels with a residual connection."""
   groups: int = 32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
     y = GroupNorm(self.groups, EPS, name="group_norm")(x).reshape(b, h * w, c)
     q, k, v = (Linear(c, name=n)(y) for n in ("to_q", "to_k", "to_v"))
-    y = Linear(c, name="to_out_0")(attention(q, k, v, heads=1))
+    y = Linear(c, name="to_out_0")(attention(q, k, v, heads=1, implementation=self.attention))
     return y.reshape(b, h, w, c) + x
 
 
@@ -51,13 +52,14 @@ class VAEMidBlock(nn.Module):
   groups: int = 32
   add_attention: bool = True
   remat: bool = False
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
     x = resnet(self.remat)(c, self.groups, EPS, name="resnets_0")(x)
     if self.add_attention:
-      x = VAEAttention(self.groups, name="attentions_0")(x)
+      x = VAEAttention(self.groups, self.attention, name="attentions_0")(x)
     return resnet(self.remat)(c, self.groups, EPS, name="resnets_1")(x)
 
 
@@ -87,6 +89,7 @@ class Encoder(nn.Module):
   groups: int = 32
   mid_block_add_attention: bool = True
   remat: bool = False
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x):
@@ -95,7 +98,8 @@ class Encoder(nn.Module):
     for i, c in enumerate(self.block_out_channels):
       x = ResnetStack(c, self.layers_per_block, "down" if i < n - 1 else "", self.groups,
                       self.remat, name=f"down_blocks_{i}")(x)
-    x = VAEMidBlock(self.groups, self.mid_block_add_attention, self.remat, name="mid_block")(x)
+    x = VAEMidBlock(self.groups, self.mid_block_add_attention, self.remat, self.attention,
+                    name="mid_block")(x)
     x = nn.silu(GroupNorm(self.groups, EPS, name="conv_norm_out")(x))
     return Conv(2 * self.latent_channels, 3, name="conv_out")(x)
 
@@ -107,12 +111,14 @@ class Decoder(nn.Module):
   groups: int = 32
   mid_block_add_attention: bool = True
   remat: bool = False
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, z):
     channels = tuple(reversed(self.block_out_channels))
     x = Conv(channels[0], 3, name="conv_in")(z)
-    x = VAEMidBlock(self.groups, self.mid_block_add_attention, self.remat, name="mid_block")(x)
+    x = VAEMidBlock(self.groups, self.mid_block_add_attention, self.remat, self.attention,
+                    name="mid_block")(x)
     for i, c in enumerate(channels):
       x = ResnetStack(c, self.layers_per_block + 1, "up" if i < len(channels) - 1 else "",
                       self.groups, self.remat, name=f"up_blocks_{i}")(x)
@@ -136,10 +142,11 @@ class AutoencoderKL(nn.Module):
   mid_block_add_attention: bool = True
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  attention: str = "xla"
 
   def setup(self):
     common = dict(groups=self.norm_num_groups, mid_block_add_attention=self.mid_block_add_attention,
-                  remat=self.remat)
+                  remat=self.remat, attention=self.attention)
     self.encoder = Encoder(self.block_out_channels, self.layers_per_block, self.latent_channels,
                            **common)
     self.decoder = Decoder(self.block_out_channels, self.layers_per_block, self.out_channels,

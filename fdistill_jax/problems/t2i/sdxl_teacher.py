@@ -67,7 +67,8 @@ def teacher_from_config(config) -> base.Teacher:
                      "folder with unet/, text_encoder/, text_encoder_2/, tokenizer/, "
                      "tokenizer_2/, vae/, scheduler/).")
   pipe = sdxl.load_pipeline(path, dtype=sd._dtype(config),  # pylint: disable=protected-access
-                            remat=bool(config.teacher.get("remat", False)))
+                            remat=bool(config.teacher.get("remat", False)),
+                            attention=base.attention(config))
   modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder,
              "text_encoder_2": pipe.text_encoder_2, "vae": pipe.vae, "schedule": pipe.schedule,
              "scaling_factor": pipe.scaling_factor, "shift_factor": pipe.shift_factor,
@@ -89,7 +90,7 @@ def random_teacher(config) -> base.Teacher:
                      "config.json dict); see configs/sdxl.py:tiny.")
   cfgs = {**arch, "scheduler": sd_configs.SD15_CONFIGS["scheduler"]}
   modules = sdxl.build_modules(cfgs, sd._dtype(config),  # pylint: disable=protected-access
-                               bool(config.teacher.get("remat", False)))
+                               bool(config.teacher.get("remat", False)), base.attention(config))
   variables = {k: distill.random_params(modules[k], seed=config.seed + 1 + i)
                for i, k in enumerate(PARTS)}
   tokenizers = []

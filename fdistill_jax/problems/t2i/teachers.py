@@ -89,7 +89,7 @@ def teacher_from_config(config) -> base.Teacher:
   tok_dir = config.teacher.get("tokenizer") or None
   remat = bool(config.teacher.get("remat", False))
   pipe = sd_pipeline.load_pipeline(path, dtype=_dtype(config), remat=remat,
-                                   tokenizer_dir=tok_dir)
+                                   tokenizer_dir=tok_dir, attention=base.attention(config))
   cfgs = (sd_pipeline.read_configs(path) if os.path.isdir(path) else sd_configs.SD15_CONFIGS)
   modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "vae": pipe.vae,
              "schedule": pipe.schedule, "scaling_factor": pipe.scaling_factor,
@@ -123,7 +123,7 @@ def random_teacher(config) -> base.Teacher:
                      "config.json dict); see configs/sd15.py:tiny.")
   cfgs = {**arch, "scheduler": sd_configs.SD15_CONFIGS["scheduler"]}
   remat = bool(config.teacher.get("remat", False))
-  modules = sd_pipeline.build_modules(cfgs, _dtype(config), remat)
+  modules = sd_pipeline.build_modules(cfgs, _dtype(config), remat, base.attention(config))
   variables = {k: distill.random_params(modules[k], seed=config.seed + 1 + i)
                for i, k in enumerate(("unet", "text_encoder", "vae"))}
   tok_dir = config.teacher.get("tokenizer", "")
