@@ -66,6 +66,7 @@ def main(argv=None):
   from fdistill_jax.pipelines import sd as pipeline
   from fdistill_jax.loaders import tokenizer  # pylint: disable=g-import-not-at-top
   from fdistill_jax.problems.t2i import teachers as sd_teacher  # pylint: disable=g-import-not-at-top
+  from fdistill_jax.train import teacher as base  # pylint: disable=g-import-not-at-top
   from fdistill_jax.train import loop, models as models_lib, state as state_lib, steps  # pylint: disable=g-import-not-at-top
 
   devices = jax.devices()[:args.devices]
@@ -77,10 +78,11 @@ def main(argv=None):
   c.compute_dtype, c.teacher.remat = args.dtype, bool(args.remat)
   config = ml_collections.FrozenConfigDict(c)
   cfgs = pipeline.read_configs(args.configs)
-  modules = pipeline.build_modules(cfgs, sd_teacher._dtype(config), bool(args.remat))  # pylint: disable=protected-access
+  modules = pipeline.build_modules(cfgs, base.compute_dtype(config), bool(args.remat))
   shapes = {k: names.param_shapes(modules[k]) for k in ("unet", "text_encoder", "vae")}
   tok = tokenizer.CLIPTokenizer(pathlib.Path(args.configs) / "tokenizer")
-  teacher = sd_teacher._build(modules, shapes, tok, config, cfgs["unet"], {})  # pylint: disable=protected-access
+  pipe = pipeline.Pipeline.from_modules(modules, {k: {"params": v} for k, v in shapes.items()}, tok)
+  teacher = sd_teacher.pipeline_teacher("sd15", pipe, config, cfgs["unet"], {})
   models = models_lib.from_teacher(teacher, config.disc)
   optimizers = state_lib.make_optimizers(config.optim)
   mesh = loop.make_mesh(config, devices)

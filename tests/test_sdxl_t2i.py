@@ -19,7 +19,7 @@ from configs import sdxl as sdxl_config
 from fdistill_jax import config_lib
 from fdistill_jax import main as main_lib
 from fdistill_jax.problems.t2i import run_sampling
-from fdistill_jax.problems.t2i import sdxl_distill
+from fdistill_jax.problems.t2i import distill
 from fdistill_jax.train import registry as teacher_registry
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax.train import warm_start
@@ -101,7 +101,7 @@ def test_sdxl_tiny_run_through_main(shards, tmp_path):
   # tools.sample's loader (the sampling itself is the grid's code path): an 'sdxl' run.
   assert run_sampling.is_t2i_run(str(workdir))
   run = run_sampling.load_run(str(workdir))
-  assert isinstance(run.conditioning, sdxl_distill.SDXLTextConditioning)
+  assert isinstance(run.conditioning, distill.TextConditioning) and run.conditioning.is_sdxl
   assert set(run.tokenize(["a red car"])) == {"tokens", "tokens_2"}
   assert run.info["step"] == 2 and jax.tree.structure(run.generator_params) == \
       jax.tree.structure(parts["gen"])
