@@ -190,7 +190,7 @@ def test_snapshot_loads_without_torch(snapshot, fixture_data, tmp_path):
   code = (
       "import sys, numpy as np\n"
       "sys.modules['torch'] = None  # any 'import torch' now raises ImportError\n"
-      "from fdistill_jax.io import safe_pickle\n"
+      "from fdistill_jax.loaders import safe_pickle\n"
       f"obj = safe_pickle.safe_load(open({str(path)!r}, 'rb'))\n"
       "np.savez(sys.argv[1], **safe_pickle.module_state_dict(obj['ema']))\n"
       "assert 'torch_utils' not in sys.modules and sys.modules['torch'] is None\n")

@@ -227,7 +227,7 @@ def test_works_without_torch(tmp_path):
   code = (
       "import sys, numpy as np\n"
       "sys.modules['torch'] = None  # any 'import torch' now raises ImportError\n"
-      "from fdistill_jax.io import safe_pickle as sp\n"
+      "from fdistill_jax.loaders import safe_pickle as sp\n"
       "d = sys.argv[1]\n"
       "out = {'z': sp.load_torch(d + '/z.pt'), 'l': sp.load_torch(d + '/l.pt'),\n"
       "       'p': sp.safe_load(open(d + '/p.pkl', 'rb'))}\n"

@@ -112,6 +112,23 @@ def test_valid_read_allocates_at_most_the_file_size(tmp_path):
   assert peak < size + 256 * 1024, (peak, size)
 
 
+def test_bfloat16_and_sharded_index_refusals(tmp_path):
+  """BF16 tensors come back as numpy bfloat16 equal to torch's; an index may name only shard
+  files of its own folder, never another index."""
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+  t = torch.linspace(-3, 3, 7, dtype=torch.bfloat16)
+  save_file({"w": t}, str(tmp_path / "bf.safetensors"))
+  out = weights.read_state_dict(tmp_path / "bf.safetensors")["w"]
+  assert out.dtype.name == "bfloat16"
+  np.testing.assert_array_equal(out.astype(np.float32), t.float().numpy())
+  for target, message in (("../bf.safetensors", "outside its folder"),
+                          ("other.safetensors.index.json", "other indexes")):
+    index = tmp_path / "m.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"w": target}}))
+    with pytest.raises(ConversionError, match=message):
+      weights.read_state_dict(index)
+
+
 # ----------------------------------------------------------------------------
 # Model folders.
 

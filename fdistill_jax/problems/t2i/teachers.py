@@ -71,9 +71,10 @@ def folder_teacher(config, kind) -> base.Teacher:
   path = config.teacher.path
   if not path:
     raise ValueError(f"teacher.kind={kind!r} needs --config.teacher.path={_FOLDERS[kind]}.")
+  tokenizer_dir = (config.teacher.get("tokenizer") or None) if kind == "sd15" else None
   pipe = sd_pipeline.load_pipeline(path, dtype=base.compute_dtype(config),
                                    remat=bool(config.teacher.get("remat", False)),
-                                   tokenizer_dir=config.teacher.get("tokenizer") or None)
+                                   tokenizer_dir=tokenizer_dir)
   if pipe.is_sdxl != (kind == "sdxl"):
     raise ValueError(f"teacher.kind={kind!r} but {path} is "
                      f"{'an SDXL' if pipe.is_sdxl else 'an SD 1.x'} model: set teacher.kind="
