@@ -1,6 +1,7 @@
 """SDXL as a teacher of the engine: configs/sdxl.py, its tiny run through `main`, and the
 pytree conditioning (context, pooled text, time_ids) with its CFG negative."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -63,7 +64,8 @@ def test_conditioning_is_a_pytree_with_a_zero_negative(shards):
   assert jax.tree.structure(cond.dummy(3)) == jax.tree.structure(drawn)
   empty = ml_collections.FrozenConfigDict(tiny_config(**{"data.path": shards}))
   no_zeros = teacher_registry.build(empty).conditioning
-  no_zeros = type(no_zeros)(**{**no_zeros.__dict__, "force_zeros": False})
+  no_zeros = dataclasses.replace(  # the family's flag lives on the pipeline's module
+      no_zeros, teacher=no_zeros.teacher.clone(force_zeros_for_empty_prompt=False))
   u = no_zeros.uncond(tv, drawn)
   e = no_zeros.draw(tv, None, None, no_zeros.host({"captions": [""]}))
   np.testing.assert_allclose(u["context"][1], e["context"][0], rtol=1e-6, atol=1e-6)
