@@ -172,7 +172,6 @@ def sd15_latency(args):
   from fdistill_jax.loaders import diffusers as names  # pylint: disable=g-import-not-at-top
   from fdistill_jax.loaders import sd_configs  # pylint: disable=g-import-not-at-top
   from fdistill_jax.pipelines import sd as sd_pipeline  # pylint: disable=g-import-not-at-top
-  from fdistill_jax.problems.t2i import distill  # pylint: disable=g-import-not-at-top
   cfgs = ({**sd15.TINY_ARCH, "scheduler": sd_configs.SD15_CONFIGS["scheduler"]} if args.tiny
           else sd_configs.SD15_CONFIGS)
   res = 16 if args.tiny else 512
@@ -182,10 +181,10 @@ def sd15_latency(args):
       m = sd_pipeline.build_modules(cfgs, jnp.dtype(dtype), False, kernel)
       variables = {k: names.random_variables(m[k]) for k in ("unet", "text_encoder", "vae")}
       sigmas = tuple(float(x) for x in m["schedule"].sigmas)
-      net = distill.LatentDenoiser(m["unet"], sigmas, text_encoder=m["text_encoder"],
-                                   vae=m["vae"], scaling_factor=m["scaling_factor"],
-                                   shift_factor=m["shift_factor"])
-      factor = distill.vae_factor(m["vae"])
+      net = sd_pipeline.LatentDenoiser(m["unet"], sigmas, text_encoder=m["text_encoder"],
+                                       vae=m["vae"], scaling_factor=m["scaling_factor"],
+                                       shift_factor=m["shift_factor"])
+      factor = sd_pipeline.vae_factor(m["vae"])
       shape = (1, res // factor, res // factor, m["unet"].in_channels)
       params = {"params": {k: v["params"] for k, v in variables.items()}}
 

@@ -121,20 +121,16 @@ def _sd_teacher(config, cfgs, tokenizer_dir, xl):
   from fdistill_jax.loaders import sd_configs  # pylint: disable=g-import-not-at-top
   from fdistill_jax.loaders import tokenizer  # pylint: disable=g-import-not-at-top
   from fdistill_jax.pipelines import sd as sd_pipeline  # pylint: disable=g-import-not-at-top
-  from fdistill_jax.pipelines import sdxl  # pylint: disable=g-import-not-at-top
-  from fdistill_jax.problems.t2i import sdxl_teacher  # pylint: disable=g-import-not-at-top
   from fdistill_jax.problems.t2i import teachers as sd_teacher  # pylint: disable=g-import-not-at-top
   from fdistill_jax.train import teacher as base  # pylint: disable=g-import-not-at-top
   cfgs = {**cfgs, "scheduler": sd_configs.SD15_CONFIGS["scheduler"]}
-  dtype, remat = base.DTYPES[config.compute_dtype], bool(config.teacher.get("remat", False))
-  build = sdxl.build_modules if xl else sd_pipeline.build_modules
-  modules = build(cfgs, dtype, remat, base.attention(config))
+  dtype, remat = base.compute_dtype(config), bool(config.teacher.get("remat", False))
+  modules = sd_pipeline.build_modules(cfgs, dtype, remat, base.attention(config))
   parts = ("unet", "text_encoder", "vae") + (("text_encoder_2",) if xl else ())
-  shapes = {k: names.param_shapes(modules[k]) for k in parts}
+  shapes = {k: {"params": names.param_shapes(modules[k])} for k in parts}
   tok = tokenizer.CLIPTokenizer(tokenizer_dir)
-  if xl:
-    return sdxl_teacher._build(modules, shapes, (tok, tok), config, cfgs["unet"], {})  # pylint: disable=protected-access
-  return sd_teacher._build(modules, shapes, tok, config, cfgs["unet"], {})  # pylint: disable=protected-access
+  pipe = sd_pipeline.Pipeline.from_modules(modules, shapes, tok, tok if xl else None)
+  return sd_teacher.pipeline_teacher("sdxl" if xl else "sd15", pipe, config, cfgs["unet"], {})
 
 
 def _read_sd_configs(folder):

@@ -38,9 +38,10 @@ import numpy as np
 from benchmarks.report import time_jit, write_report
 from fdistill_jax.loaders import sd_configs as configs
 from fdistill_jax.loaders import diffusers as names
+from fdistill_jax.loaders import variables
 from fdistill_jax.tools import cli
+from fdistill_jax.train.teacher import DTYPES
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PARTS = ("unet_fwd", "unet_fwd_bwd", "text", "vae_decode")
 SMALL = {
     "unet": {**configs.SD15_CONFIGS["unet"], "block_out_channels": [64, 128, 256, 256]},
@@ -195,7 +196,7 @@ def run(args):
   for part in args.parts:
     variables = _variables(part, cfg)
     for dtype_name in dtypes:
-      row = {"part": part, "dtype": dtype_name, "params": names.count_params(variables),
+      row = {"part": part, "dtype": dtype_name, "params": variables.count_params(variables),
              "jax": bench_jax(part, cfg, dtype_name, args.batch, args.warmup, args.iters, variables)}
       if args.torch:
         row["torch"] = bench_torch(part, cfg, dtype_name, args.batch, args.warmup, args.iters)

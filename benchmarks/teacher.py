@@ -27,18 +27,11 @@ from absl import flags
 from fdistill_jax.models.edm import ARCHS
 from fdistill_jax.models.edm import build_edm
 from fdistill_jax.loaders.edm_variables import count_params
-from fdistill_jax.loaders.edm_variables import variable_shapes
+from fdistill_jax.loaders.edm_variables import random_variables
 from fdistill_jax.tools import cli
+from fdistill_jax.train.teacher import DTYPES
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DEFAULT_BATCH = {"cifar10": 128, "imagenet64": 64}
-
-
-def _random_variables(net, seed=0):
-  rng = np.random.default_rng(seed)
-  shapes = variable_shapes(net)
-  return jax.tree_util.tree_map(
-      lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32) * 0.02), shapes)
 
 
 def _inputs(arch, batch, seed=0):
@@ -53,7 +46,7 @@ def _inputs(arch, batch, seed=0):
 def benchmark(arch_name, dtype_name, batch, warmup, iters):
   arch = ARCHS[arch_name]
   net = build_edm(arch, dtype=DTYPES[dtype_name])
-  variables = _random_variables(net)
+  variables = random_variables(net)
   x, sigma, labels = _inputs(arch, batch)
 
   def forward(v, x, sigma, labels):

@@ -7,7 +7,7 @@ r"""Text-to-image: one-step SDXL (paper Table 5, SDXL column; App. D).
 Teacher: a diffusers SDXL folder (unet/, text_encoder/, text_encoder_2/,
 tokenizer/, tokenizer_2/, vae/, scheduler/). Conditioning: the pytree
 {'context': [B, 77, 2048], 'pooled': [B, 1280], 'time_ids': [B, 6]}
-(`fdistill_jax.problems.t2i.sdxl_distill`), time_ids (1024, 1024, 0, 0, 1024, 1024);
+(`fdistill_jax.problems.t2i.distill`), time_ids (1024, 1024, 0, 0, 1024, 1024);
 the CFG negative is zeros (SDXL base's force_zeros_for_empty_prompt). Data:
 image-text WebDataset shards, centre-cropped and resized to 1024 (128x128x4
 latents).

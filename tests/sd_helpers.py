@@ -95,3 +95,23 @@ def tiny_folder(tmp_path_factory, tiny_models):
 
 def read_config(folder, name):
   return json.loads((pathlib.Path(folder) / name / "config.json").read_text())
+
+
+def ldm_checkpoint(parts, unet, vae) -> dict:
+  """Inverse of `ldm.split_checkpoint` (ema=False), for tests: diffusers-named parts
+  {'unet', 'vae', 'text_encoder'} -> one LDM single-file state dict."""
+  from fdistill_jax.loaders import ldm  # pylint: disable=g-import-not-at-top
+  invert = lambda module_map: {ours: (theirs, {new: old for old, new in inner.items()})
+                               for theirs, (ours, inner) in module_map.items()}
+  out = {}
+  unet_inv, vae_inv = invert(ldm.unet_module_map(unet)), invert(ldm.vae_module_map(vae))
+  for key, value in parts["unet"].items():
+    out[ldm.UNET_PREFIX + ldm._rename(key, unet_inv, "U-Net")] = value  # pylint: disable=protected-access
+  for key, value in parts["vae"].items():
+    value = np.asarray(value)
+    if ".attentions." in key and key.endswith(".weight") and value.ndim == 2:
+      value = value[:, :, None, None]
+    out[ldm.VAE_PREFIX + ldm._rename(key, vae_inv, "VAE")] = value  # pylint: disable=protected-access
+  for key, value in parts["text_encoder"].items():
+    out[ldm.TEXT_PREFIX + key] = value
+  return out

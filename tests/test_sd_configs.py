@@ -11,6 +11,7 @@ import pytest
 from fdistill_jax.train.teacher import ConversionError
 from fdistill_jax.loaders import sd_configs as configs
 from fdistill_jax.loaders import diffusers as names
+from fdistill_jax.loaders import variables
 from fdistill_jax.pipelines import sd as pipeline
 from sd_helpers import FIXTURES, require_fixtures
 
@@ -23,7 +24,7 @@ def sd15():
 
 def _count(module, parts=None):
   shapes = names.param_shapes(module)
-  return names.count_params(shapes if parts is None else {k: shapes[k] for k in parts})
+  return variables.count_params(shapes if parts is None else {k: shapes[k] for k in parts})
 
 
 def test_full_size_parameter_counts(sd15):

@@ -18,7 +18,7 @@ from fdistill_jax.loaders import ldm
 from fdistill_jax.loaders import diffusers as names
 from fdistill_jax.pipelines import sd as pipeline
 from fdistill_jax.loaders import state_dict as weights
-from sd_helpers import FIXTURES, require_fixtures, tiny_folder, tiny_models, write_folder  # noqa: F401
+from sd_helpers import FIXTURES, ldm_checkpoint, require_fixtures, tiny_folder, tiny_models, write_folder  # noqa: F401
 
 torch = pytest.importorskip("torch")
 
@@ -110,6 +110,23 @@ def test_valid_read_allocates_at_most_the_file_size(tmp_path):
   finally:
     tracemalloc.stop()
   assert peak < size + 256 * 1024, (peak, size)
+
+
+def test_bfloat16_and_sharded_index_refusals(tmp_path):
+  """BF16 tensors come back as numpy bfloat16 equal to torch's; an index may name only shard
+  files of its own folder, never another index."""
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+  t = torch.linspace(-3, 3, 7, dtype=torch.bfloat16)
+  save_file({"w": t}, str(tmp_path / "bf.safetensors"))
+  out = weights.read_state_dict(tmp_path / "bf.safetensors")["w"]
+  assert out.dtype.name == "bfloat16"
+  np.testing.assert_array_equal(out.astype(np.float32), t.float().numpy())
+  for target, message in (("../bf.safetensors", "outside its folder"),
+                          ("other.safetensors.index.json", "other indexes")):
+    index = tmp_path / "m.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"w": target}}))
+    with pytest.raises(ConversionError, match=message):
+      weights.read_state_dict(index)
 
 
 # ----------------------------------------------------------------------------
@@ -228,7 +245,7 @@ def test_sd15_ldm_names_by_hand():
     keys = [names.torch_key(tuple(p.key for p in path)) for path, _ in
             jax.tree_util.tree_flatten_with_path(names.param_shapes(modules[name]))[0]]
     sd = {k: np.zeros((1, 1)) for k in keys}
-    inverse = ldm.to_checkpoint({"unet": {}, "vae": {}, "text_encoder": {}, name: sd},
+    inverse = ldm_checkpoint({"unet": {}, "vae": {}, "text_encoder": {}, name: sd},
                                 modules["unet"], modules["vae"])
     assert len(keys) == len(inverse) == count
     assert set(ldm.split_checkpoint(inverse, modules["unet"], modules["vae"])[name]) == set(keys)
@@ -238,7 +255,7 @@ def _ldm_state_dict(models, folder):
   """The tiny models as one LDM-named state dict (inverse map), with schedule entries."""
   parts = {name: {k: v.numpy() for k, v in m.state_dict().items()} for name, m in models.items()}
   modules = pipeline.build_modules(pipeline.read_configs(folder))
-  sd = ldm.to_checkpoint(parts, modules["unet"], modules["vae"])
+  sd = ldm_checkpoint(parts, modules["unet"], modules["vae"])
   sd["alphas_cumprod"] = np.linspace(1, 0, 1000, dtype=np.float32)
   sd["model_ema.num_updates"] = np.array(3)
   return sd

@@ -18,7 +18,6 @@ import pytest
 from fdistill_jax.loaders import sd_configs as configs
 from fdistill_jax.pipelines import denoisers as denoiser
 from fdistill_jax.pipelines import sd as pipeline
-from fdistill_jax.pipelines import sdxl
 from fdistill_jax.train.teacher import ConversionError
 from sd_helpers import FIXTURES, TINY_TEXT, TINY_VAE, TOL, nchw_to_nhwc, perturbed, read_config, rel_err, require_fixtures
 
@@ -78,7 +77,7 @@ def folder(tmp_path_factory, reference):
 
 @pytest.fixture(scope="module")
 def pipe(folder):
-  return sdxl.load_pipeline(folder)
+  return pipeline.load_pipeline(folder)
 
 
 def _unet_reference(reference, x, t, cond):
@@ -181,19 +180,19 @@ def test_vae_scaling_and_decode(pipe, reference):
 
 
 def test_loader_refusals(folder, tmp_path):
-  """SD's loader names the SDXL one; SDXL's refuses an SD folder and mismatched components."""
-  with pytest.raises(ConversionError, match="sdxl.load_pipeline"):
-    pipeline.load_pipeline(folder)
-  with pytest.raises(ConversionError, match="no text_encoder_2"):
-    sdxl.load_pipeline(tmp_path)
-  cfgs = sdxl.read_configs(folder)
+  """One loader for both families: it reads SDXL folders as SDXL, refuses a folder without
+  configs, and refuses mismatched SDXL components."""
+  assert pipeline.is_sdxl_folder(folder) and not pipeline.is_sdxl_folder(tmp_path)
+  with pytest.raises(FileNotFoundError, match="unet/config.json"):
+    pipeline.load_pipeline(tmp_path)
+  cfgs = pipeline.read_configs(folder)
   assert cfgs["model_index"]["force_zeros_for_empty_prompt"] is True
   bad = {**cfgs, "text_encoder_2": {**cfgs["text_encoder_2"], "projection_dim": 32}}
   with pytest.raises(ConversionError, match="projection_class_embeddings_input_dim is 88"):
-    sdxl.build_modules(bad)
+    pipeline.build_modules(bad)
   bad = {**cfgs, "text_encoder_2": {**cfgs["text_encoder_2"], "hidden_size": 64}}
   with pytest.raises(ConversionError, match="cross_attention_dim is 80"):
-    sdxl.build_modules(bad)
+    pipeline.build_modules(bad)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -208,20 +207,18 @@ def test_unet_config_refusals(folder, change, message):
 
 
 def test_time_ids():
-  np.testing.assert_array_equal(sdxl.time_ids(2, 1024, 768, crop=(8, 4), original=(512, 512)),
+  np.testing.assert_array_equal(pipeline.time_ids(2, 1024, 768, crop=(8, 4), original=(512, 512)),
                                 [[512, 512, 8, 4, 1024, 768]] * 2)
-  assert sdxl.time_ids(1, 1024, 1024).dtype == np.float32
-  assert isinstance(jnp.asarray(sdxl.time_ids(1, 64, 64)), jax.Array)
+  assert pipeline.time_ids(1, 1024, 1024).dtype == np.float32
+  assert isinstance(jnp.asarray(pipeline.time_ids(1, 64, 64)), jax.Array)
 
 
 def test_engine_teacher_matches_the_pipeline(pipe, reference):
-  """The engine's SDXLLatentDenoiser: encode_text equals diffusers' encode_prompt, and
-  D(x; sigma, cond) on the pytree equals the pipeline's denoiser (checked above against diffusers)."""
-  from fdistill_jax.problems.t2i import sdxl_distill  # pylint: disable=g-import-not-at-top
-  teacher = sdxl_distill.SDXLLatentDenoiser(
-      pipe.unet, tuple(float(s) for s in pipe.schedule.sigmas), text_encoder=pipe.text_encoder,
-      vae=pipe.vae, text_encoder_2=pipe.text_encoder_2)
-  tv = {"params": {k: v["params"] for k, v in pipe.variables.items()}}
+  """The engine's teacher is the pipeline's module: its encode_text equals diffusers'
+  encode_prompt, and D(x; sigma, cond) on the pytree equals `unet_denoiser` (checked above
+  against diffusers)."""
+  teacher, tv = pipe.module, pipe.params
+  assert teacher.text_encoder_2 is pipe.text_encoder_2 and teacher.force_zeros_for_empty_prompt
   ids, ids_2 = pipe.tokenize(PROMPTS[:2])
   cond = jax.jit(lambda v, a, b: teacher.apply(v, a, b, method="encode_text"))(tv, ids, ids_2)
   with torch.no_grad():
@@ -234,3 +231,35 @@ def test_engine_teacher_matches_the_pipeline(pipe, reference):
   sigma = np.array([0.5, 3.0], np.float32)
   ours = jax.jit(teacher.apply)(tv, x, sigma, cond)
   assert rel_err(ours, jax.jit(pipe.denoiser())(x, sigma, cond)) < TOL
+
+
+def test_sample_t2i_command_line_samples_sdxl(pipe, folder, tmp_path):
+  """`tools.sample_t2i` on the SDXL folder (the family is read from it) writes what
+  `sd_sampling.sample` returns; one guided DDIM step from pure noise is the Euler step
+  of the guided pytree denoiser (time_ids of the image size, zero negative), which
+  test_cfg_denoiser_with_pytree_conditioning checks against diffusers."""
+  from fdistill_jax.pipelines import sd_sampling  # pylint: disable=g-import-not-at-top
+  from fdistill_jax.tools import cli  # pylint: disable=g-import-not-at-top
+  from fdistill_jax.tools import sample_t2i  # pylint: disable=g-import-not-at-top
+  size = 4 * pipeline.vae_factor(pipe.vae)
+  npz = tmp_path / "s.npz"
+  argv = [f"--model={folder}", f"--prompt={PROMPTS[0]}", f"--prompt={PROMPTS[1]}", "--steps=2",
+          "--cfg=3", f"--height={size}", f"--width={size}", "--batch=2", f"--npz={npz}",
+          "--seed=4"]
+  assert cli.invoke(sample_t2i.main, "sample_t2i", sample_t2i.FLAGS, argv) == 0
+  want, _ = sd_sampling.sample(pipe, PROMPTS[:2], steps=2, cfg=3.0, height=size, width=size,
+                               seed=4, batch=2, devices=jax.devices()[:1])
+  with np.load(npz) as data:
+    assert data["images"].shape == (2, size, size, 3)
+    np.testing.assert_allclose(data["images"].astype(int), want.astype(int), atol=1)
+  lat, _ = sd_sampling.sample(pipe, PROMPTS[:1], steps=1, cfg=3.0, height=size, width=size,
+                              decode=False, devices=jax.devices()[:1])
+  sigmas = sd_sampling.sampler_sigmas(pipe.schedule, "ddim", 1)
+  key = jax.random.fold_in(jax.random.PRNGKey(0), 0)
+  noise = np.asarray(jax.random.normal(jax.random.fold_in(key, 0), (1, 4, 4, 4)))
+  x = noise * np.sqrt(1 + sigmas[0] ** 2)
+  cond = {**pipe.encode_prompts(PROMPTS[:1]), "time_ids": pipe.time_ids(1, size, size)}
+  uncond = {**pipe.unconditional(1), "time_ids": pipe.time_ids(1, size, size)}
+  d = jax.jit(denoiser.cfg_denoiser(pipe.denoiser(), uncond, 3.0))(x, sigmas[0], cond)
+  expected = (x + (sigmas[1] - sigmas[0]) * (x - d) / sigmas[0]) / np.sqrt(1 + sigmas[1] ** 2)
+  np.testing.assert_allclose(lat, expected, rtol=1e-4, atol=1e-5)

@@ -1,6 +1,7 @@
 """SDXL as a teacher of the engine: configs/sdxl.py, its tiny run through `main`, and the
 pytree conditioning (context, pooled text, time_ids) with its CFG negative."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -19,7 +20,7 @@ from configs import sdxl as sdxl_config
 from fdistill_jax import config_lib
 from fdistill_jax import main as main_lib
 from fdistill_jax.problems.t2i import run_sampling
-from fdistill_jax.problems.t2i import sdxl_distill
+from fdistill_jax.problems.t2i import distill
 from fdistill_jax.train import registry as teacher_registry
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax.train import warm_start
@@ -63,7 +64,8 @@ def test_conditioning_is_a_pytree_with_a_zero_negative(shards):
   assert jax.tree.structure(cond.dummy(3)) == jax.tree.structure(drawn)
   empty = ml_collections.FrozenConfigDict(tiny_config(**{"data.path": shards}))
   no_zeros = teacher_registry.build(empty).conditioning
-  no_zeros = type(no_zeros)(**{**no_zeros.__dict__, "force_zeros": False})
+  no_zeros = dataclasses.replace(  # the family's flag lives on the pipeline's module
+      no_zeros, teacher=no_zeros.teacher.clone(force_zeros_for_empty_prompt=False))
   u = no_zeros.uncond(tv, drawn)
   e = no_zeros.draw(tv, None, None, no_zeros.host({"captions": [""]}))
   np.testing.assert_allclose(u["context"][1], e["context"][0], rtol=1e-6, atol=1e-6)
@@ -101,7 +103,7 @@ def test_sdxl_tiny_run_through_main(shards, tmp_path):
   # tools.sample's loader (the sampling itself is the grid's code path): an 'sdxl' run.
   assert run_sampling.is_t2i_run(str(workdir))
   run = run_sampling.load_run(str(workdir))
-  assert isinstance(run.conditioning, sdxl_distill.SDXLTextConditioning)
+  assert isinstance(run.conditioning, distill.TextConditioning) and run.conditioning.is_sdxl
   assert set(run.tokenize(["a red car"])) == {"tokens", "tokens_2"}
   assert run.info["step"] == 2 and jax.tree.structure(run.generator_params) == \
       jax.tree.structure(parts["gen"])

@@ -278,7 +278,7 @@ def test_generator_gradient_is_the_vjp_of_eq4_with_the_cfg_teacher(shards):
 
   The reference builds the guided teacher independently: the text tower applied
   directly, the empty prompt's embedding from the tokenizer, the U-Net through
-  `sd.denoiser.unet_denoiser` and `cfg_denoiser` (not the engine's code).
+  `pipelines.denoisers.unet_denoiser` and `cfg_denoiser` (not the engine's code).
   Tolerance 1e-4 relative, plus 1e-5 of the largest gradient entry absolute (float32,
   different summation orders; leaves with tiny gradients differ by ~1e-7).
   """

@@ -81,10 +81,10 @@ def test_student_images_depend_only_on_seed_and_index(run):
 
 
 def test_teacher_sampling_equals_sd_sampling_on_the_same_networks(run):
-  """The run's frozen teacher with 3 guided DDIM steps = `sd.sampling.sample` on a Pipeline
+  """The run's frozen teacher with 3 guided DDIM steps = `pipelines.sd_sampling.sample` on a Pipeline
   of the same variables and SD 1.5's own scheduler config (text encoding, guided
   denoiser, schedule and decoding all on the other path; uint8 rounding: atol 1).
-  sd.sampling's DDIM levels and steps are checked against diffusers' DDIMScheduler loop in
+  sd_sampling.s DDIM levels and steps are checked against diffusers' DDIMScheduler loop in
   test_sd_denoiser.py."""
   t = run.teacher
   tv = run.teacher_vars["params"]

@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdistill_jax.train.teacher import ConversionError
+from fdistill_jax.loaders import variables
 from fdistill_jax.models import sd as sd_nets
+from fdistill_jax.train.teacher import ConversionError
 
 # The reference's list attributes (nn.ModuleList / nn.Sequential) whose items are indexed.
 LIST_NAMES = frozenset({"down_blocks", "up_blocks", "resnets", "attentions", "downsamplers",
@@ -64,19 +65,8 @@ def _is_embedding(key: str) -> bool:
 
 
 def to_flax_layout(key: str, value: np.ndarray) -> np.ndarray:
-  if value.ndim == 4:
-    return np.transpose(value, (2, 3, 1, 0))
-  if value.ndim == 2 and not _is_embedding(key):
-    return value.T
-  return value
-
-
-def to_torch_layout(key: str, value: np.ndarray) -> np.ndarray:
-  if value.ndim == 4:
-    return np.transpose(value, (3, 2, 0, 1))
-  if value.ndim == 2 and not _is_embedding(key):
-    return value.T
-  return value
+  """`variables.to_flax_layout`; embedding tables keep their [vocab, dim] layout."""
+  return variables.to_flax_layout(value, transpose_2d=not _is_embedding(key))
 
 
 def dummy_inputs(module: nn.Module) -> tuple:
@@ -107,13 +97,8 @@ def dummy_keyword_inputs(module: nn.Module) -> dict:
 
 def param_shapes(module: nn.Module):
   """The 'params' tree of `module` as ShapeDtypeStructs (jax.eval_shape: nothing allocated)."""
-  init = lambda: module.init(jax.random.key(0), *dummy_inputs(module),
-                             **dummy_keyword_inputs(module))
-  return jax.eval_shape(init)["params"]
-
-
-def count_params(tree) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+  return variables.variable_shapes(module, *dummy_inputs(module),
+                                   **dummy_keyword_inputs(module))["params"]
 
 
 def _flat_shapes(tree) -> dict:
@@ -158,12 +143,8 @@ def _add_missing_root(state_dict: dict, expected: Mapping[str, tuple]) -> dict:
 
 
 def _mismatch(what, missing, unexpected, wrong) -> ConversionError:
-  parts = []
-  for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-    if items:
-      more = f" (+{len(items) - _MAX_REPORTED} more)" if len(items) > _MAX_REPORTED else ""
-      parts.append(f"{len(items)} {title}: {', '.join(items[:_MAX_REPORTED])}{more}")
-  return ConversionError(f"{what} weights do not match its config.json: " + "; ".join(parts) +
+  return ConversionError(f"{what} weights do not match its config.json: " +
+                         variables.mismatch_report(missing, unexpected, wrong, _MAX_REPORTED) +
                          ". Check that the weights and the config belong to the same model.")
 
 
@@ -184,56 +165,13 @@ def variables_from_state_dict(module: nn.Module, state_dict: Mapping[str, np.nda
   """
   expected = _flat_shapes(shapes if shapes is not None else param_shapes(module))
   state_dict = _normalise_keys(_add_missing_root(dict(state_dict), expected), what)
-  missing = [k for k in expected if k not in state_dict]
-  unexpected = [k for k in state_dict if k not in expected]
-  wrong, flat = [], {}
-  for key, (path, shape) in expected.items():
-    if key not in state_dict:
-      continue
-    value = to_flax_layout(key, _as_float(key, state_dict[key], what))
-    if value.shape != shape:
-      wrong.append(f"{key}: got {value.shape} (Flax layout), expected {shape}")
-      continue
-    flat[path] = value
+  flat, missing, unexpected, wrong = variables.match(
+      expected, state_dict, lambda key, value: to_flax_layout(key, _as_float(key, value, what)))
   if missing or unexpected or wrong:
     raise _mismatch(what, missing, unexpected, wrong)
-  return {"params": _unflatten({p: jnp.asarray(v) for p, v in flat.items()})}
-
-
-def state_dict_from_variables(variables) -> dict:
-  """Inverse of `variables_from_state_dict` (numpy arrays in PyTorch layout)."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(variables["params"])[0]:
-    key = torch_key(tuple(p.key for p in path))
-    out[key] = to_torch_layout(key, np.asarray(leaf))
-  return out
-
-
-def _unflatten(flat):
-  tree = {}
-  for path, value in flat.items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return tree
+  return {"params": variables.unflatten({p: jnp.asarray(v) for p, v in flat.items()})}
 
 
 def random_variables(module: nn.Module, seed: int = 0) -> dict:
-  """Random `{'params': ...}` drawn in numpy (no compiled init), for benchmarks and smoke runs.
-
-  Weights ~ N(0, 1 / fan_in), biases ~ N(0, 0.02^2), norm scales 1.
-  """
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = ".".join(p.key for p in path)
-    if len(leaf.shape) >= 2:
-      fan_in = leaf.shape[1] if name.endswith("embedding.weight") else np.prod(leaf.shape[:-1])
-      return rng.standard_normal(leaf.shape, np.float32) / np.sqrt(fan_in)
-    if "norm" in name and name.endswith("weight"):
-      return np.ones(leaf.shape, np.float32)
-    return rng.normal(0, 0.02, leaf.shape).astype(np.float32)
-
-  shapes = param_shapes(module)
-  return {"params": jax.tree_util.tree_map_with_path(lambda p, l: jnp.asarray(draw(p, l)), shapes)}
+  """Random `{'params': ...}` of `module` (`variables.random_params`, the one initialiser)."""
+  return {"params": variables.random_params(param_shapes(module), seed)}

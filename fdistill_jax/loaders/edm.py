@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import pathlib
-import zipfile
 from typing import Any, Mapping, Optional, Union
 
 import jax
@@ -44,6 +43,7 @@ from fdistill_jax.loaders.edm_variables import variables_from_state_dict
 from fdistill_jax.io import atomic
 from fdistill_jax.loaders import limits
 from fdistill_jax.loaders import safe_pickle
+from fdistill_jax.loaders import state_dict as state_dict_lib
 from fdistill_jax.train import teacher as base
 
 PathLike = Union[str, os.PathLike]
@@ -54,6 +54,7 @@ SOURCE_FILE = "source.json"            # the converted file's name and SHA-256
 MAX_ARCH_BYTES = 2**20
 MAX_EXPANSION = 64                     # converted variables/: float32 bytes per byte on disk
 SUPPORTED_PRECONDS = ("EDMPrecond",)
+STATE_DICT_SUFFIXES = (".npz", ".pt", ".pth", ".safetensors")   # read by `loaders.state_dict`
 # EDMPrecond's positional parameters, to name any recorded `_init_args`.
 _PRECOND_POSITIONAL = ("img_resolution", "img_channels", "label_dim", "use_fp16",
                        "sigma_min", "sigma_max", "sigma_data", "model_type")
@@ -188,35 +189,6 @@ def _flat_arrays(obj, path) -> dict:
       f"torch.save(net.state_dict(), path); got {type(obj).__name__} with keys {keys}.")
 
 
-def _read_npz(path) -> dict:
-  """Every member's header is checked before its array is allocated (`loaders.limits.load_npz`)."""
-  try:
-    return limits.load_npz(path)
-  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-    raise ConversionError(f"cannot read {path} as .npz: {e}") from e
-
-
-def _read_torch(path):
-  """A `torch.save` file read by safe_pickle (torch is not needed)."""
-  return safe_pickle.load_torch(path)
-
-
-def _read_safetensors(path) -> dict:
-  try:
-    import safetensors.numpy  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ConversionError(f"reading {path} needs the 'safetensors' package: "
-                          "pip install safetensors.") from e
-  try:
-    return safetensors.numpy.load_file(str(path))
-  except Exception as e:  # safetensors raises its own SafetensorError.
-    raise ConversionError(f"cannot read {path} as .safetensors: {e}") from e
-
-
-STATE_DICT_READERS = {".npz": _read_npz, ".pt": _read_torch, ".pth": _read_torch,
-                      ".safetensors": _read_safetensors}
-
-
 def read_teacher(path: PathLike,
                  arch: Optional[Union[PathLike, Mapping[str, Any]]] = None
                  ) -> tuple[dict, dict]:
@@ -234,11 +206,11 @@ def read_teacher(path: PathLike,
   if suffix == ".pkl":
     recorded, state_dict = read_snapshot(path)
     return (read_arch(arch) if arch is not None else recorded), state_dict
-  if suffix not in STATE_DICT_READERS:
+  if suffix not in STATE_DICT_SUFFIXES:
     raise ConversionError(
         f"{path}: unknown teacher format {suffix!r}; expected .pkl (EDM snapshot)"
-        f", a converted directory, or one of {sorted(STATE_DICT_READERS)} + --arch.")
-  obj = STATE_DICT_READERS[suffix](path)
+        f", a converted directory, or one of {sorted(STATE_DICT_SUFFIXES)} + --arch.")
+  obj = state_dict_lib.read_file(path)
   net = obj.get("ema", obj.get("net")) if isinstance(obj, dict) else None
   if isinstance(net, safe_pickle.PersistentObject):  # EDM training-state .pt
     return (read_arch(arch) if arch is not None else
@@ -444,13 +416,6 @@ def convert(input_path: PathLike, output: PathLike,
 # Teacher loaders of the registry (`fdistill_jax.train.registry`).
 
 
-def _dtype(config):
-  if config.compute_dtype not in base.DTYPES:
-    raise ValueError(f"compute_dtype={config.compute_dtype!r}; expected one of "
-                     f"{sorted(base.DTYPES)}.")
-  return base.DTYPES[config.compute_dtype]
-
-
 def _image_teacher(module, variables, where, arch, identity) -> base.Teacher:
   base.check_params_only(variables, where)
   return base.Teacher(
@@ -470,12 +435,12 @@ def teacher_from_config(config) -> base.Teacher:
                      "the workdir of a method='edm' run.")
   if pathlib.Path(path).is_dir():
     path = resolve_converted(path)            # a method='edm' workdir: its teacher/
-    module, variables = load_converted(path, _dtype(config), base.attention(config))
+    module, variables = load_converted(path, base.compute_dtype(config), base.attention(config))
     arch = read_arch(path / ARCH_FILE)
   else:
     arch, state_dict = read_teacher(path)
     variables = teacher_variables(arch, state_dict, path)
-    module = build_edm(arch, _dtype(config), base.attention(config))
+    module = build_edm(arch, base.compute_dtype(config), base.attention(config))
   return _image_teacher(module, variables, path, arch, teacher_identity(path))
 
 
@@ -483,7 +448,7 @@ def initialized_teacher(config) -> base.Teacher:
   """`teacher.kind='init'`: EDM's own initialisation of `teacher.arch` (`module.init`:
   Xavier-uniform layers, near-zero last layers), the start of a method='edm' run."""
   arch = config.teacher.arch.to_dict()
-  module = build_edm(arch, dtype=_dtype(config), attention=base.attention(config))
+  module = build_edm(arch, dtype=base.compute_dtype(config), attention=base.attention(config))
   r, c = module.img_resolution, module.img_channels
   labels = jnp.zeros((1, module.label_dim)) if module.label_dim else None
   init = jax.jit(lambda key: module.init(key, jnp.zeros((1, r, r, c)), jnp.ones((1,)), labels))
@@ -495,7 +460,7 @@ def initialized_teacher(config) -> base.Teacher:
 def random_teacher(config) -> base.Teacher:
   """`teacher.kind='random'`: an EDM network with random weights (tests, benchmarks)."""
   arch = config.teacher.arch.to_dict()
-  module = build_edm(arch, dtype=_dtype(config), attention=base.attention(config))
+  module = build_edm(arch, dtype=base.compute_dtype(config), attention=base.attention(config))
   variables = random_variables(module, seed=config.seed + 1)
   return _image_teacher(module, variables, "teacher.arch", arch,
                         {"kind": "random", "arch": arch, "seed": config.seed + 1})

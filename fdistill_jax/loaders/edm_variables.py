@@ -11,12 +11,12 @@ buffer goes to the non-trainable 'buffers' collection.
 from typing import Any, Mapping, Optional, Union
 
 from clu import parameter_overview
-from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdistill_jax.loaders import variables
 from fdistill_jax.models.edm import build_edm
 from fdistill_jax.models.layers import resample_kernel
 
@@ -35,9 +35,7 @@ def _dummy_inputs(module):
 def variable_shapes(module_or_arch: Union[nn.Module, Mapping[str, Any]]):
   """Variables of `module.init` as ShapeDtypeStructs, via jax.eval_shape (no allocation)."""
   module = module_or_arch if isinstance(module_or_arch, nn.Module) else build_edm(module_or_arch)
-  x, sigma, labels = _dummy_inputs(module)
-  rngs = {"params": jax.random.key(0)}
-  return jax.eval_shape(lambda x, s, l: module.init(rngs, x, s, l), x, sigma, labels)
+  return variables.variable_shapes(module, *_dummy_inputs(module))
 
 
 def declared_param_count(arch: Mapping[str, Any], present: Optional[int] = None) -> int:
@@ -53,7 +51,7 @@ def declared_param_count(arch: Mapping[str, Any], present: Optional[int] = None)
     raise
   except Exception as e:  # pylint: disable=broad-except  (a malformed arch fails in tracing)
     raise ValueError(f"the architecture cannot be built ({type(e).__name__}: {e}).") from None
-  count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
+  count = variables.count_params(shapes)
   if count > MAX_PARAMS:
     raise ValueError(f"the architecture declares {count:,} parameters, more than the "
                      f"{MAX_PARAMS:,} this loader accepts.")
@@ -69,18 +67,10 @@ def count_params(module_or_arch: Union[nn.Module, Mapping[str, Any]]) -> int:
 
 
 def _flat_expected(shapes):
-  """{edm dotted name: (collection, flax path tuple, shape)} for every variable."""
-  return {".".join(keys): (collection, keys, tuple(leaf.shape))
+  """{edm dotted name: ((collection,) + flax path tuple, shape)} for every variable."""
+  return {".".join(keys): ((collection,) + keys, tuple(leaf.shape))
           for collection, tree in shapes.items()
-          for keys, leaf in traverse_util.flatten_dict(tree).items()}
-
-
-def _to_flax_layout(value):
-  if value.ndim == 4:  # OIHW -> HWIO
-    return np.transpose(value, (2, 3, 1, 0))
-  if value.ndim == 2:  # [out, in] -> [in, out]
-    return value.T
-  return value
+          for keys, leaf in variables.flatten(tree).items()}
 
 
 def _check_resample_filter(name, value, arch):
@@ -92,14 +82,9 @@ def _check_resample_filter(name, value, arch):
 
 
 def _mismatch_error(missing, unexpected, wrong):
-  parts = []
-  for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-    if items:
-      shown = ", ".join(items[:_MAX_REPORTED])
-      more = f" (+{len(items) - _MAX_REPORTED} more)" if len(items) > _MAX_REPORTED else ""
-      parts.append(f"{len(items)} {title}: {shown}{more}")
   return ValueError(
-      "EDM state dict does not match the architecture: " + "; ".join(parts) +
+      "EDM state dict does not match the architecture: " +
+      variables.mismatch_report(missing, unexpected, wrong, _MAX_REPORTED) +
       ". Check that `arch` holds the snapshot's own EDMPrecond arguments "
       "(model_type, model_channels, channel_mult, num_blocks, attn_resolutions, ...).")
 
@@ -122,45 +107,28 @@ def variables_from_state_dict(arch: Mapping[str, Any], state_dict: Mapping[str, 
       entries (both shapes, in Flax layout), or a resample filter mismatch.
   """
   expected = _flat_expected(variable_shapes(arch))
-  missing = [k for k in expected if k not in state_dict]
-  unexpected, wrong, out = [], [], {}
-  for name, value in state_dict.items():
-    value = np.asarray(value)
-    if name.endswith(".resample_filter"):
-      problem = _check_resample_filter(name, value, arch)
-      if problem:
-        wrong.append(problem)
-      continue
-    if name not in expected:
-      unexpected.append(f"{name} {tuple(value.shape)}")
-      continue
-    collection, path, shape = expected[name]
-    value = _to_flax_layout(value)
-    if value.shape != shape:
-      wrong.append(f"{name}: got {value.shape} (Flax layout), expected {shape}")
-      continue
-    out[(collection,) + path] = value
+  filters = [_check_resample_filter(k, np.asarray(v), arch) for k, v in state_dict.items()
+             if k.endswith(".resample_filter")]
+  state_dict = {k: v for k, v in state_dict.items() if not k.endswith(".resample_filter")}
+  out, missing, unexpected, wrong = variables.match(
+      expected, state_dict, lambda _, v: variables.to_flax_layout(np.asarray(v)))
+  wrong = [p for p in filters if p] + wrong
   if missing or unexpected or wrong:
     raise _mismatch_error(missing, unexpected, wrong)
-  return traverse_util.unflatten_dict({k: jnp.asarray(v, dtype) for k, v in out.items()})
+  return variables.unflatten({k: jnp.asarray(v, dtype) for k, v in out.items()})
+
+
+def _edm_scale(names) -> bool:
+  """EDM's normalisation scales: a `weight` under a `.norm*` module (`norm0`, `norm1`, ...)."""
+  dotted = ".".join(names)
+  return ".norm" in dotted and dotted.endswith("weight")
 
 
 def random_variables(module_or_arch, seed=0):
-  """Random variables for an EDM network, drawn in numpy (no compiled init).
+  """Random variables for an EDM network (`variables.random_params`, the one initialiser).
 
-  Weights ~ N(0, 1 / fan_in), biases ~ N(0, 0.05^2), norm scales ~ 1 + N(0, 0.05^2):
-  no zero-initialised layers, like the EDM fixtures. For tests, benchmarks and
-  smoke runs (teacher.kind='random'); compiling `module.init` (its random
-  number generation included) takes far longer on CPU than the network itself.
+  For tests, benchmarks and smoke runs (teacher.kind='random'). The scales drawn
+  around 1 are those of `norm0`/`norm1`/`norm2` (`_edm_scale`), as they always were,
+  so random teachers of earlier runs are the same arrays.
   """
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = ".".join(p.key for p in path)
-    if len(leaf.shape) >= 2:
-      return rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-    base = 1.0 if ".norm" in name and name.endswith("weight") else 0.0
-    return base + rng.normal(0, 0.05, size=leaf.shape)
-
-  return jax.tree_util.tree_map_with_path(
-      lambda p, l: jnp.asarray(draw(p, l), jnp.float32), variable_shapes(module_or_arch))
+  return variables.random_params(variable_shapes(module_or_arch), seed, _edm_scale)

@@ -172,24 +172,3 @@ def split_checkpoint(state_dict: Mapping[str, np.ndarray], unet, vae, ema: bool 
                           f"VAE and text encoder: {unknown[:8]}; is it a Stable Diffusion 1.x/2.x "
                           "checkpoint?")
   return out
-
-
-def _invert(module_map):
-  return {ours: (ldm, {new: old for old, new in inner.items()})
-          for ldm, (ours, inner) in module_map.items()}
-
-
-def to_checkpoint(parts: Mapping[str, Mapping[str, np.ndarray]], unet, vae) -> dict:
-  """Inverse of `split_checkpoint` (ema=False): diffusers-named parts -> one LDM state dict."""
-  out = {}
-  unet_inv, vae_inv = _invert(unet_module_map(unet)), _invert(vae_module_map(vae))
-  for key, value in parts["unet"].items():
-    out[UNET_PREFIX + _rename(key, unet_inv, "U-Net")] = value
-  for key, value in parts["vae"].items():
-    value = np.asarray(value)
-    if ".attentions." in key and key.endswith(".weight") and value.ndim == 2:
-      value = value[:, :, None, None]
-    out[VAE_PREFIX + _rename(key, vae_inv, "VAE")] = value
-  for key, value in parts["text_encoder"].items():
-    out[TEXT_PREFIX + key] = value
-  return out

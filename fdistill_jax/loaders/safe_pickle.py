@@ -410,13 +410,6 @@ def load_torch_zip(path_or_bytes: PathOrBytes, *,
   return _load_torch_bytes(data, extra_allowed, torchscript, None, 0)
 
 
-def load_torch_legacy(path_or_bytes: PathOrBytes, *,
-                      extra_allowed: Optional[Mapping[tuple, Any]] = None) -> Any:
-  """Loads a legacy (non-zip) `torch.save` stream with numpy arrays."""
-  data = _read_bytes(path_or_bytes)
-  return _load_legacy(data, extra_allowed, limits.Budget.for_size(len(data)), 0)
-
-
 def load_torch(path_or_bytes: PathOrBytes, *,
                extra_allowed: Optional[Mapping[tuple, Any]] = None) -> Any:
   """Loads a `torch.save` file or bytes (zip or legacy) without torch.

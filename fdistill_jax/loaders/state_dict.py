@@ -1,13 +1,21 @@
-"""Reading weight files without executing them and without trusting their headers.
+"""The one state-dict reader: weight files read without executing them or trusting their headers.
 
-* `.safetensors`: `read_safetensors` parses the header itself and checks it
-  before anything is allocated: a header length inside the file and at most
+  read_state_dict(path)   # {name: numpy array} of .safetensors, .npz, .pt/.pth/.bin/.ckpt,
+                          # or a sharded `*.index.json`
+  read_file(path)         # the file's object as stored (EDM's snapshots wrap networks in dicts)
+
+* `.safetensors`: read by the `safetensors` library (`safe_open(framework="np")`),
+  after `check_safetensors` has read the 8-byte length and the JSON header
+  itself and checked them: a header length inside the file and at most
   `MAX_HEADER_BYTES`, a JSON object, known dtypes, non-negative integer shapes
   whose byte size (exact Python integers, no overflow) equals the entry's
-  offsets, offsets inside the data section and not overlapping. Every
-  allocation is then a tensor the file really holds, so the arrays together
-  never take more than the file's size.
-* `.bin` / `.ckpt` / `.pt`: `torch.save` archives through
+  offsets, offsets inside the data section and not overlapping, and the total
+  within the file's byte budget (`limits.Budget`). Every allocation is then a
+  tensor the file really holds, so the arrays together never take more than
+  the file's size.
+* `.npz`: every member's header is checked before its array is allocated
+  (`fdistill_jax.loaders.limits.load_npz`).
+* `.bin` / `.ckpt` / `.pt` / `.pth`: `torch.save` archives through
   `fdistill_jax.loaders.safe_pickle` (allow-list unpickler: no torch, a forbidden
   global is refused before anything is called).
 * Sharded checkpoints: `*.index.json` with a `weight_map` naming files of the
@@ -19,6 +27,7 @@ Errors are `ConversionError`s that name the file and the offending entry.
 import json
 import pathlib
 import pickle
+import zipfile
 from typing import Iterable, Mapping, Optional
 
 import numpy as np
@@ -59,7 +68,7 @@ def _read_header(f, size, path) -> tuple:
                           "safetensors file, or truncated.")
   try:
     header = json.loads(f.read(n).decode("utf-8"))
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+  except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
     raise ConversionError(f"{path}: the safetensors header is not valid JSON ({e}).") from e
   if not isinstance(header, dict):
     raise ConversionError(f"{path}: the safetensors header must be a JSON object.")
@@ -97,31 +106,78 @@ def _check_overlaps(entries, path):
                             "the header lies.")
 
 
-def read_safetensors(path) -> dict:
-  """{name: numpy array} from a `.safetensors` file, header checked first (module docstring)."""
+def check_safetensors(path) -> dict:
+  """{name: (dtype, shape, begin, end)} of a `.safetensors` header, checked (module docstring)
+  before any tensor is read."""
   path = pathlib.Path(path)
   size = path.stat().st_size
   with open(path, "rb") as f:
     header, start = _read_header(f, size, path)
-    header.pop("__metadata__", None)
-    entries = {name: _entry(name, info, size - start, path) for name, info in header.items()}
-    _check_overlaps(entries, path)
-    out = {}
-    for name, (dtype, shape, begin, end) in entries.items():
-      f.seek(start + begin)
-      data = f.read(end - begin)
-      if len(data) != end - begin:
-        raise ConversionError(f"{path}: tensor {name!r} is truncated (the file changed?).")
-      out[name] = np.frombuffer(data, dtype).reshape(shape)
+  header.pop("__metadata__", None)
+  entries = {name: _entry(name, info, size - start, path) for name, info in header.items()}
+  _check_overlaps(entries, path)
+  budget = limits.Budget.for_size(size, str(path))
+  for name, (_, _, begin, end) in entries.items():
+    budget.charge(end - begin, f"tensor {name!r}")
+  return entries
+
+
+def read_safetensors(path) -> dict:
+  """{name: numpy array} from a `.safetensors` file: header checked first, then read by the
+  `safetensors` library."""
+  entries = check_safetensors(path)   # (BF16 entries imported ml_dtypes: numpy knows bfloat16)
+  try:
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ConversionError(f"reading {path} needs the 'safetensors' package: "
+                          "pip install safetensors.") from e
+  try:
+    with safe_open(str(path), framework="np") as f:
+      out = {name: f.get_tensor(name) for name in entries}
+  except Exception as e:  # pylint: disable=broad-except  (safetensors raises SafetensorError)
+    raise ConversionError(f"cannot read {path} as .safetensors: {e}") from e
+  for name, (dtype, shape, _, _) in entries.items():
+    if out[name].dtype != dtype or out[name].shape != shape:
+      raise ConversionError(f"{path}: tensor {name!r} was read as {out[name].dtype} "
+                            f"{out[name].shape}, its header says {dtype} {shape}.")
   return out
 
 
-def read_torch(path) -> dict:
-  """A `torch.save` file through the allow-list unpickler; errors name the file."""
+class RefusedPickle(ConversionError, pickle.UnpicklingError):
+  """A `torch.save` file the allow-list unpickler refused or could not read."""
+
+
+def read_torch(path):
+  """A `torch.save` file's object through the allow-list unpickler; errors name the file."""
   try:
     return safe_pickle.load_torch(path)
   except pickle.UnpicklingError as e:
-    raise ConversionError(f"{path}: refused or unreadable ({type(e).__name__}: {e})") from e
+    raise RefusedPickle(f"{path}: refused or unreadable ({type(e).__name__}: {e})") from e
+
+
+def read_npz(path) -> dict:
+  """An `.npz` file; every member's header is checked before its array is allocated."""
+  try:
+    return limits.load_npz(path)
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    raise ConversionError(f"cannot read {path} as .npz: {e}") from e
+
+
+READERS = {".safetensors": read_safetensors, ".npz": read_npz, ".bin": read_torch,
+           ".ckpt": read_torch, ".pt": read_torch, ".pth": read_torch}
+
+
+def read_file(path):
+  """The object a weight file stores (`READERS` by suffix): a state dict, or for torch files
+  whatever was saved (e.g. EDM's {'ema': network})."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"weight file {path} does not exist.")
+  reader = READERS.get(path.suffix.lower())
+  if reader is None:
+    raise ConversionError(f"{path}: unknown weight format {path.suffix!r}; expected one of "
+                          f"{sorted(READERS)} or a sharded *.index.json.")
+  return reader(path)
 
 
 def flat_state_dict(obj, path) -> dict:
@@ -140,19 +196,19 @@ def flat_state_dict(obj, path) -> dict:
 
 
 def read_state_dict(path) -> dict:
-  """{name: array} from `.safetensors`, or `.bin` / `.ckpt` / `.pt` / `.pth` (torch.save)."""
+  """{name: array} of a weight file (`READERS`) or a sharded `*.index.json` index."""
   path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"weight file {path} does not exist.")
-  if path.suffix == ".safetensors":
-    return read_safetensors(path)
-  if path.suffix in (".bin", ".ckpt", ".pt", ".pth"):
-    return flat_state_dict(read_torch(path), path)
-  raise ConversionError(f"{path}: unknown weight format {path.suffix!r}; expected .safetensors, "
-                        ".bin, .ckpt, .pt or .pth.")
+  if path.name.endswith(".index.json"):
+    if not path.is_file():
+      raise FileNotFoundError(f"weight index {path} does not exist.")
+    return _read_sharded(path)
+  return flat_state_dict(read_file(path), path)
 
 
 def _read_sharded(index_path) -> dict:
+  if index_path.stat().st_size > MAX_HEADER_BYTES:
+    raise ConversionError(f"{index_path}: {index_path.stat().st_size} bytes is more than a "
+                          f"sharded-checkpoint index holds (limit {MAX_HEADER_BYTES}).")
   try:
     weight_map = limits.json_load(index_path)["weight_map"]
   except (ValueError, KeyError, TypeError) as e:
@@ -165,6 +221,9 @@ def _read_sharded(index_path) -> dict:
   escaping = [f for f in files if pathlib.PurePath(f).name != f]
   if escaping:
     raise ConversionError(f"{index_path} names shard files outside its folder: {escaping}.")
+  nested = [f for f in files if f.endswith(".index.json")]
+  if nested:
+    raise ConversionError(f"{index_path} names other indexes as shards: {nested}.")
   out = {}
   for name in files:
     out.update(read_state_dict(index_path.parent / name))
@@ -185,7 +244,7 @@ def read_component(folder, stems: Iterable[str], variant: Optional[str] = None) 
   for name in names:
     path = folder / name
     if path.is_file():
-      return (_read_sharded(path) if name.endswith(".index.json") else read_state_dict(path)), path
+      return read_state_dict(path), path
   found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else "no such folder"
   raise ConversionError(f"{folder}: no weights found; looked for {names}, found {found}.")
 

@@ -143,26 +143,44 @@ def _bcast(sigma, x):
   return jnp.broadcast_to(sigma, (x.shape[0],)).reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def eps_denoiser(eps_fn: Callable, schedule: DiscreteSchedule, timestep: str = "interpolate"):
+def eps_denoiser(eps_fn: Callable, schedule: DiscreteSchedule, timestep: str = "interpolate",
+                 has_aux: bool = False):
   """D(x, sigma, cond) = x - sigma eps_fn(x / sqrt(1 + sigma^2), t(sigma), cond), float32.
 
+  The one place the eps -> D conversion is written: the pipeline's denoiser and
+  the engine's `LatentDenoiser` (`fdistill_jax.pipelines.sd`) both call it.
+
   Args:
-    eps_fn: `eps_fn(z, t, cond) -> eps` on the DDPM scale (z = sqrt(alpha_bar) x).
+    eps_fn: `eps_fn(z, t, cond) -> eps` on the DDPM scale (z = sqrt(alpha_bar) x),
+      or `-> (eps, aux)` when `has_aux`.
     schedule: the model's discrete schedule.
     timestep: 'interpolate' or 'nearest' (module docstring).
+    has_aux: `denoise` returns (D, aux), passing eps_fn's aux through.
   """
   def denoise(x, sigma, cond):
     x = jnp.asarray(x, jnp.float32)
     s = _bcast(sigma, x)
     t = schedule.sigma_to_t(s.reshape(-1), timestep)
-    eps = eps_fn(x / jnp.sqrt(1.0 + s**2), t, cond)
-    return x - s * jnp.asarray(eps, jnp.float32)
+    out = eps_fn(x / jnp.sqrt(1.0 + s**2), t, cond)
+    eps, aux = out if has_aux else (out, None)
+    denoised = x - s * jnp.asarray(eps, jnp.float32)
+    return (denoised, aux) if has_aux else denoised
   return denoise
 
 
+def unet_inputs(cond):
+  """(encoder_hidden_states, U-Net keyword inputs) of a conditioning: SD 1.x's context array
+  [B, L, C], or SDXL's pytree {'context', 'pooled', 'time_ids'}."""
+  if isinstance(cond, Mapping):
+    return cond["context"], {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
+  return cond, {}
+
+
 def unet_denoiser(unet, unet_variables, schedule: DiscreteSchedule, timestep="interpolate"):
-  """D(x, sigma, context) of a UNet2DConditionModel; `context` = [B, L, C] text embeddings."""
-  eps_fn = lambda z, t, context: unet.apply(unet_variables, z, t, context)
+  """D(x, sigma, cond) of a UNet2DConditionModel (SD 1.x or SDXL conditioning, `unet_inputs`)."""
+  def eps_fn(z, t, cond):
+    context, extra = unet_inputs(cond)
+    return unet.apply(unet_variables, z, t, context, **extra)
   return eps_denoiser(eps_fn, schedule, timestep)
 
 

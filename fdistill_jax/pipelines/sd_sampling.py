@@ -1,6 +1,6 @@
-r"""Stable Diffusion teacher sampling: DDIM or Euler in sigma space, sharded, seed-reproducible.
+r"""Stable Diffusion teacher sampling (SD 1.x and SDXL): DDIM or Euler in sigma space, sharded.
 
-  pipe = pipeline.load_pipeline(DIR)
+  pipe = sd.load_pipeline(DIR)
   images, prompt_index = sampling.sample(pipe, ["a photo of a cat"], steps=50, cfg=7.5)
 
 The command line is `python -m fdistill_jax.tools.sample_t2i` (fdistill_jax/tools/sample_t2i.py).
@@ -25,6 +25,10 @@ Randomness: sample i (global index; prompt i // num_per_prompt) draws its noise
 from fold_in(fold_in(PRNGKey(seed), i), 0), as `fdistill_jax.pipelines.sampling` does, so
 an image depends on (seed, i) only, not on the batch size or device count.
 Batches are sharded over all devices with a Mesh and jax.jit.
+
+`guided_batch_fn` is the one teacher-sampling loop: `sample` runs it on a
+pipeline, `fdistill_jax.problems.t2i.run_sampling` on a training run's teacher
+and conditioning. Prompts are tokenised on the host and encoded inside the jitted batch.
 """
 
 import jax
@@ -35,6 +39,7 @@ from fdistill_jax.data import pixels
 from fdistill_jax.pipelines import edm_sampler
 from fdistill_jax.pipelines import sampling as sampling_lib
 from fdistill_jax.pipelines import denoisers as denoiser_lib
+from fdistill_jax.pipelines import sd
 
 SAMPLERS = ("ddim", "euler")
 
@@ -73,29 +78,64 @@ def euler_sample(denoise, noise, sigmas, cond):
 
 
 def latent_shape(pipe, height: int, width: int) -> tuple:
-  f = 2 ** (len(pipe.vae.block_out_channels) - 1)
+  f = sd.vae_factor(pipe.vae)
   if height % f or width % f:
     raise ValueError(f"height={height}, width={width}: both must be multiples of the VAE's "
                      f"downsampling factor {f} (e.g. 512).")
   return (height // f, width // f, pipe.vae.latent_channels)
 
 
-def batch_fn(pipe, sigmas, cfg, shape, num_per_prompt, timestep="interpolate", decode=True):
-  """fn(variables, key, indices) -> (images in [-1, 1] or latents, prompt index), for sample_all."""
-  def fn(variables, key, indices):
+def guided_batch_fn(teacher, encode, sigmas, cfg, shape, num_per_prompt, decode=True):
+  """The one teacher-sampling batch function, for `sample_all` / `BatchSampler`.
+
+  fn(variables, key, indices) -> (images in [-1, 1] or latents, prompt index), with
+  variables {'teacher': the `LatentDenoiser`'s params, 'tokens': {'tokens'[, 'tokens_2']}
+  of the prompts}; image i shows prompt i // num_per_prompt.
+
+  Args:
+    teacher: the `fdistill_jax.pipelines.sd.LatentDenoiser` (U-Net, text towers, VAE).
+    encode: `encode(teacher_vars, tokens) -> (cond, uncond)`, traceable: the batch's
+      conditioning and CFG's unconditional input for one sample.
+    sigmas: the sampler's noise levels (`sampler_sigmas`).
+    cfg: guidance weight w (1: none).
+    shape: latent shape (h, w, C).
+    num_per_prompt: images per prompt.
+    decode: decode the latents with the VAE.
+  """
+  def fn(v, key, indices):
+    tv = {"params": v["teacher"]}
     prompt = indices // num_per_prompt
-    context = jnp.take(variables["context"], prompt, axis=0, mode="clip")
-    denoise = denoiser_lib.unet_denoiser(pipe.unet, variables["unet"], pipe.schedule, timestep)
-    denoise = denoiser_lib.cfg_denoiser(denoise, variables["uncond"], cfg)
+    tokens = jax.tree.map(lambda t: jnp.take(t, prompt, axis=0, mode="clip"), v["tokens"])
+    cond, uncond = encode(tv, tokens)
+    denoise = lambda x, sigma, c: teacher.apply(tv, x, sigma, c)
+    guided = denoiser_lib.cfg_denoiser(denoise, uncond, cfg)
     noise = sampling_lib.sample_noise(key, indices, shape)
-    latents = euler_sample(denoise, noise, sigmas, context)
-    return (pipe.decode(latents, variables["vae"]) if decode else latents), prompt
+    latents = euler_sample(guided, noise, sigmas, cond)
+    return (teacher.apply(tv, latents, method="decode") if decode else latents), prompt
   return fn
+
+
+def pipeline_encoder(pipe, height: int, width: int):
+  """`encode` of `guided_batch_fn` for a pipeline: its prompt encoding, SDXL's time_ids for
+  height x width, and its unconditional input (`LatentDenoiser.unconditional`)."""
+  module = pipe.module
+  empty = [jnp.asarray(t) for t in pipe.token_batch([""]).values()]
+  ids = jnp.asarray(sd.time_ids(1, height, width)) if pipe.is_sdxl else None
+
+  def encode(tv, tokens):
+    cond = module.apply(tv, *tokens.values(), method="encode_text")
+    uncond = module.apply(tv, *empty, method="unconditional")
+    if ids is not None:
+      n = tokens["tokens"].shape[0]
+      cond = {**cond, "time_ids": jnp.broadcast_to(ids, (n, 6))}
+      uncond = {**uncond, "time_ids": ids}
+    return cond, uncond
+  return encode
 
 
 def sample(pipe, prompts, *, num_per_prompt=1, steps=50, cfg=7.5, sampler="ddim", seed=0,
            height=512, width=512, batch=8, devices=None, decode=True, timestep="interpolate"):
-  """Teacher samples for `prompts` (module docstring).
+  """Teacher samples of an SD 1.x or SDXL pipeline for `prompts` (module docstring).
 
   Returns:
     (x, prompt_index): uint8 images [N, H, W, 3] (decode=True) or float32
@@ -104,12 +144,11 @@ def sample(pipe, prompts, *, num_per_prompt=1, steps=50, cfg=7.5, sampler="ddim"
   prompts = [prompts] if isinstance(prompts, str) else list(prompts)
   if not prompts or num_per_prompt < 1:
     raise ValueError("need at least one prompt and num_per_prompt >= 1.")
-  context = pipe.encode_prompts(prompts + [""])
-  variables = {"unet": pipe.variables["unet"], "vae": pipe.variables["vae"],
-               "context": context[:-1], "uncond": context[-1]}
+  variables = {"teacher": pipe.params["params"], "tokens": pipe.token_batch(prompts)}
   sigmas = sampler_sigmas(pipe.schedule, sampler, steps)
-  fn = batch_fn(pipe, sigmas, cfg, latent_shape(pipe, height, width), num_per_prompt, timestep,
-                decode)
+  teacher = pipe.module.clone(timestep=timestep)
+  fn = guided_batch_fn(teacher, pipeline_encoder(pipe, height, width), sigmas, cfg,
+                       latent_shape(pipe, height, width), num_per_prompt, decode)
   return sampling_lib.sample_all(fn, variables, len(prompts) * num_per_prompt, seed=seed,
                                  batch=batch, devices=devices,
                                  postprocess=pixels.to_uint8 if decode else None,

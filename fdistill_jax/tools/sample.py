@@ -191,7 +191,7 @@ def sample_text_to_image(f):
                      "--num_per_prompt images per prompt.")
   if f.num_per_prompt < 1:
     raise ValueError(f"--num_per_prompt={f.num_per_prompt} must be positive.")
-  prompts = sample_t2i.read_prompts(f.prompt, f.prompts_file)
+  prompts = sample_t2i.prompts_from_flags(f.prompt, f.prompts_file)
   run = run_sampling.load_run(f.workdir, which=f.which, step=f.step)
   console.say("Sampling %s weights of step %s (%s).", run.info["which"], run.info["step"],
               run.info["source"])

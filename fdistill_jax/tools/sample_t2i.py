@@ -1,4 +1,8 @@
-r"""Stable Diffusion teacher samples from the command line (library: fdistill_jax.pipelines.sd_sampling).
+r"""Stable Diffusion (SD 1.x and SDXL) teacher samples from the command line.
+
+The library is `fdistill_jax.pipelines.sd_sampling`; `--model` is an SD 1.x or SDXL
+diffusers folder (the family is read from the folder: SDXL has text_encoder_2/)
+or an SD 1.x single-file checkpoint.
 
   python -m fdistill_jax.tools.sample_t2i --model=stable-diffusion-v1-5 \
       --prompt="a photo of an astronaut riding a horse" --steps=50 --cfg=7.5 --out=x.png
@@ -6,6 +10,8 @@ r"""Stable Diffusion teacher samples from the command line (library: fdistill_ja
       --out=grid.png --npz=samples.npz --seed=0
   python -m fdistill_jax.tools.sample_t2i --model=v1-5-pruned-emaonly.safetensors \
       --tokenizer_dir=DIR/tokenizer --prompt="..." --sampler=euler --steps=30 --out=x.png
+  python -m fdistill_jax.tools.sample_t2i --model=stable-diffusion-xl-base-1.0 \
+      --prompt="a photo of a cat" --height=1024 --width=1024 --cfg=5 --out=x.png
 
 Outputs: a PNG grid (row-major; OUT.txt lists each tile's prompt) and/or an
 npz with `images` (uint8 NHWC), `prompt_index`, `prompts` and `seed`. Sample i
@@ -17,7 +23,6 @@ import math
 import os
 
 from absl import flags
-import jax.numpy as jnp
 import numpy as np
 
 from fdistill_jax import console
@@ -28,8 +33,8 @@ from fdistill_jax.pipelines import denoisers as denoiser_lib
 from fdistill_jax.pipelines import sd as pipeline_lib
 from fdistill_jax.pipelines import sd_sampling as sampling
 from fdistill_jax.tools import cli
+from fdistill_jax.train.teacher import DTYPES
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 FLAGS = cli.new_flags()
 flags.DEFINE_string("model", None, "diffusers model folder, or a single-file .safetensors/.ckpt.",
@@ -53,10 +58,10 @@ flags.DEFINE_enum("timestep", "interpolate", denoiser_lib.TIMESTEP_MODES, "sigma
                   flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "Seed; sample i uses fold_in(PRNGKey(seed), i).",
                      flag_values=FLAGS)
-flags.DEFINE_integer("height", 512, "Image height (multiple of 8 for SD).", lower_bound=8,
-                     upper_bound=MAX_SIDE, flag_values=FLAGS)
-flags.DEFINE_integer("width", 512, "Image width (multiple of 8 for SD).", lower_bound=8,
-                     upper_bound=MAX_SIDE, flag_values=FLAGS)
+flags.DEFINE_integer("height", 512, "Image height (multiple of 8; SDXL's native size is 1024).",
+                     lower_bound=8, upper_bound=MAX_SIDE, flag_values=FLAGS)
+flags.DEFINE_integer("width", 512, "Image width (multiple of 8; SDXL's native size is 1024).",
+                     lower_bound=8, upper_bound=MAX_SIDE, flag_values=FLAGS)
 flags.DEFINE_integer("batch", 8, "Samples per jitted call (rounded up to the device count).",
                      flag_values=FLAGS)
 flags.DEFINE_enum("dtype", "float32", sorted(DTYPES), "Compute dtype of the networks.",
@@ -71,7 +76,7 @@ flags.DEFINE_string("tokenizer_dir", None, "Tokenizer folder (default: MODEL/tok
                     flag_values=FLAGS)
 
 
-def read_prompts(prompts, prompts_file):
+def prompts_from_flags(prompts, prompts_file):
   """--prompt values, then those of --prompts_file (.txt or .jsonl); at least one required."""
   out = list(prompts)
   if prompts_file:
@@ -108,7 +113,7 @@ def main(argv):
     raise ValueError("--model is required (a diffusers folder or a checkpoint file).")
   if not (FLAGS.out or FLAGS.npz):
     raise ValueError("give --out=FILE.png and/or --npz=FILE.npz.")
-  prompts = read_prompts(FLAGS.prompt, FLAGS.prompts_file)
+  prompts = prompts_from_flags(FLAGS.prompt, FLAGS.prompts_file)
   pipe = pipeline_lib.load_pipeline(FLAGS.model, dtype=DTYPES[FLAGS.dtype],
                                     config_dir=FLAGS.config_dir, tokenizer_dir=FLAGS.tokenizer_dir)
   images, prompt_index = sampling.sample(

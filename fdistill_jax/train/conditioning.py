@@ -27,7 +27,7 @@ this interface, and the steps call only these methods:
 
 `c` is opaque to the steps: an array, None, or any pytree whose leaves have
 the batch as leading axis (SDXL's {'context', 'pooled', 'time_ids'},
-`sd.sdxl_distill`); it is only handed to the networks and back to these methods.
+`problems.t2i.distill`); it is only handed to the networks and back to these methods.
 
 `LabelConditioning` below is the class-label case of the image teachers: one-hot
 labels drawn uniformly per sample, exactly as `eval.sampling` draws them,

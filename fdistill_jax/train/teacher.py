@@ -21,7 +21,15 @@ import jax.numpy as jnp
 
 from fdistill_jax.models import attention as attention_lib
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}   # compute dtypes, by config name
+
+
+def compute_dtype(config):
+  """`DTYPES[config.compute_dtype]`, or a ValueError listing the choices."""
+  if config.compute_dtype not in DTYPES:
+    raise ValueError(f"compute_dtype={config.compute_dtype!r}; expected one of "
+                     f"{sorted(DTYPES)}.")
+  return DTYPES[config.compute_dtype]
 
 
 def frozen_variables(variables, config):

@@ -38,7 +38,6 @@ import PIL.Image
 
 from fdistill_jax import console
 from fdistill_jax.data import tfds as tfds_data
-from fdistill_jax.data import webdataset
 from fdistill_jax.metrics import fid
 from fdistill_jax.loaders import limits
 
@@ -245,11 +244,6 @@ def choose_captions(pairs, num: int, seed: int = 0) -> tuple:
   ids = rng.permutation(np.asarray(sorted(by_image), np.int64))[:num]
   captions = [by_image[int(i)][int(rng.integers(len(by_image[int(i)])))] for i in ids]
   return captions, [int(i) for i in ids]
-
-
-def read_prompts(path) -> list:
-  """Prompts of a .txt (one per line) or .jsonl ('caption' field) file."""
-  return webdataset.read_prompts(path)[0]
 
 
 # ----------------------------------------------------------------------------

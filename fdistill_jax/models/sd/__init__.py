@@ -10,7 +10,6 @@ from fdistill_jax.models.sd.clip import CLIPTextModelWithProjection
 from fdistill_jax.models.sd.clip import CLIPTextTransformer
 from fdistill_jax.models.sd.clip import CLIPVisionModelWithProjection
 from fdistill_jax.models.sd.clip import CLIPVisionTransformer
-from fdistill_jax.models.sd.clip import clip_pixels
 from fdistill_jax.models.sd.unet import UNet2DConditionModel
 from fdistill_jax.models.sd.unet import timestep_embedding
 from fdistill_jax.models.sd.vae import AutoencoderKL

@@ -24,12 +24,9 @@ Parameter trees mirror the state dicts: `text_model/...` and
 (Stable Diffusion encodes prompts padded to 77 tokens without one).
 """
 
-from typing import Optional
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fdistill_jax.models.sd.layers import Attention
 from fdistill_jax.models.sd.layers import Conv
@@ -223,7 +220,8 @@ class CLIPVisionTransformer(nn.Module):
     size = (self.image_size, self.image_size, self.num_channels)
     if tuple(pixels.shape[1:]) != size:
       raise ValueError(f"pixel_values has shape {tuple(pixels.shape)}; expected [B, *{size}] "
-                       "(NHWC, CLIP-normalised): resize with clip_pixels first.")
+                       "(NHWC, CLIP-normalised): resize with "
+                       "fdistill_jax.metrics.t2i.metrics.clip_pixels first.")
     x = CLIPVisionEmbeddings(self.hidden_size, self.image_size, self.patch_size,
                              name="embeddings")(jnp.asarray(pixels).astype(self.dtype))
     x = LayerNorm(self.layer_norm_eps, name="pre_layrnorm")(x)
@@ -248,20 +246,3 @@ class CLIPVisionModelWithProjection(nn.Module):
     x, pooled = self.vision_model(pixel_values)
     embeds = Linear(self.projection_dim, use_bias=False, name="visual_projection")(pooled)
     return embeds.astype(jnp.float32), x.astype(jnp.float32)
-
-
-def clip_pixels(images, image_size: int = 224, method: Optional[str] = "bicubic"):
-  """Images in [-1, 1] (NHWC) -> CLIP's normalised `image_size` squares.
-
-  Resizes the shorter side to `image_size` (antialiased `jax.image.resize`),
-  centre-crops, maps to [0, 1] and normalises with CLIP's mean and std. PIL's
-  bicubic resize of CLIPImageProcessor differs by interpolation details.
-  """
-  x = (jnp.asarray(images, jnp.float32) + 1) / 2
-  b, h, w, c = x.shape
-  scale = image_size / min(h, w)
-  nh, nw = max(image_size, round(h * scale)), max(image_size, round(w * scale))
-  x = jax.image.resize(x, (b, nh, nw, c), method=method, antialias=True)
-  top, left = (nh - image_size) // 2, (nw - image_size) // 2
-  x = jnp.clip(x[:, top:top + image_size, left:left + image_size], 0, 1)
-  return (x - np.asarray(IMAGE_MEAN, np.float32)) / np.asarray(IMAGE_STD, np.float32)

@@ -1,18 +1,26 @@
-r"""Stable Diffusion as an f-distill teacher: the latent denoiser and text conditioning.
+r"""Stable Diffusion (1.x and SDXL) as an f-distill teacher: the engine's text conditioning.
 
 The engine (`fdistill_jax.train`) distils any denoiser with EDMPrecond's call
 signature `apply(variables, x, sigma, c, *, train, feature_resolutions)`. For
-SD 1.x that is `LatentDenoiser`: the U-Net's eps prediction on the discrete
-schedule, wrapped as D(x; sigma, c) = x - sigma eps(x / sqrt(1 + sigma^2), t(sigma), c)
+Stable Diffusion that is the pipeline's own module,
+`fdistill_jax.pipelines.sd.LatentDenoiser` (`pipe.module` with `pipe.params`): the
+U-Net's eps prediction on the discrete schedule, wrapped as
+D(x; sigma, c) = x - sigma eps(x / sqrt(1 + sigma^2), t(sigma), c)
 (`fdistill_jax.pipelines.denoisers`), in the VAE's scaled latent space (64x64x4 for
 512x512 images). The one-step generator is the same module initialised from
 the teacher U-Net: x = G(sigma_max z, sigma_max, c), z ~ N(0, I), sigma_max =
 14.61 (the schedule's largest sigma, t = 999), is a clean latent in one call;
 the fake score starts from the teacher U-Net too.
 
-Conditioning `c` is the CLIP text tower's last hidden state [B, 77, 768]
-(`TextConditioning`, the `train.conditioning` interface); the unconditional
-`c` of classifier-free guidance is the empty prompt's embedding.
+Conditioning `c` (`TextConditioning`, the `train.conditioning` interface, built
+from the pipeline by `text_conditioning`): SD 1.x's CLIP text tower's last hidden
+state [B, 77, 768]; SDXL's pytree {'context': [B, 77, 2048], 'pooled': [B, 1280],
+'time_ids': [B, 6]} (both towers, the pooled text, the size/crop numbers
+(res, res, 0, 0, res, res) for every example, generated and real alike), which the
+engine passes through untouched (every leaf has the batch as its leading axis).
+The unconditional `c` of classifier-free guidance is the module's
+(`LatentDenoiser.unconditional`: the empty prompt's embedding, or zeros for SDXL
+base's `force_zeros_for_empty_prompt`, with the same time_ids).
 
 Where prompts are encoded: inside the jitted steps, from token ids that the
 host tokenises in the prefetch thread. The frozen text tower (123M
@@ -31,116 +39,56 @@ bf16, parameters stay float32; the denoiser arithmetic is float32).
 """
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdistill_jax.models import sd as sd_nets
-from fdistill_jax.pipelines import denoisers as denoiser
-
-
-class LatentDenoiser(nn.Module):
-  """D(x; sigma, context) of a Stable Diffusion U-Net (module docstring).
-
-  Attributes:
-    unet: the UNet2DConditionModel.
-    sigmas: sigma_t of the discrete schedule, t = 0 .. T-1 (increasing).
-    timestep: 'interpolate' or 'nearest' (`fdistill_jax.pipelines.denoisers`).
-    text_encoder, vae: the frozen CLIP text tower and VAE (teacher only; the
-      generator and the fake score carry the U-Net alone).
-    scaling_factor, shift_factor: VAE latent z -> U-Net latent (z - shift) * scale.
-  """
-  unet: sd_nets.UNet2DConditionModel
-  sigmas: tuple
-  timestep: str = "interpolate"
-  text_encoder: Optional[nn.Module] = None
-  vae: Optional[nn.Module] = None
-  scaling_factor: float = 0.18215
-  shift_factor: float = 0.0
-
-  def schedule(self) -> denoiser.DiscreteSchedule:
-    sigmas = np.asarray(self.sigmas, np.float64)
-    return denoiser.DiscreteSchedule(1.0 / (1.0 + sigmas**2))
-
-  def __call__(self, x, sigma, context, *, train=False, feature_resolutions=None):
-    """Denoised latents (float32), or (denoised, {resolution: U-Net features}).
-
-    `context`: [B, L, C] text embeddings, or SDXL's dict (`unet_inputs`)."""
-    del train                                     # SD's U-Net has no dropout here
-    x = jnp.asarray(x, jnp.float32)
-    s = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32).reshape(-1), (x.shape[0],))
-    s = s.reshape((-1,) + (1,) * (x.ndim - 1))
-    t = self.schedule().sigma_to_t(s.reshape(-1), self.timestep)
-    context, extra = unet_inputs(context)
-    out = self.unet(x / jnp.sqrt(1.0 + s**2), t, context,
-                    feature_resolutions=feature_resolutions, **extra)
-    eps, feats = out if feature_resolutions is not None else (out, None)
-    denoised = x - s * jnp.asarray(eps, jnp.float32)
-    return denoised if feature_resolutions is None else (denoised, feats)
-
-  def encode_text(self, tokens):
-    """Token ids [B, L] -> the text tower's last hidden state [B, L, C], float32."""
-    return self.text_encoder(tokens)[0]
-
-  def encode_images(self, images, rng):
-    """Images [B, H, W, 3] in [-1, 1] -> U-Net latents: a VAE posterior sample, scaled."""
-    mean, logvar = self.vae.encode(images)
-    z = sd_nets.sample_latent(rng, mean, logvar)
-    return to_unet_latents(z, self.scaling_factor, self.shift_factor)
-
-  def decode(self, latents):
-    """U-Net latents [B, h, w, C] -> images in about [-1, 1] [B, H, W, 3], float32."""
-    return self.vae.decode(to_vae_latents(latents, self.scaling_factor, self.shift_factor))
-
-
-def to_unet_latents(z, scaling_factor, shift_factor):
-  """VAE latents z -> the U-Net's latents (z - shift) * scale (SD 1.5: 0.18215, 0)."""
-  return (z - shift_factor) * scaling_factor
-
-
-def to_vae_latents(x, scaling_factor, shift_factor):
-  """The U-Net's latents -> VAE latents x / scale + shift (inverse of `to_unet_latents`)."""
-  return jnp.asarray(x, jnp.float32) / scaling_factor + shift_factor
-
-
-def unet_inputs(cond):
-  """(encoder_hidden_states, U-Net keyword inputs) of a conditioning: SD's context array,
-  or SDXL's pytree {'context', 'pooled', 'time_ids'} (`fdistill_jax.problems.t2i.sdxl_distill`)."""
-  if isinstance(cond, Mapping):
-    return cond["context"], {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
-  return cond, {}
+from fdistill_jax.pipelines import sd
 
 
 @dataclasses.dataclass(frozen=True)
 class TextConditioning:
-  """Text prompts as the engine's conditioning (`train.conditioning` interface).
+  """Text prompts as the engine's conditioning (`train.conditioning` interface), SD 1.x and SDXL.
 
   Batches of a text source hold 'captions' (strings; `host` tokenises them into
-  'tokens' [n, L] int32) and, for image-text sources, 'images' [n, H, W, 3] in
-  [-1, 1]. The generator is conditioned on the iteration's captions; the GAN's
-  real branch is (VAE latents of the images, their captions).
+  'tokens' [n, L] int32, and for SDXL 'tokens_2' with the second tokenizer) and,
+  for image-text sources, 'images' [n, H, W, 3] in [-1, 1]. The generator is
+  conditioned on the iteration's captions; the GAN's real branch is (VAE latents
+  of the images, their captions).
 
   Attributes:
-    teacher: the teacher `LatentDenoiser` (with text encoder and VAE).
+    teacher: the teacher `LatentDenoiser` (with text towers and VAE).
     image_shape: (H, W, 3) the source's images must have (the VAE maps them to
       the teacher's latents).
-    context_shape: (L, C) of the text embeddings.
+    context_shape: (L, C) of the text embeddings (SDXL: C1 + C2).
     empty_tokens: token ids of the empty prompt (the unconditional input).
     tokenizer: prompts -> [N, L] int32 ids (host side).
+    pooled_dim: SDXL: width of the pooled embedding (0 for SD 1.x).
+    time_ids: SDXL: the six micro-conditioning numbers of every example.
+    empty_tokens_2: SDXL: the second tokenizer's ids of the empty prompt.
+    tokenizer_2: SDXL: the second tokenizer (host side); None for SD 1.x.
   """
-  teacher: LatentDenoiser
+  teacher: sd.LatentDenoiser
   image_shape: tuple
   context_shape: tuple
   empty_tokens: tuple
   tokenizer: Any = dataclasses.field(compare=False, hash=False, repr=False, default=None)
+  pooled_dim: int = 0
+  time_ids: tuple = ()
+  empty_tokens_2: tuple = ()
+  tokenizer_2: Any = dataclasses.field(compare=False, hash=False, repr=False, default=None)
+
+  @property
+  def is_sdxl(self) -> bool:
+    return self.teacher.text_encoder_2 is not None
 
   def host(self, batch):
     batch = dict(batch)
-    captions = batch.pop("captions")
-    batch["tokens"] = np.asarray(self.tokenizer(list(captions)), np.int32)
+    captions = list(batch.pop("captions"))
+    batch["tokens"] = np.asarray(self.tokenizer(captions), np.int32)
+    if self.is_sdxl:
+      batch["tokens_2"] = np.asarray(self.tokenizer_2(captions), np.int32)
     return batch
 
   def check_source(self, source, config):
@@ -162,46 +110,61 @@ class TextConditioning:
       raise ValueError("A text-conditional teacher needs a source of captions "
                        f"(data.num_classes=0), not one with {source.num_classes} classes.")
 
+  def _time_ids(self, n):
+    return jnp.broadcast_to(jnp.asarray(self.time_ids, jnp.float32), (n, len(self.time_ids)))
+
+  def _tokens(self, batch):
+    return (batch["tokens"], batch["tokens_2"]) if self.is_sdxl else (batch["tokens"],)
+
+  def encode(self, teacher_vars, batch):
+    """The conditioning of a batch's token ids ('tokens'[, 'tokens_2']), inside jit."""
+    tokens = self._tokens(batch)
+    c = self.teacher.apply(teacher_vars, *tokens, method="encode_text")
+    return {**c, "time_ids": self._time_ids(tokens[0].shape[0])} if self.is_sdxl else c
+
   def draw(self, teacher_vars, key, indices, batch):
     del key, indices
-    return self.teacher.apply(teacher_vars, batch["tokens"], method="encode_text")
+    return self.encode(teacher_vars, batch)
 
   def real(self, teacher_vars, key, batch):
     if "images" not in batch:
       return None
     x = self.teacher.apply(teacher_vars, batch["images"], key, method="encode_images")
-    return x, self.teacher.apply(teacher_vars, batch["tokens"], method="encode_text")
+    return x, self.encode(teacher_vars, batch)
 
   def uncond(self, teacher_vars, c):
-    empty = jnp.asarray(self.empty_tokens, jnp.int32)[None]
-    e = self.teacher.apply(teacher_vars, empty, method="encode_text")
-    return jnp.broadcast_to(e.astype(c.dtype), c.shape)
+    empty = [jnp.asarray(self.empty_tokens, jnp.int32)[None]]
+    if self.is_sdxl:
+      empty.append(jnp.asarray(self.empty_tokens_2, jnp.int32)[None])
+    u = self.teacher.apply(teacher_vars, *empty, method="unconditional")
+    if not self.is_sdxl:
+      return jnp.broadcast_to(u.astype(c.dtype), c.shape)
+    return {k: c[k] if k == "time_ids" else jnp.broadcast_to(u[k].astype(c[k].dtype), c[k].shape)
+            for k in c}
 
   def dummy(self, n):
-    return jnp.zeros((n,) + tuple(self.context_shape), jnp.float32)
+    context = jnp.zeros((n,) + tuple(self.context_shape), jnp.float32)
+    if not self.is_sdxl:
+      return context
+    return {"context": context, "pooled": jnp.zeros((n, self.pooled_dim), jnp.float32),
+            "time_ids": self._time_ids(n)}
 
 
-def vae_factor(vae) -> int:
-  """Image pixels per latent pixel: 2^(number of VAE blocks - 1) (8 for SD)."""
-  return 2 ** (len(vae.block_out_channels) - 1)
-
-
-def random_params(module, seed=0):
-  """Random float32 parameters for a U-Net, text tower or VAE, drawn in numpy.
-
-  Parameter names are the reference's (`weight`, `bias`): kernels ~ N(0, 1 / fan_in),
-  token and position embeddings ~ N(0, 1), norm weights (1-D `weight`) ~ 1 + N(0, 0.05^2),
-  biases ~ N(0, 0.05^2); no zero or degenerate layer, so the text changes the U-Net's
-  output. Tests and smoke runs only.
-  """
-  from fdistill_jax.loaders import diffusers as names  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(seed)
-  def draw(path, leaf):
-    keys = [str(getattr(p, "key", p)) for p in path]
-    if len(leaf.shape) >= 2 and keys[-2].endswith(("token_embedding", "position_embedding")):
-      return rng.normal(size=leaf.shape)
-    if len(leaf.shape) >= 2:
-      return rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-    return (1.0 if keys[-1] == "weight" else 0.0) + rng.normal(0, 0.05, size=leaf.shape)
-  return jax.tree_util.tree_map_with_path(
-      lambda p, l: jnp.asarray(draw(p, l), jnp.float32), names.param_shapes(module))
+def text_conditioning(pipe: sd.Pipeline, resolution: int) -> TextConditioning:
+  """The engine's conditioning of `pipe`'s teacher (`pipe.module`) at `resolution` pixels."""
+  if pipe.tokenizer is None or (pipe.is_sdxl and pipe.tokenizer_2 is None):
+    what = "tokenizer/ or tokenizer_2/" if pipe.is_sdxl else "tokenizer/"
+    raise ValueError(f"The SD teacher has no tokenizer: the model folder lacks {what}; set "
+                     "--config.teacher.tokenizer=PATH/tokenizer.")
+  text = pipe.text_encoder.text_model
+  ids = lambda tok: tuple(int(t) for t in tok([""])[0])
+  kw = {}
+  if pipe.is_sdxl:
+    text_2 = pipe.text_encoder_2
+    kw = dict(pooled_dim=text_2.projection_dim,
+              time_ids=tuple(float(v) for v in sd.time_ids(1, resolution, resolution)[0]),
+              empty_tokens_2=ids(pipe.tokenizer_2), tokenizer_2=pipe.tokenizer_2)
+  width = text.hidden_size + (pipe.text_encoder_2.text_model.hidden_size if pipe.is_sdxl else 0)
+  return TextConditioning(pipe.module, image_shape=(resolution, resolution, 3),
+                          context_shape=(text.max_position_embeddings, width),
+                          empty_tokens=ids(pipe.tokenizer), tokenizer=pipe.tokenizer, **kw)

@@ -14,8 +14,8 @@ r"""Images from a text-to-image run: its one-step student and its frozen teacher
   schedule with SD 1.5's scheduler settings (steps_offset 1, final sigma_min),
   which SDXL's scheduler shares ('leading' spacing, steps_offset 1).
 
-SD 1.5 and SDXL runs alike: the run's conditioning (`TextConditioning`,
-`SDXLTextConditioning`) tokenises on the host, encodes the prompts (SDXL: both
+SD 1.5 and SDXL runs alike: the run's conditioning (`distill.TextConditioning`)
+tokenises on the host, encodes the prompts (SDXL: both
 towers, pooled text and size/crop numbers) and gives CFG's unconditional input.
 
 Prompts are tokenised on the host; the text tower runs inside the jitted
@@ -36,9 +36,9 @@ import jax.numpy as jnp
 from fdistill_jax.loaders import limits
 from fdistill_jax.data import pixels
 from fdistill_jax.pipelines import sampling as sampling_lib
-from fdistill_jax.pipelines import denoisers as denoiser_lib
-from fdistill_jax.problems.t2i import distill
+from fdistill_jax.pipelines import sd
 from fdistill_jax.pipelines import sd_sampling
+from fdistill_jax.problems.t2i import distill
 from fdistill_jax.train import checkpoint as ckpt_lib
 
 DEFAULT_BATCH = 16   # 512x512 images per jitted call: the VAE decoder's activations dominate
@@ -59,7 +59,7 @@ class T2IRun:
     teacher: the frozen teacher `LatentDenoiser` (U-Net, text tower, VAE).
     student: the generator architecture (`LatentDenoiser`, U-Net only).
     teacher_vars: the teacher's variables {'params': {'unet', 'text_encoder', 'vae'}}.
-    conditioning: the run's `TextConditioning` (SD 1.5) or `SDXLTextConditioning`:
+    conditioning: the run's `distill.TextConditioning` (SD 1.5 or SDXL):
       prompts -> token ids on the host (`host`), ids -> the U-Net's conditioning
       (`draw`), and CFG's unconditional input (`uncond`).
     latent_shape: (h, w, C) of the U-Net's latents.
@@ -67,8 +67,8 @@ class T2IRun:
     generator_params: the generator's parameters {'unet': ...}, or None.
     info: where the parameters came from (step, which, source).
   """
-  teacher: distill.LatentDenoiser
-  student: distill.LatentDenoiser
+  teacher: sd.LatentDenoiser
+  student: sd.LatentDenoiser
   teacher_vars: Any
   conditioning: distill.TextConditioning = dataclasses.field(repr=False)
   latent_shape: tuple
@@ -175,19 +175,14 @@ def student_batch_fn(run: T2IRun, num_per_prompt=1):
 
 
 def teacher_batch_fn(run: T2IRun, sigmas, cfg, num_per_prompt=1):
-  """Guided teacher images over `sigmas`; variables {'teacher', 'tokens'}. The unconditional
-  input is the conditioning's (`uncond`: SD 1.5 the empty prompt's embedding; SDXL base
-  zeros)."""
-  def fn(v, key, indices):
-    tv = {"params": v["teacher"]}
-    context, prompt = _context(run, tv, v["tokens"], indices, num_per_prompt)
-    uncond = run.conditioning.uncond(tv, jax.tree.map(lambda c: c[:1], context))
-    denoise = lambda x, sigma, c: run.teacher.apply(tv, x, sigma, c)
-    guided = denoiser_lib.cfg_denoiser(denoise, uncond, cfg)
-    noise = sampling_lib.sample_noise(key, indices, run.latent_shape)
-    latents = sd_sampling.euler_sample(guided, noise, sigmas, context)
-    return run.teacher.apply(tv, latents, method="decode"), prompt
-  return fn
+  """Guided teacher images over `sigmas` (`sd_sampling.guided_batch_fn`); variables
+  {'teacher', 'tokens'}. The unconditional input is the conditioning's (`uncond`: SD 1.5
+  the empty prompt's embedding; SDXL base zeros)."""
+  def encode(tv, tokens):
+    cond = run.conditioning.draw(tv, None, None, tokens)
+    return cond, run.conditioning.uncond(tv, jax.tree.map(lambda c: c[:1], cond))
+  return sd_sampling.guided_batch_fn(run.teacher, encode, sigmas, cfg, run.latent_shape,
+                                     num_per_prompt)
 
 
 class StudentSampler:
