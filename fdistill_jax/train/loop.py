@@ -207,7 +207,7 @@ def check_workdir(workdir, foreign_ok=True):
   except OSError as e:
     raise ValueError(f"--workdir={workdir} is not writable ({e.strerror}); choose a writable "
                      "location.") from None
-  if not foreign_ok:
+  if not foreign_ok and jax.process_index() == 0:   # the others may see process 0's files
     ckpt_lib.check_run_target(workdir)
   return workdir
 
