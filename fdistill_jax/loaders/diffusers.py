@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdistill_jax.train.teacher import ConversionError
+from fdistill_jax.loaders.errors import ConversionError
 from fdistill_jax.models import sd as sd_nets
 
 # The reference's list attributes (nn.ModuleList / nn.Sequential) whose items are indexed.

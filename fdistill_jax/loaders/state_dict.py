@@ -24,7 +24,7 @@ from typing import Iterable, Mapping, Optional
 import numpy as np
 
 from fdistill_jax.loaders import safe_pickle
-from fdistill_jax.train.teacher import ConversionError
+from fdistill_jax.loaders.errors import ConversionError
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit.
 

@@ -28,11 +28,10 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from fdistill_jax.train.teacher import ConversionError
+from fdistill_jax.loaders.errors import ConversionError
 from fdistill_jax.models import sd as sd_nets
 from fdistill_jax.loaders import sd_configs as configs
 from fdistill_jax.pipelines import denoisers as denoiser
-from fdistill_jax.problems.t2i import distill
 from fdistill_jax.loaders import ldm
 from fdistill_jax.loaders import diffusers as names
 from fdistill_jax.loaders import state_dict as weights
@@ -108,14 +107,24 @@ class Pipeline:
 
   def decode(self, latents, variables=None):
     """U-Net latents -> images in about [-1, 1] (NHWC, float32). Traceable."""
-    z = distill.to_vae_latents(latents, self.scaling_factor, self.shift_factor)
+    z = to_vae_latents(latents, self.scaling_factor, self.shift_factor)
     return self.vae.apply(variables or self.variables["vae"], z, method="decode")
 
   def encode(self, images, rng=None, variables=None):
     """Images in [-1, 1] -> U-Net latents: the posterior mean, or a sample when `rng` is given."""
     mean, logvar = self.vae.apply(variables or self.variables["vae"], images, method="encode")
     z = mean if rng is None else sd_nets.sample_latent(rng, mean, logvar)
-    return distill.to_unet_latents(z, self.scaling_factor, self.shift_factor)
+    return to_unet_latents(z, self.scaling_factor, self.shift_factor)
+
+
+def to_unet_latents(z, scaling_factor, shift_factor):
+  """VAE latents z -> the U-Net's latents (z - shift) * scale (SD 1.5: 0.18215, 0)."""
+  return (z - shift_factor) * scaling_factor
+
+
+def to_vae_latents(x, scaling_factor, shift_factor):
+  """The U-Net's latents -> VAE latents x / scale + shift (inverse of `to_unet_latents`)."""
+  return jnp.asarray(x, jnp.float32) / scaling_factor + shift_factor
 
 
 def folder_variables(folder, modules, variant, components=COMPONENTS,

@@ -41,7 +41,7 @@ from fdistill_jax.models import sd as sd_nets
 from fdistill_jax.loaders import sd_configs as configs
 from fdistill_jax.pipelines import denoisers as denoiser
 from fdistill_jax.pipelines import sd as pipeline
-from fdistill_jax.train.teacher import ConversionError
+from fdistill_jax.loaders.errors import ConversionError
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 WEIGHT_STEMS = {**pipeline.WEIGHT_STEMS, "text_encoder_2": ("model", "pytorch_model")}

@@ -9,7 +9,7 @@ plus the architecture the generator and the fake score copy (the *student*)
 and the parameters they start from. `spec` is a JSON description of the
 student (`{'kind': 'edm', 'arch': ...}` or `{'kind': 'toy', ...}`), written
 into the workdir so that a generator can be sampled and exported without the
-teacher; `student_from_spec` (in `registry`) rebuilds the module from it.
+teacher; `Registry.student_from_spec` (`train.registry`) rebuilds the module from it.
 """
 
 import dataclasses
@@ -19,11 +19,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class ConversionError(ValueError):
-  """A teacher file is not usable (wrong format, mismatched or hostile), or its converted
-  output cannot be written. The message names the file, the key or the field."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,6 +40,7 @@ import numpy as np
 
 from fdistill_jax.models import sd as sd_nets
 from fdistill_jax.pipelines import denoisers as denoiser
+from fdistill_jax.pipelines import sd as sd_pipeline
 
 
 class LatentDenoiser(nn.Module):
@@ -89,21 +90,12 @@ class LatentDenoiser(nn.Module):
     """Images [B, H, W, 3] in [-1, 1] -> U-Net latents: a VAE posterior sample, scaled."""
     mean, logvar = self.vae.encode(images)
     z = sd_nets.sample_latent(rng, mean, logvar)
-    return to_unet_latents(z, self.scaling_factor, self.shift_factor)
+    return sd_pipeline.to_unet_latents(z, self.scaling_factor, self.shift_factor)
 
   def decode(self, latents):
     """U-Net latents [B, h, w, C] -> images in about [-1, 1] [B, H, W, 3], float32."""
-    return self.vae.decode(to_vae_latents(latents, self.scaling_factor, self.shift_factor))
-
-
-def to_unet_latents(z, scaling_factor, shift_factor):
-  """VAE latents z -> the U-Net's latents (z - shift) * scale (SD 1.5: 0.18215, 0)."""
-  return (z - shift_factor) * scaling_factor
-
-
-def to_vae_latents(x, scaling_factor, shift_factor):
-  """The U-Net's latents -> VAE latents x / scale + shift (inverse of `to_unet_latents`)."""
-  return jnp.asarray(x, jnp.float32) / scaling_factor + shift_factor
+    return self.vae.decode(sd_pipeline.to_vae_latents(latents, self.scaling_factor,
+                                                      self.shift_factor))
 
 
 def unet_inputs(cond):
