@@ -334,3 +334,29 @@ def test_the_engine_names_no_problem():
   for path in files:
     said = [line for line in _code_lines(path) if "toy" in line.lower()]
     assert not said, (path, said)
+
+
+def test_merging_registries_refuses_a_duplicate_key():
+  from fdistill_jax.train import registry  # pylint: disable=g-import-not-at-top
+  a = registry.Registry(sources={"toy": len}, checks=(len,))
+  b = registry.Registry(sources={"digits": len}, evaluators={"toy": len})
+  merged = registry.merge(a, b)
+  assert sorted(merged.sources) == ["digits", "toy"] and merged.evaluators == {"toy": len}
+  assert merged.checks == (len,)
+  with pytest.raises(ValueError, match=r"both define sources \['toy'\]"):
+    registry.merge(a, registry.Registry(sources={"toy": abs}))
+
+
+def test_the_default_registry_has_every_kind_the_old_registries_had():
+  """The keys of TEACHERS, STUDENTS, SOURCES, EVALUATORS and TABLES before the plugins."""
+  from fdistill_jax import plugins  # pylint: disable=g-import-not-at-top
+  r = plugins.default_registry()
+  assert sorted(r.teachers) == ["edm", "init", "random", "sd15", "sd15_random", "sdxl",
+                                "sdxl_random", "toy"]
+  assert sorted(r.students) == ["edm", "sd15", "sdxl", "toy"]
+  assert sorted(r.sources) == ["captions", "digits", "edm", "memory", "tfds", "toy",
+                               "webdataset"]
+  assert sorted(r.evaluators) == ["digits", "fid", "grid", "t2i", "t2i_grid", "toy"]
+  assert sorted(r.tables) == ["digits", "toy"]
+  with pytest.raises(ValueError, match="Unknown problem 'nope'"):
+    plugins.registry(["nope"])
