@@ -159,7 +159,8 @@ def test_corrupt_latest_checkpoint_is_skipped(tmp_path, caplog):
 def test_incompatible_config_is_refused(tmp_path):
   run_in_process(tmp_path, **toy_overrides(2, 2))
   with pytest.raises(ValueError, match="divergence: checkpoint has 'js', config has 'fkl'"):
-    train.train_and_evaluate(small_toy("fkl", **toy_overrides(4, 2)), str(tmp_path), registry=REGISTRY)
+    train.train_and_evaluate(small_toy("fkl", **toy_overrides(4, 2)), str(tmp_path),
+                             registry=REGISTRY)
   with pytest.raises(ValueError, match="incompatible config"):
     train.train_and_evaluate(small_toy("js", **toy_overrides(4, 2), **{"disc.channels": 8}),
                              str(tmp_path), registry=REGISTRY)

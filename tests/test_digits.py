@@ -123,7 +123,7 @@ TINY_ARCH = dict(digits_config.ARCH, model_channels=16, channel_mult=[1], dropou
 
 
 def test_edm_loss_and_preconditioning_match_an_independent_computation():
-  """`train.denoiser_training.denoising_loss` = EDM's loss, recomputed here in float64 numpy from the raw
+  """`train.denoiser_training.denoising_loss` = EDM's loss, recomputed in float64 numpy from the raw
   U-Net output F: sigma = exp(P_mean + P_std n), D = c_skip y' + c_out F(c_in y'; log(sigma)/4),
   y' = y + sigma e, loss = mean_b lambda(sigma_b) mean_pixels (D - y)^2 with EDM's c_* and
   lambda (Karras et al. 2022, Table 1). Tolerance 1e-5 relative (float32 network)."""

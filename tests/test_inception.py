@@ -272,7 +272,8 @@ def reference(tmp_path_factory):
   # No real weights on this machine: random weights, stated in the test id output.
   net = random_torch_reference(torch_network_input(smooth_images(BATCH, 32, 32, 3), "pytorch_fid"))
   torch.save(net.state_dict(), path)
-  return "RANDOM weights (pytorch-fid-style torch reference)", net, inception_weights.load_variables(path)
+  return ("RANDOM weights (pytorch-fid-style torch reference)", net,
+          inception_weights.load_variables(path))
 
 
 _flax_net = jax.jit(lambda v, x: inception.InceptionV3().apply(v, x))

@@ -2,8 +2,9 @@
 
 The training loop builds the evaluators `config.eval.evaluators` names from
 the run's registry once (the generic ones below, `EVALUATORS`, and the
-problems' own, added by `fdistill_jax.plugins`), with an `EvalContext` (the run's static pieces), and calls
-each at its own period and after the last iteration. An evaluator receives
+problems' own, added by `fdistill_jax.plugins`), with an `EvalContext` (the
+run's static pieces), and calls each at its own period and after the last
+iteration. An evaluator receives
 `params` (a dict from the training method: for f-distill 'generator' = the
 weights sampling uses, the first EMA copy or the raw generator; 'raw', 'fake',
 'disc'; for EDM teacher training 'denoiser' and 'raw') and the step, returns
