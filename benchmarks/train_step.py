@@ -65,6 +65,7 @@ from benchmarks.report import write_report
 from configs import cifar10, imagenet64, sd15, tiny, toy2d
 from fdistill_jax import console
 from fdistill_jax.models import attention as attention_lib
+from fdistill_jax import plugins
 from fdistill_jax.models.edm import CIFAR10_ARCH
 from fdistill_jax.models.edm import IMAGENET64_ARCH
 from fdistill_jax.data import registry as data_registry
@@ -148,7 +149,7 @@ def _sd15_teacher(c, sd_configs):
 def make_source(config, kind):
   """In-memory uint8 images of the config's resolution, or the config's own source."""
   if kind == "config" or config.data.kind == "toy":
-    return data_registry.make_source(config.data)
+    return plugins.default_registry().source(config.data)
   d = config.data
   n = max(1024, 2 * config.batch_size)
   rng = np.random.default_rng(0)
@@ -241,7 +242,8 @@ def build(args, dtype):
                        None if args.remat == [] else int(args.remat[0]), args.sd_configs,
                        args.attention)
   start = time.perf_counter()     # teacher.kind='random': numpy-drawn weights, no compiled init
-  trainer = loop.build_trainer(config, make_source(config, args.data))
+  trainer = loop.build_trainer(config, make_source(config, args.data),
+                               registry=plugins.default_registry())
   jax.block_until_ready(trainer.state)
   return trainer, time.perf_counter() - start
 

@@ -166,7 +166,7 @@ def base_config():
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.eval = ml_collections.ConfigDict()
-  c.eval.evaluators = ("grid", "fid")  # fdistill_jax.train.evaluators.EVALUATORS keys
+  c.eval.evaluators = ("grid", "fid")  # registry evaluator names (fdistill_jax.plugins)
   c.eval.fid_every = 0                # >0: periodic FID (needs eval.inception and eval.ref)
   c.eval.num_samples = 10000
   c.eval.inception = ""

@@ -1,4 +1,7 @@
-r"""Runs an f-distill job: flags -> `train.loop.train_and_evaluate(config, workdir)`.
+r"""Runs an f-distill job: flags -> `train.loop.train_and_evaluate(config, workdir, registry)`.
+
+The registry (every problem's teachers, data sources and evaluators) comes from
+the composition root, `fdistill_jax.plugins.default_registry()`.
 
   python -m fdistill_jax.main --config=configs/toy2d.py:js --workdir=/tmp/toy_js
   python -m fdistill_jax.main --config=configs/imagenet64.py:js --workdir=DIR \
@@ -28,6 +31,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from fdistill_jax import config_lib  # noqa: E402
 from fdistill_jax import console  # noqa: E402
+from fdistill_jax import plugins  # noqa: E402
 from fdistill_jax.tools import cli  # noqa: E402
 from fdistill_jax.train import loop  # noqa: E402
 
@@ -113,7 +117,8 @@ def main(argv):
               jax.process_count(), jax.local_device_count(), jax.device_count(),
               jax.devices()[0].platform)
   try:
-    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, foreign_ok=False)
+    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, registry=plugins.default_registry(),
+                            foreign_ok=False)
   except loop.Preempted as e:
     console.say("%s", e)
     sys.exit(loop.PREEMPTED_EXIT_CODE)

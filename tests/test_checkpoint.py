@@ -20,9 +20,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from fdistill_jax import plugins
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax.train import loop as train
 from tests.test_train import REPO, small_toy
+
+REGISTRY = plugins.default_registry()   # every problem (fdistill_jax.plugins)
 
 TOY_FLAGS = ["--config.batch_size=16", "--config.toy.width=32",
              "--config.toy.depth=2", "--config.toy.fit_steps=20", "--config.toy.fit_batch=64",
@@ -91,7 +94,7 @@ def sigkill_after_first_checkpoint(cmd, workdir, max_delay, timeout=300):
 
 
 def run_in_process(workdir, **overrides):
-  return train.train_and_evaluate(small_toy("js", **overrides), str(workdir))
+  return train.train_and_evaluate(small_toy("js", **overrides), str(workdir), registry=REGISTRY)
 
 
 def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path):
@@ -145,7 +148,7 @@ def test_corrupt_latest_checkpoint_is_skipped(tmp_path, caplog):
       with open(os.path.join(root, name), "r+b") as f:
         f.truncate(max(0, os.path.getsize(os.path.join(root, name)) // 3))
   config = ml_collections.FrozenConfigDict(small_toy("js", **toy_overrides(4, 2)))
-  trainer = train.Trainer(config)
+  trainer = train.Trainer(config, registry=REGISTRY)
   mngr = ckpt_lib.manager(str(tmp_path), config)
   restored = ckpt_lib.restore_latest(mngr, ckpt_lib.abstract(trainer.state), config)
   warned = [r for r in caplog.records if "Metadata file does not exist" in r.getMessage()]
@@ -158,14 +161,15 @@ def test_corrupt_latest_checkpoint_is_skipped(tmp_path, caplog):
 def test_incompatible_config_is_refused(tmp_path, monkeypatch):
   """... before the teacher loads (for SD that takes minutes)."""
   run_in_process(tmp_path, **toy_overrides(2, 2))
-  def no_teacher(config):
+  def no_teacher(config, *unused):
     raise AssertionError(f"the teacher {config.teacher.kind} was loaded before the refusal")
   monkeypatch.setattr(train.runner, "load_teacher", no_teacher)
   with pytest.raises(ValueError, match="divergence: checkpoint has 'js', config has 'fkl'"):
-    train.train_and_evaluate(small_toy("fkl", **toy_overrides(4, 2)), str(tmp_path))
+    train.train_and_evaluate(small_toy("fkl", **toy_overrides(4, 2)), str(tmp_path),
+                             registry=REGISTRY)
   with pytest.raises(ValueError, match="incompatible config"):
     train.train_and_evaluate(small_toy("js", **toy_overrides(4, 2), **{"disc.channels": 8}),
-                             str(tmp_path))
+                             str(tmp_path), registry=REGISTRY)
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -235,7 +239,7 @@ def test_checkpoint_of_other_network_sizes_is_refused_not_skipped(tmp_path):
   toy trunk) must stop the run, not silently start afresh over good checkpoints."""
   run_in_process(tmp_path, **toy_overrides(2, 2))
   config = ml_collections.FrozenConfigDict(small_toy("js", **toy_overrides(4, 2)))
-  trainer = train.Trainer(config)
+  trainer = train.Trainer(config, registry=REGISTRY)
   abstract = ckpt_lib.abstract(trainer.state)
   bigger = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[:-1] + (a.shape[-1] + 1,)
                                                        if a.ndim else a.shape, a.dtype,

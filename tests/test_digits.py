@@ -25,9 +25,10 @@ from fdistill_jax.metrics import distances as metrics
 from fdistill_jax.metrics import weight_stats as weights
 from fdistill_jax.io import atomic
 from fdistill_jax.loaders import edm as edm_teachers
+from fdistill_jax.problems.image import teachers as image_teachers
 from fdistill_jax.tools import analysis
 from fdistill_jax.tools import digits_sweep
-from fdistill_jax.train import edm as edm_method
+from fdistill_jax.train import denoiser_training as edm_method
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "digits.py")
@@ -122,7 +123,7 @@ TINY_ARCH = dict(digits_config.ARCH, model_channels=16, channel_mult=[1], dropou
 
 
 def test_edm_loss_and_preconditioning_match_an_independent_computation():
-  """`train.edm.denoising_loss` = EDM's loss, recomputed here in float64 numpy from the raw
+  """`train.denoiser_training.denoising_loss` = EDM's loss, recomputed in float64 numpy from the raw
   U-Net output F: sigma = exp(P_mean + P_std n), D = c_skip y' + c_out F(c_in y'; log(sigma)/4),
   y' = y + sigma e, loss = mean_b lambda(sigma_b) mean_pixels (D - y)^2 with EDM's c_* and
   lambda (Karras et al. 2022, Table 1). Tolerance 1e-5 relative (float32 network)."""
@@ -176,14 +177,14 @@ def test_a_finished_teacher_workdir_is_a_teacher_path(tmp_path):
   edm_teachers.save_converted(edm_teachers.trained_teacher_dir(tmp_path), TINY_ARCH, variables)
   c = digits_config.get_config("js")
   c.teacher.path = str(tmp_path)
-  teacher = edm_teachers.teacher_from_config(c)
+  teacher = image_teachers.teacher_from_config(c)
   assert teacher.sample_shape == (8, 8, 1) and teacher.num_classes == 10
   for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(teacher.variables)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   c.teacher.path = str(tmp_path / "nothing")
   os.makedirs(c.teacher.path)
   with pytest.raises(ValueError, match="finished method='edm' run"):
-    edm_teachers.teacher_from_config(c)
+    image_teachers.teacher_from_config(c)
 
 
 def test_the_digits_sweep_chains_teacher_and_students(tmp_path, monkeypatch):
@@ -191,7 +192,8 @@ def test_the_digits_sweep_chains_teacher_and_students(tmp_path, monkeypatch):
   and writes every row of the table (floor, two teacher rows, students)."""
   calls = []
 
-  def fake_run(config, workdir):
+  def fake_run(config, workdir, registry):
+    assert registry.evaluators["digits"]       # the tool hands the engine every problem
     calls.append((config.method, config.divergence, config.teacher.path, config.seed,
                   config.loss.normalize_weight))
     row = lambda name, calls_, fd: {"name": name, "calls": calls_, "fd": fd, "precision": 0.9,

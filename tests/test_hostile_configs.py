@@ -10,7 +10,7 @@ from fdistill_jax.loaders import sd_configs
 from fdistill_jax.loaders import state_dict
 from fdistill_jax.pipelines import sd as sd_pipeline
 from fdistill_jax.train import checkpoint as ckpt_lib
-from fdistill_jax.train.teacher import ConversionError
+from fdistill_jax.loaders.errors import ConversionError
 
 
 @pytest.mark.parametrize("text, fragment", [

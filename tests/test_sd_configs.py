@@ -8,7 +8,7 @@ import sys
 import jax
 import pytest
 
-from fdistill_jax.train.teacher import ConversionError
+from fdistill_jax.loaders.errors import ConversionError
 from fdistill_jax.loaders import sd_configs as configs
 from fdistill_jax.loaders import diffusers as names
 from fdistill_jax.loaders import variables

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from fdistill_jax.train.teacher import ConversionError
+from fdistill_jax.loaders.errors import ConversionError
 from fdistill_jax.loaders import sd_configs as configs
 from fdistill_jax.loaders import ldm
 from fdistill_jax.loaders import diffusers as names

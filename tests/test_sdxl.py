@@ -18,7 +18,7 @@ import pytest
 from fdistill_jax.loaders import sd_configs as configs
 from fdistill_jax.pipelines import denoisers as denoiser
 from fdistill_jax.pipelines import sd as pipeline
-from fdistill_jax.train.teacher import ConversionError
+from fdistill_jax.loaders.errors import ConversionError
 from sd_helpers import FIXTURES, TINY_TEXT, TINY_VAE, TOL, nchw_to_nhwc, perturbed, read_config, rel_err, require_fixtures
 
 torch = pytest.importorskip("torch")

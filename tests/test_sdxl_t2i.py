@@ -19,13 +19,15 @@ import pytest
 from configs import sdxl as sdxl_config
 from fdistill_jax import config_lib
 from fdistill_jax import main as main_lib
+from fdistill_jax import plugins
 from fdistill_jax.problems.t2i import run_sampling
 from fdistill_jax.problems.t2i import distill
-from fdistill_jax.train import registry as teacher_registry
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax.train import warm_start
 import test_t2i
 from test_t2i import REPO, TOKENIZER, shards  # noqa: F401  (module fixture: tiny shards)
+
+REGISTRY = plugins.default_registry()   # every problem (fdistill_jax.plugins)
 
 
 tiny_config = functools.partial(test_t2i.tiny_config, config_module=sdxl_config)
@@ -48,7 +50,7 @@ def test_conditioning_is_a_pytree_with_a_zero_negative(shards):
   """host tokenises with both tokenizers; draw gives {'context', 'pooled', 'time_ids'} with the
   batch leading; the CFG negative zeros context and pooled and keeps time_ids."""
   c = ml_collections.FrozenConfigDict(tiny_config(**{"data.path": shards}))
-  teacher = teacher_registry.build(c)
+  teacher = REGISTRY.teacher(c)
   cond = teacher.conditioning
   batch = cond.host({"captions": ["a photo of a cat", "a dog"]})
   assert batch["tokens"].shape == batch["tokens_2"].shape == (2, 77)
@@ -63,7 +65,7 @@ def test_conditioning_is_a_pytree_with_a_zero_negative(shards):
   np.testing.assert_array_equal(uncond["time_ids"], drawn["time_ids"])
   assert jax.tree.structure(cond.dummy(3)) == jax.tree.structure(drawn)
   empty = ml_collections.FrozenConfigDict(tiny_config(**{"data.path": shards}))
-  no_zeros = teacher_registry.build(empty).conditioning
+  no_zeros = REGISTRY.teacher(empty).conditioning
   no_zeros = dataclasses.replace(  # the family's flag lives on the pipeline's module
       no_zeros, teacher=no_zeros.teacher.clone(force_zeros_for_empty_prompt=False))
   u = no_zeros.uncond(tv, drawn)
@@ -87,11 +89,11 @@ def test_sdxl_tiny_run_through_main(shards, tmp_path):
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
   spec = json.load(open(workdir / ckpt_lib.GENERATOR_SPEC))
   assert spec["kind"] == "sdxl" and spec["sample_shape"] == [8, 8, 4]
-  module, shape, _ = teacher_registry.student_from_spec(spec)
+  module, shape, _ = REGISTRY.student_from_spec(spec)
   assert shape == (8, 8, 4) and module.unet.addition_embed_type == "text_time"
   parts, step = warm_start.restore_parts(str(workdir))
   assert step == 2
-  start = jax.tree.leaves(teacher_registry.build(tiny_config()).student_params)
+  start = jax.tree.leaves(REGISTRY.teacher(tiny_config()).student_params)
   for name in ("gen", "fake"):
     now = jax.tree.leaves(parts[name])
     assert len(start) == len(now)
@@ -102,7 +104,7 @@ def test_sdxl_tiny_run_through_main(shards, tmp_path):
   assert os.path.isfile(workdir / ckpt_lib.SAMPLES / "t2i_step_0000002.png")
   # tools.sample's loader (the sampling itself is the grid's code path): an 'sdxl' run.
   assert run_sampling.is_t2i_run(str(workdir))
-  run = run_sampling.load_run(str(workdir))
+  run = run_sampling.load_run(str(workdir), registry=REGISTRY)
   assert isinstance(run.conditioning, distill.TextConditioning) and run.conditioning.is_sdxl
   assert set(run.tokenize(["a red car"])) == {"tokens", "tokens_2"}
   assert run.info["step"] == 2 and jax.tree.structure(run.generator_params) == \

@@ -1,10 +1,20 @@
-"""The package's shape: no import cycles, every module imports alone, the loss module
-needs only jax and numpy, and the engine names no problem.
+"""The package's layering rule, asserted on the source (docs/design.md, "Layering").
 
-The cycle check reads every `import` statement of the package (at any depth:
-an import inside a function is still a dependency) and looks for a cycle in
-that graph; the isolation check imports each module in a child of a fresh interpreter
-that has imported only third-party packages.
+Every check reads every `import` statement of the package by AST, at any depth
+(an import inside a function is still a dependency):
+
+* `divergences` and `losses` import only jax, numpy, the standard library and
+  each other;
+* `models/` (Flax modules only) imports no `loaders`, `train` or `problems`;
+* the engine (`train/`, `data/`, `metrics/`, `pipelines/`, `models/`, `loaders/`,
+  `io/` and the top-level library modules) imports no module of `problems/`;
+  outside `problems/` only the composition root `fdistill_jax.plugins` and the
+  problem-specific tools do, and no problem imports another;
+* `loaders/` imports no `train`;
+* no import cycle between modules, nor between sub-packages;
+* every module imports alone in a fresh interpreter;
+* a registry of the toy alone (and the engine's loop) loads no Stable Diffusion
+  module, no `transformers`, `tokenizers` or `torch` (a subprocess).
 """
 
 import ast
@@ -28,18 +38,41 @@ def module_name(path):
 MODULES = sorted(module_name(p) for p in PACKAGE.rglob("*.py"))
 
 
-def imported_modules(path):
-  """fdistill_jax modules a file imports (`import a.b`, `from a import b`, at any depth)."""
-  known = set(MODULES)
+def all_imports(path):
+  """Every dotted name a file imports (`import a.b` -> a.b; `from a import b` -> a and
+  a.b), at any depth. Relative imports are refused: the house style spells them out."""
   out = set()
   for node in ast.walk(ast.parse(path.read_text())):
     if isinstance(node, ast.Import):
-      names = [a.name for a in node.names]
-    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-      names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-    else:
-      continue
-    out |= {n for n in names if n in known}
+      out |= {a.name for a in node.names}
+    elif isinstance(node, ast.ImportFrom):
+      assert node.level == 0 and node.module, f"{path}:{node.lineno}: relative import"
+      out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+  return out
+
+
+def imported_modules(path):
+  """fdistill_jax modules a file imports (`import a.b`, `from a import b`, at any depth)."""
+  return all_imports(path) & set(MODULES)
+
+
+def module_path(name):
+  path = REPO.joinpath(*name.split("."))
+  return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+def modules_under(*prefixes):
+  return [m for m in MODULES if any(m == p or m.startswith(p + ".") for p in prefixes)]
+
+
+def offending(modules, forbidden):
+  """{module: sorted imports of it that start with one of `forbidden`}, only non-empty ones."""
+  out = {}
+  for m in modules:
+    bad = {d for d in all_imports(module_path(m))
+           if any(d == f or d.startswith(f + ".") for f in forbidden)}
+    if bad:
+      out[m] = sorted(bad)
   return out
 
 
@@ -87,6 +120,127 @@ def test_find_cycle_finds_a_cycle():
 
 def test_no_import_cycles():
   assert find_cycle(import_graph()) is None
+
+
+def package_of(module):
+  """The node of the package graph: fdistill_jax.X for a sub-package or top-level module,
+  fdistill_jax.problems.NAME for a problem."""
+  parts = module.split(".")
+  return ".".join(parts[:3] if parts[1:2] == ["problems"] and len(parts) > 2 else parts[:2])
+
+
+def package_graph():
+  """sub-package -> sub-packages its modules import (the package root left out)."""
+  graph = {}
+  for m in MODULES:
+    if m == "fdistill_jax":
+      continue
+    deps = {package_of(d) for d in imported_modules(module_path(m)) if d != "fdistill_jax"}
+    graph.setdefault(package_of(m), set()).update(deps - {package_of(m)})
+  return graph
+
+
+def test_no_import_cycles_between_packages():
+  """The sub-packages form a layered graph: no two import each other, even through others
+  (the engine and the problems used to form one strongly connected component)."""
+  graph = package_graph()
+  assert find_cycle(graph) is None, find_cycle(graph)
+  assert {"fdistill_jax.train", "fdistill_jax.problems.toy", "fdistill_jax.plugins"} <= set(graph)
+
+
+def test_the_layering_checks_see_a_lazy_import(tmp_path):
+  """The AST reading finds an import inside a function, so a lazy import cannot hide."""
+  path = tmp_path / "m.py"
+  path.write_text("def f():\n  from fdistill_jax.problems.toy import problem\n  return problem\n")
+  assert "fdistill_jax.problems.toy.problem" in all_imports(path)
+
+
+STDLIB = set(sys.stdlib_module_names) | {"__future__"}
+
+
+@pytest.mark.parametrize("module", ["fdistill_jax.divergences", "fdistill_jax.losses"])
+def test_the_loss_library_imports_only_jax_numpy_and_the_stdlib(module):
+  allowed = STDLIB | {"jax", "numpy", "fdistill_jax", "fdistill_jax.divergences",
+                      "fdistill_jax.losses"}
+  bad = {d for d in all_imports(module_path(module))
+         if d.split(".")[0] not in allowed and d not in allowed
+         and not d.startswith(("fdistill_jax.divergences.", "fdistill_jax.losses."))}
+  assert not bad, (module, sorted(bad))
+
+
+def test_models_import_no_loaders_train_or_problems():
+  """models/ holds Flax modules only: reading files and training are layers above."""
+  models = modules_under("fdistill_jax.models")
+  assert len(models) >= 10
+  assert not offending(models, ["fdistill_jax.loaders", "fdistill_jax.train",
+                                "fdistill_jax.problems", "fdistill_jax.plugins"])
+
+
+ENGINE_PACKAGES = ["fdistill_jax.train", "fdistill_jax.data", "fdistill_jax.metrics",
+                   "fdistill_jax.pipelines", "fdistill_jax.models", "fdistill_jax.loaders",
+                   "fdistill_jax.io", "fdistill_jax.divergences", "fdistill_jax.losses",
+                   "fdistill_jax.console", "fdistill_jax.config_lib"]
+
+
+def test_the_engine_imports_no_problem():
+  """The engine reaches the problems only through the registry it is handed."""
+  engine = modules_under(*ENGINE_PACKAGES)
+  assert len(engine) >= 60
+  assert not offending(engine, ["fdistill_jax.problems", "fdistill_jax.plugins"])
+
+
+def test_only_the_composition_root_and_tools_import_the_problems():
+  """Outside problems/, `fdistill_jax.plugins` imports every problem; a problem-specific
+  tool may import its problem's helpers; `main` takes the registry from the root."""
+  outside = [m for m in MODULES if not m.startswith("fdistill_jax.problems")]
+  importers = set(offending(outside, ["fdistill_jax.problems"]))
+  assert "fdistill_jax.plugins" in importers
+  assert importers - {"fdistill_jax.plugins"} <= set(modules_under("fdistill_jax.tools")), (
+      sorted(importers))
+
+
+def test_no_problem_imports_another():
+  """Each problem is a plugin on its own: it imports the engine, never another problem."""
+  names = sorted({m.split(".")[2] for m in MODULES
+                  if m.startswith("fdistill_jax.problems.")})
+  assert {"image", "toy", "digits", "t2i"} <= set(names)
+  for name in names:
+    own = modules_under(f"fdistill_jax.problems.{name}")
+    others = [f"fdistill_jax.problems.{n}" for n in names if n != name] + [
+        "fdistill_jax.plugins"]
+    assert not offending(own, others), name
+    assert f"fdistill_jax.problems.{name}.plugin" in own, f"problems/{name} has no plugin.py"
+
+
+def test_loaders_import_no_train():
+  """Reading untrusted files needs no engine (`loaders.errors` holds their error types)."""
+  assert not offending(modules_under("fdistill_jax.loaders"), ["fdistill_jax.train"])
+
+
+# The toy-only registry must not load these (Stable Diffusion code and its dependencies).
+HEAVY = ["fdistill_jax.problems.t2i", "fdistill_jax.models.sd", "fdistill_jax.loaders.diffusers",
+         "transformers", "tokenizers", "torch"]
+TOY_ONLY = f"""
+import json, sys
+import fdistill_jax.train.loop
+from fdistill_jax import plugins
+registry = plugins.registry(["toy"])
+assert registry.teachers["toy"] and registry.sources["toy"] and registry.evaluators["toy"]
+heavy = {HEAVY!r}
+print(json.dumps(sorted(m for m in sys.modules
+                        if any(m == h or m.startswith(h + ".") for h in heavy))))
+"""
+
+
+def test_a_toy_only_registry_loads_no_stable_diffusion():
+  """The engine's loop plus a registry of the toy alone import no module of problems.t2i,
+  models.sd or loaders.diffusers, and neither transformers, tokenizers nor torch."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_ENABLE_ONEDNN_OPTS": "0",
+         "PYTHONPATH": str(REPO)}
+  result = subprocess.run([sys.executable, "-c", TOY_ONLY], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout[-3000:]
 
 
 # Third-party packages every child finds already imported (the check is about the package's
@@ -172,12 +326,37 @@ def _code_lines(path):
 
 
 def test_the_engine_names_no_problem():
-  """The loop, main and the generic evaluation reach problems only through registries:
-  they import nothing from fdistill_jax.problems.toy and their code never says 'toy'."""
+  """The loop, main and the generic evaluation never say 'toy' in their code (the imports
+  are `test_the_engine_imports_no_problem`)."""
   files = [p for entry in ENGINE for p in ((REPO / entry).rglob("*.py") if (REPO / entry).is_dir()
                                            else [REPO / entry])]
   assert len(files) >= 8
   for path in files:
-    assert not {d for d in imported_modules(path) if d.startswith("fdistill_jax.problems.toy")}, path
     said = [line for line in _code_lines(path) if "toy" in line.lower()]
     assert not said, (path, said)
+
+
+def test_merging_registries_refuses_a_duplicate_key():
+  from fdistill_jax.train import registry  # pylint: disable=g-import-not-at-top
+  a = registry.Registry(sources={"toy": len}, checks=(len,))
+  b = registry.Registry(sources={"digits": len}, evaluators={"toy": len})
+  merged = registry.merge(a, b)
+  assert sorted(merged.sources) == ["digits", "toy"] and merged.evaluators == {"toy": len}
+  assert merged.checks == (len,)
+  with pytest.raises(ValueError, match=r"both define sources \['toy'\]"):
+    registry.merge(a, registry.Registry(sources={"toy": abs}))
+
+
+def test_the_default_registry_has_every_kind_the_old_registries_had():
+  """The keys of TEACHERS, STUDENTS, SOURCES, EVALUATORS and TABLES before the plugins."""
+  from fdistill_jax import plugins  # pylint: disable=g-import-not-at-top
+  r = plugins.default_registry()
+  assert sorted(r.teachers) == ["edm", "init", "random", "sd15", "sd15_random", "sdxl",
+                                "sdxl_random", "toy"]
+  assert sorted(r.students) == ["edm", "sd15", "sdxl", "toy"]
+  assert sorted(r.sources) == ["captions", "digits", "edm", "memory", "tfds", "toy",
+                               "webdataset"]
+  assert sorted(r.evaluators) == ["digits", "fid", "grid", "t2i", "t2i_grid", "toy"]
+  assert sorted(r.tables) == ["digits", "toy"]
+  with pytest.raises(ValueError, match="Unknown problem 'nope'"):
+    plugins.registry(["nope"])

@@ -4,6 +4,7 @@ Most tests replace the training run by a stub that records its config and writes
 the files a toy run writes; one runs a real (tiny) sweep end to end.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import re
 import numpy as np
 import pytest
 
+from fdistill_jax import plugins
 from fdistill_jax.io import atomic
 from fdistill_jax.tools import cli
 from fdistill_jax.tools import sweep
@@ -21,7 +23,7 @@ TOY = os.path.join(REPO, "configs", "toy2d.py")
 SMALL = [("toy.width", 32), ("toy.depth", 2), ("toy.fit_steps", 20), ("toy.fit_batch", 64),
          ("batch_size", 16), ("disc.resolutions", (0, 1)), ("disc.channels", 16),
          ("total_steps", 4), ("fake_score_update_freq", 2), ("checkpoint_every", 0)]
-REFERENCE = sweep.TABLES["toy"].reference_name   # the exact teacher's row, first
+REFERENCE = plugins.default_registry().tables["toy"].reference_name   # exact teacher, first
 
 
 class Recorder:
@@ -29,14 +31,17 @@ class Recorder:
 
   def __init__(self, monkeypatch):
     self.teachers, self.runs = [], []
-    monkeypatch.setattr(sweep.teacher_registry, "build", self.build)
+    real = plugins.default_registry()
+    fake = dataclasses.replace(real, teachers={**real.teachers, "toy": self.build})
+    monkeypatch.setattr(sweep.plugins, "default_registry", lambda: fake)
     monkeypatch.setattr(sweep.loop, "train_and_evaluate", self.train)
 
   def build(self, config):
     self.teachers.append((config.seed, config.toy.fit_seed))
     return f"teacher{len(self.teachers)}"
 
-  def train(self, config, workdir, teacher=None):
+  def train(self, config, workdir, registry, teacher=None):
+    assert registry.teachers["toy"] == self.build
     self.runs.append((config, workdir, teacher))
     rng = np.random.default_rng(len(self.runs))
     final = {"modes_covered": 5 + len(self.runs), "num_modes": 10, "forward_kl": 0.5,

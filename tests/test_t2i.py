@@ -29,10 +29,10 @@ from conftest import SHARED_FIXTURES
 from fdistill_jax import config_lib
 from fdistill_jax import losses
 from fdistill_jax import main as main_lib
+from fdistill_jax import plugins
 from fdistill_jax.data import registry as data_registry
 from fdistill_jax.data import webdataset
 from fdistill_jax.pipelines import denoisers as sd_denoiser
-from fdistill_jax.train import registry as teacher_registry
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax.train import loop as train
 from fdistill_jax.train import steps
@@ -41,6 +41,8 @@ from tests.test_checkpoint import assert_trees_equal
 from tests.test_checkpoint import saved_state
 from tests.test_checkpoint import saved_steps
 from tests.test_checkpoint import sigkill_after_first_checkpoint
+
+REGISTRY = plugins.default_registry()   # every problem (fdistill_jax.plugins)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = SHARED_FIXTURES / "sd15" / "tokenizer"
@@ -137,7 +139,7 @@ def test_sd15_run_through_main_trains_all_three_networks(run8):
   assert spec["kind"] == "sd15" and spec["sample_shape"] == [8, 8, 4]
   parts, step = warm_start.restore_parts(run8)
   assert step == 4
-  start = jax.tree.leaves(teacher_registry.build(tiny_config()).student_params)
+  start = jax.tree.leaves(REGISTRY.teacher(tiny_config()).student_params)
   for name in ("gen", "fake"):        # both started from the teacher U-Net and moved
     now = jax.tree.leaves(parts[name])
     assert len(start) == len(now)
@@ -154,7 +156,7 @@ def test_one_device_and_eight_devices_agree(run8, shards, tmp_path):
   """
   c = ml_collections.FrozenConfigDict(tiny_config(**{"data.path": shards,
                                                     "sample_every": 0}))  # no grid to compile
-  trainer = train.Trainer(c, devices=jax.devices()[:1])
+  trainer = train.Trainer(c, devices=jax.devices()[:1], registry=REGISTRY)
   assert trainer.mesh.devices.size == 1
   train.run(trainer, str(tmp_path))
   one = jax.device_get(trainer.state)
@@ -169,7 +171,7 @@ def test_warm_start_restores_exactly_the_named_parts(run8, shards, tmp_path, mon
   """init_from: generator, fake score and heads from the run; step, optimiser states,
   EMA (= the loaded generator) and the stage-1 running mean start afresh."""
   c = tiny_config(**{"data.path": shards, "init_from": run8})
-  trainer = train.build_trainer(c)
+  trainer = train.build_trainer(c, registry=REGISTRY)
   fresh = jax.device_get(trainer.state)
   seen = {}
   monkeypatch.setattr(train, "_loop", lambda t, *a: seen.setdefault("state", t.state))
@@ -192,7 +194,7 @@ def test_warm_start_restores_exactly_the_named_parts(run8, shards, tmp_path, mon
 
 def test_warm_start_refuses_a_run_of_other_networks(run8, shards):
   c = tiny_config(**{"data.path": shards, "disc.resolutions": (8,)})
-  trainer = train.build_trainer(c)
+  trainer = train.build_trainer(c, registry=REGISTRY)
   with pytest.raises(ckpt_lib.CheckpointError, match="'disc' does not fit"):
     warm_start.warm_start(trainer.state, run8)
   with pytest.raises(ckpt_lib.CheckpointError, match="not a directory"):
@@ -243,7 +245,7 @@ def test_variants_run_an_iteration_through_main(shards, tmp_path):
   from tests.test_train import read_scalars  # pylint: disable=g-import-not-at-top
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("a dog\na red car\nan astronaut riding a horse\n")
-  start = jax.tree.leaves(teacher_registry.build(tiny_config()).student_params)
+  start = jax.tree.leaves(REGISTRY.teacher(tiny_config()).student_params)
   for variant, data, trained in VARIANTS:
     workdir = tmp_path / variant.replace(",", "_")
     extra = ["--config.total_steps=1", "--config.fake_score_update_freq=1"]
@@ -284,7 +286,7 @@ def test_generator_gradient_is_the_vjp_of_eq4_with_the_cfg_teacher(shards):
   """
   c = ml_collections.FrozenConfigDict(tiny_config(**{
       "data.path": shards, "loss.gan_weight": 0.0, "divergence": "fkl", "loss.cfg_weight": 3.0}))
-  trainer = train.Trainer(c, devices=jax.devices()[:1])
+  trainer = train.Trainer(c, devices=jax.devices()[:1], registry=REGISTRY)
   m, st, tv = trainer.models, trainer.state, trainer.teacher_vars
   noise = np.random.default_rng(0)      # a fake score away from the teacher: D_fake - D_teacher
   st = st.replace(fake=jax.tree.map(    # is then O(1), not float noise
@@ -428,7 +430,7 @@ def test_captions_only_source_needs_rkl_without_gan(tmp_path):
   (tmp_path / "p.txt").write_text("a dog\n")
   c = tiny_config(**{"data.kind": "captions", "data.path": str(tmp_path / "p.txt")})
   with pytest.raises(ValueError, match="rkl,no_gan"):
-    train.build_trainer(c)
+    train.build_trainer(c, registry=REGISTRY)
 
 
 def test_captions_only_rkl_run_leaves_the_discriminator_alone(tmp_path):
@@ -437,7 +439,7 @@ def test_captions_only_rkl_run_leaves_the_discriminator_alone(tmp_path):
   (tmp_path / "p.txt").write_text("a dog\na red car\nan astronaut riding a horse\n")
   c = ml_collections.FrozenConfigDict(tiny_config("rkl,no_gan,tiny", **{
       "data.kind": "captions", "data.path": str(tmp_path / "p.txt")}))
-  trainer = train.Trainer(c, devices=jax.devices()[:1])
+  trainer = train.Trainer(c, devices=jax.devices()[:1], registry=REGISTRY)
   data = trainer.models.conditioning.host(trainer.source.batch(0, global_batch_size=8))
   assert set(data) == {"tokens"} and data["tokens"].shape == (8, 77)
   kw = dict(models=trainer.models, optimizers=trainer.optimizers, config=c)

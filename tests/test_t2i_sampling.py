@@ -14,6 +14,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from fdistill_jax import plugins
 from fdistill_jax.loaders import sd_configs
 from fdistill_jax.pipelines import denoisers as denoiser_lib
 from fdistill_jax.problems.t2i import grid as sd_grid
@@ -26,12 +27,14 @@ from fdistill_jax.train import checkpoint as ckpt_lib
 from test_t2i import run8, shards  # noqa: F401  (module fixtures: the shared tiny run)
 from test_t2i_metrics import _features, clip_folders  # noqa: F401  (stand-in Inception, tiny CLIP)
 
+REGISTRY = plugins.default_registry()   # every problem (fdistill_jax.plugins)
+
 PROMPTS = ["a photo of a cat", "two dogs playing in the snow", "a red car"]
 
 
 @pytest.fixture(scope="module")
 def run(run8):  # noqa: F811
-  return run_sampling.load_run(run8)
+  return run_sampling.load_run(run8, registry=REGISTRY)
 
 
 def run_sample(args):
@@ -42,7 +45,7 @@ def test_load_run_reads_the_runs_ema_generator_and_teacher(run, run8):  # noqa: 
   assert run.info["step"] == 4 and run.info["which"] == "ema:0"
   assert run.latent_shape == (8, 8, 4) and run.sigma_init == pytest.approx(14.6146)
   assert set(run.teacher_vars["params"]) == {"unet", "text_encoder", "vae"}
-  raw = run_sampling.load_run(run8, which="raw")
+  raw = run_sampling.load_run(run8, which="raw", registry=REGISTRY)
   gap = max(float(np.abs(a - b).max()) for a, b in zip(
       jax.tree.leaves(run.generator_params), jax.tree.leaves(raw.generator_params)))
   assert gap > 0                                # EMA (decay 0.9) is not the raw generator
@@ -183,12 +186,11 @@ def _eval_context(run8, **eval_fields):  # noqa: F811
   """What the 't2i' evaluator reads of an EvalContext, for the run's networks."""
   import types  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from fdistill_jax.train import registry  # pylint: disable=g-import-not-at-top
   from fdistill_jax.train import models as models_lib  # pylint: disable=g-import-not-at-top
   with open(os.path.join(run8, ckpt_lib.CONFIG_FILE)) as f:
     config = ml_collections.ConfigDict(json.load(f))
   config.eval.update(eval_fields)
-  teacher = registry.build(config)
+  teacher = REGISTRY.teacher(config)
   return types.SimpleNamespace(config=config, models=models_lib.from_teacher(teacher, config.disc),
                                teacher_vars=teacher.variables, devices=tuple(jax.devices()))
 

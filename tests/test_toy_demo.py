@@ -14,8 +14,11 @@ import pytest
 
 from configs import toy2d
 from fdistill_jax import config_lib
+from fdistill_jax import plugins
 from fdistill_jax.problems.toy import report
 from fdistill_jax.train import loop
+
+REGISTRY = plugins.default_registry()   # every problem (fdistill_jax.plugins)
 
 
 def short_config(divergence):
@@ -31,7 +34,7 @@ def short_config(divergence):
 @pytest.mark.parametrize("divergence", config_lib.DIVERGENCES)
 def test_short_run_improves_the_divergence(divergence, tmp_path, monkeypatch):
   monkeypatch.setattr(report, "NUM_EVAL_SAMPLES", 1024)
-  loop.train_and_evaluate(short_config(divergence), str(tmp_path))
+  loop.train_and_evaluate(short_config(divergence), str(tmp_path), registry=REGISTRY)
   with open(tmp_path / "metrics.json") as f:
     metrics = json.load(f)
   assert metrics["divergence"] == divergence and metrics["steps"] == 400

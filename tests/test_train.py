@@ -23,12 +23,15 @@ from configs import tiny, toy2d
 from fdistill_jax import config_lib
 from fdistill_jax import losses
 from fdistill_jax import main as main_lib
+from fdistill_jax import plugins
 from fdistill_jax.data import registry as data_registry
 from fdistill_jax.train import evaluators
 from fdistill_jax.metrics import fid as fid_lib
 from fdistill_jax.metrics import distances as metrics
 from fdistill_jax.train import loop as train
 from fdistill_jax.train import steps
+
+REGISTRY = plugins.default_registry()   # every problem (fdistill_jax.plugins)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,7 +97,7 @@ def test_every_metric_reaches_tensorboard_with_a_sparse_log_period(tmp_path):
   values are means since the last log, so generator and f-distill statistics appear
   at every logged step (not only when a log step happens to be a generator step)."""
   c = small_toy("js", total_steps=8, fake_score_update_freq=3, log_every=4)
-  train.train_and_evaluate(c, str(tmp_path))
+  train.train_and_evaluate(c, str(tmp_path), registry=REGISTRY)
   scalars = read_scalars(tmp_path)
   for tag in ("gen/loss", "gen/fdistill_loss", "gen/grad_norm", "fdistill/h_mean",
               "fake/loss", "disc/loss", "lr/gen", "lr/fake"):
@@ -112,7 +115,7 @@ def test_every_generator_metric_reaches_tensorboard_with_the_shipped_log_period(
   c = small_toy("js", total_steps=200, log_every=shipped.log_every,
                 fake_score_update_freq=shipped.fake_score_update_freq)
   c.eval.evaluators = ()
-  train.train_and_evaluate(c, str(tmp_path))
+  train.train_and_evaluate(c, str(tmp_path), registry=REGISTRY)
   scalars = read_scalars(tmp_path)
   tags = sorted(t for t in scalars if t.startswith(("gen/", "fdistill/")))
   for tag in ("gen/loss", "gen/fdistill_loss", "gen/gan_loss", "gen/grad_norm",
@@ -169,7 +172,7 @@ def test_console_shows_progress_only_and_the_log_file_keeps_the_rest(tmp_path):
 
 def run_on(config, devices, source=None):
   config = ml_collections.FrozenConfigDict(config)
-  trainer = train.Trainer(config, source, devices=devices)
+  trainer = train.Trainer(config, source, devices=devices, registry=REGISTRY)
   for step in range(config.total_steps):
     local = trainer.source.batch(step, global_batch_size=config.batch_size)
     trainer.iteration(step, trainer.to_global(local))
@@ -210,7 +213,7 @@ def test_tiny_image_run_keeps_teacher_unchanged(tmp_path):
   c.total_steps, c.checkpoint_every = 2, 0
   c.loss.r1_gamma = 0.0      # R1 is covered on the toy; its double backward is slow to compile
   src = memory_source()
-  trainer = train.build_trainer(c, src)
+  trainer = train.build_trainer(c, src, registry=REGISTRY)
   teacher_before = jax.tree.map(np.array, jax.device_get(trainer.teacher_vars))
   gen0 = jax.tree.map(np.array, jax.device_get(trainer.state.gen))
   fake0 = jax.tree.map(np.array, jax.device_get(trainer.state.fake))
@@ -229,7 +232,7 @@ def test_generator_gradient_flows_only_through_x():
   teacher, the fake score and the log ratio as constants (the paper's sg):
   no gradient may leak through D_teacher(x_t), D_fake(x_t) or the discriminator."""
   c = ml_collections.FrozenConfigDict(small_toy("fkl", **{"loss.gan_weight": 0.0}))
-  trainer = train.Trainer(c, None, devices=jax.devices()[:1])
+  trainer = train.Trainer(c, None, devices=jax.devices()[:1], registry=REGISTRY)
   m, st, tv = trainer.models, trainer.state, trainer.teacher_vars
   rng = jax.random.PRNGKey(3)
   grads, _ = jax.grad(steps.generator_loss, has_aux=True)(
@@ -269,7 +272,7 @@ def test_generator_gradient_flows_only_through_x():
 ])
 def test_bad_config_fails_before_training(override, message):
   with pytest.raises(ValueError, match=message):
-    train.build_trainer(small_toy("js", **override))
+    train.build_trainer(small_toy("js", **override), registry=REGISTRY)
 
 
 def test_config_variants_and_unknown_keys(tmp_path):
@@ -299,7 +302,7 @@ def test_periodic_fid(tmp_path):
   c = tiny.get_config("js")
   c.total_steps, c.checkpoint_every, c.loss.r1_gamma = 1, 0, 0.0
   c.eval.update(fid_every=1, num_samples=16, inception="random", ref=str(other))
-  trainer = train.build_trainer(c, memory_source())
+  trainer = train.build_trainer(c, memory_source(), registry=REGISTRY)
   train.run(trainer, str(tmp_path / "run"))               # logs eval/fid at step 1
   ctx = evaluators.EvalContext(
       config=trainer.config, workdir=str(tmp_path), models=trainer.models,
@@ -326,4 +329,4 @@ def test_ncsnpp_teacher_with_fourier_buffers_is_refused_clearly():
   c.teacher.arch.update(embedding_type="fourier", encoder_type="residual",
                         decoder_type="skip", channel_mult_noise=2, resample_filter=[1, 3, 3, 1])
   with pytest.raises(ValueError, match="not supported yet"):
-    train.build_trainer(c, memory_source())
+    train.build_trainer(c, memory_source(), registry=REGISTRY)

@@ -7,17 +7,16 @@ seen. The example order is a fresh permutation of the dataset per epoch, drawn
 from (seed, epoch); global batch `step` takes positions
 [step * B, (step + 1) * B) of the concatenated epochs (`example_indices`).
 
-Sources are built from `config.data` by `fdistill_jax.data.registry.make_source`,
-which dispatches on `kind` through the `SOURCES` registry, seven kinds: 'tfds',
-'edm' and 'memory' (image sources), 'toy' and 'digits' (the problems' own, in
-`problems/toy` and `problems/digits`), and the text sources 'webdataset' and
-'captions' of `data.webdataset`, whose batches carry captions instead of labels.
-This module holds what every source shares: the example order, the checks,
-`IndexedSource`, the in-memory source and `Prefetcher`.
+Sources are built from `config.data` by the run's registry, which dispatches on
+`kind`: the generic kinds of `fdistill_jax.data.registry.SOURCES` ('tfds', 'edm',
+'memory', and the text sources 'webdataset' and 'captions' of `data.webdataset`,
+whose batches carry captions instead of labels) and the problems' own ('toy',
+'digits'). This module holds what every source shares: the example order, the
+checks, `IndexedSource`, the in-memory source and `Prefetcher`.
 
 Config fields (`config.data`):
-  kind: str, required. A key of `registry.SOURCES`: 'tfds', 'edm', 'memory', 'toy',
-    'digits', 'webdataset', 'captions' (the fields of the last two: data.webdataset).
+  kind: str, required. 'tfds', 'edm', 'memory', 'webdataset', 'captions', or a
+    problem's kind ('toy', 'digits').
   resolution: int, required. Image height and width; data of another size is
     refused.
   channels: int, default 3. Image channels; data with others is refused.

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fdistill_jax.loaders import variables
+from fdistill_jax.loaders.errors import ConversionError
 from fdistill_jax.models import sd as sd_nets
-from fdistill_jax.train.teacher import ConversionError
 
 # The reference's list attributes (nn.ModuleList / nn.Sequential) whose items are indexed.
 LIST_NAMES = frozenset({"down_blocks", "up_blocks", "resnets", "attentions", "downsamplers",

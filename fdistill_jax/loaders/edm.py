@@ -1,4 +1,6 @@
-"""EDM teachers: read official snapshots safely, convert them, load them for a run.
+"""EDM teacher files: read official snapshots safely, convert them, load converted ones.
+
+The `Teacher` records a run distils are built in `fdistill_jax.problems.image`.
 
 Inputs (`read_teacher`):
 
@@ -11,7 +13,7 @@ Inputs (`read_teacher`):
   `.safetensors`: an `EDMPrecond.state_dict()` plus an architecture JSON
   (EDMPrecond kwargs, like the fixtures' `*_config.json`).
 * a directory written by `convert`: `arch.json` + `variables/` (orbax).
-* the workdir of a teacher trained here (`method='edm'`, `fdistill_jax.train.edm`):
+* the workdir of a teacher trained here (`method='edm'`, `fdistill_jax.train.denoiser_training`):
   it holds the same layout under `teacher/` (`trained_teacher_dir`).
 
 Command line (`fdistill_jax.tools.convert`):
@@ -37,14 +39,13 @@ from fdistill_jax.loaders.edm_variables import MAX_PARAMS
 from fdistill_jax.models.edm import build_edm
 from fdistill_jax.models import edm as edm_models
 from fdistill_jax.loaders.edm_variables import declared_param_count
-from fdistill_jax.loaders.edm_variables import random_variables
 from fdistill_jax.loaders.edm_variables import variable_shapes
 from fdistill_jax.loaders.edm_variables import variables_from_state_dict
 from fdistill_jax.io import atomic
 from fdistill_jax.loaders import limits
 from fdistill_jax.loaders import safe_pickle
 from fdistill_jax.loaders import state_dict as state_dict_lib
-from fdistill_jax.train import teacher as base
+from fdistill_jax.loaders.errors import ConversionError
 
 PathLike = Union[str, os.PathLike]
 ARCH_FILE = "arch.json"
@@ -58,9 +59,6 @@ STATE_DICT_SUFFIXES = (".npz", ".pt", ".pth", ".safetensors")   # read by `loade
 # EDMPrecond's positional parameters, to name any recorded `_init_args`.
 _PRECOND_POSITIONAL = ("img_resolution", "img_channels", "label_dim", "use_fp16",
                        "sigma_min", "sigma_max", "sigma_data", "model_type")
-
-
-ConversionError = base.ConversionError
 
 
 # --------------------------------------------------------------------------
@@ -410,58 +408,3 @@ def convert(input_path: PathLike, output: PathLike,
   variables = teacher_variables(arch, state_dict, input_path)
   source = {"input": os.path.basename(os.fspath(input_path)), "sha256": file_sha256(input_path)}
   return save_converted(output, arch, variables, overwrite, source)
-
-
-# --------------------------------------------------------------------------
-# Teacher loaders of the registry (`fdistill_jax.train.registry`).
-
-
-def _image_teacher(module, variables, where, arch, identity) -> base.Teacher:
-  base.check_params_only(variables, where)
-  return base.Teacher(
-      module=module, variables=variables, student=module, student_params=variables["params"],
-      sample_shape=(module.img_resolution, module.img_resolution, module.img_channels),
-      num_classes=int(module.label_dim), spec={"kind": "edm", "arch": dict(arch)},
-      identity=identity)
-
-
-def teacher_from_config(config) -> base.Teacher:
-  """`teacher.kind='edm'`: an EDM snapshot, state dict, converted directory, or the
-  workdir of a teacher trained with method='edm'."""
-  path = config.teacher.path
-  if not path:
-    raise ValueError("teacher.kind='edm' needs --config.teacher.path: an EDM snapshot "
-                     "(.pkl), a directory written by python -m fdistill_jax.tools.convert, or "
-                     "the workdir of a method='edm' run.")
-  if pathlib.Path(path).is_dir():
-    path = resolve_converted(path)            # a method='edm' workdir: its teacher/
-    module, variables = load_converted(path, base.compute_dtype(config), base.attention(config))
-    arch = read_arch(path / ARCH_FILE)
-  else:
-    arch, state_dict = read_teacher(path)
-    variables = teacher_variables(arch, state_dict, path)
-    module = build_edm(arch, base.compute_dtype(config), base.attention(config))
-  return _image_teacher(module, variables, path, arch, teacher_identity(path))
-
-
-def initialized_teacher(config) -> base.Teacher:
-  """`teacher.kind='init'`: EDM's own initialisation of `teacher.arch` (`module.init`:
-  Xavier-uniform layers, near-zero last layers), the start of a method='edm' run."""
-  arch = config.teacher.arch.to_dict()
-  module = build_edm(arch, dtype=base.compute_dtype(config), attention=base.attention(config))
-  r, c = module.img_resolution, module.img_channels
-  labels = jnp.zeros((1, module.label_dim)) if module.label_dim else None
-  init = jax.jit(lambda key: module.init(key, jnp.zeros((1, r, r, c)), jnp.ones((1,)), labels))
-  variables = jax.device_get(init(jax.random.PRNGKey(config.seed + 1)))
-  return _image_teacher(module, variables, "teacher.arch", arch,
-                        {"kind": "init", "arch": arch, "seed": config.seed + 1})
-
-
-def random_teacher(config) -> base.Teacher:
-  """`teacher.kind='random'`: an EDM network with random weights (tests, benchmarks)."""
-  arch = config.teacher.arch.to_dict()
-  module = build_edm(arch, dtype=base.compute_dtype(config), attention=base.attention(config))
-  variables = random_variables(module, seed=config.seed + 1)
-  return _image_teacher(module, variables, "teacher.arch", arch,
-                        {"kind": "random", "arch": arch, "seed": config.seed + 1})
-

@@ -34,7 +34,7 @@ from typing import Mapping
 
 import numpy as np
 
-from fdistill_jax.train.teacher import ConversionError
+from fdistill_jax.loaders.errors import ConversionError
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from fdistill_jax.train.teacher import ConversionError
+from fdistill_jax.loaders.errors import ConversionError
 from fdistill_jax.models.sd import clip
 from fdistill_jax.models.sd.unet import DOWN_BLOCK_TYPES
 from fdistill_jax.models.sd.unet import UP_BLOCK_TYPES

@@ -34,7 +34,7 @@ import numpy as np
 
 from fdistill_jax.loaders import limits
 from fdistill_jax.loaders import safe_pickle
-from fdistill_jax.train.teacher import ConversionError
+from fdistill_jax.loaders.errors import ConversionError
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit.
 

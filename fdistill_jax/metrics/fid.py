@@ -6,7 +6,7 @@ precision and recall use the same features. Reference statistics use EDM's
 `.npz` format (keys `mu`, `sigma`, optionally `features`). The command line is
 `python -m fdistill_jax.tools.evaluate`. In a training loop:
 
-  feature_fn = make_feature_fn(inception.load_variables(path))
+  feature_fn = make_feature_fn(inception_weights.load_variables(path))
   ref = metrics.load_reference_stats("cifar10-32x32.npz")
   fid = fid_from_samples(images, ref["mu"], ref["sigma"], feature_fn)
 """
@@ -23,6 +23,7 @@ from fdistill_jax import console
 from fdistill_jax.data import tfds as tfds_data
 from fdistill_jax.metrics import distances as metrics
 from fdistill_jax.loaders import limits
+from fdistill_jax.loaders import inception as inception_weights
 from fdistill_jax.models import inception
 
 
@@ -50,7 +51,7 @@ class FeatureFn:
   """
 
   def __init__(self, variables, mode="tf", devices=None):
-    """`variables` from `inception.load_variables`; `mode` "tf" or "pytorch_fid"."""
+    """`variables` from `inception_weights.load_variables`; `mode` "tf" or "pytorch_fid"."""
     devices = tuple(devices or jax.devices())
     self._fn, replicated = _sharded_features(mode, devices)
     self._variables = jax.device_put(variables, replicated)
@@ -190,7 +191,7 @@ def load_feature_fn(weights, mode="tf"):
   if weights == RANDOM_INCEPTION:
     return make_feature_fn(inception.random_variables(), mode)
   console.say("Loading Inception weights %s (the first batch compiles the network) ...", weights)
-  return make_feature_fn(inception.load_variables(weights), mode)
+  return make_feature_fn(inception_weights.load_variables(weights), mode)
 
 
 def reference_from_images(spec, feature_fn, batch_size=256, out=None, save_features=False):

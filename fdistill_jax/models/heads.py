@@ -19,9 +19,6 @@ import jax
 import jax.numpy as jnp
 
 
-HEADS = ("dmd2", "light")
-
-
 class ConvHead(nn.Module):
   """The light head: GroupNorm -> conv -> SiLU -> strided conv -> SiLU -> mean -> logit."""
   channels: int = 256

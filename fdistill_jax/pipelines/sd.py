@@ -58,7 +58,7 @@ from fdistill_jax.loaders import sd_configs as configs
 from fdistill_jax.loaders import state_dict as weights
 from fdistill_jax.models import sd as sd_nets
 from fdistill_jax.pipelines import denoisers
-from fdistill_jax.train.teacher import ConversionError
+from fdistill_jax.loaders.errors import ConversionError
 
 COMPONENTS = ("unet", "text_encoder", "vae")
 SDXL_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")

@@ -39,6 +39,7 @@ import numpy as np
 from fdistill_jax import console
 from fdistill_jax import divergences
 from fdistill_jax import losses
+from fdistill_jax import plugins
 from fdistill_jax.metrics import figures
 from fdistill_jax.metrics import weight_stats as weights
 from fdistill_jax.tools import cli
@@ -69,7 +70,7 @@ LOSS_TAG = "gen/fdistill_loss"
 def restore_trainer(run_dir):
   """The run's trainer (teacher, networks, data) with the newest checkpoint's state."""
   config = ckpt_lib.run_config(run_dir)
-  trainer = loop.build_trainer(config)
+  trainer = loop.build_trainer(config, registry=plugins.default_registry())
   mngr = ckpt_lib.manager(run_dir, trainer.config)
   try:
     state = ckpt_lib.restore_latest(mngr, ckpt_lib.abstract(trainer.state), trainer.config)

@@ -32,12 +32,14 @@ import time
 from absl import flags
 
 from fdistill_jax import console
+from fdistill_jax import plugins
 from fdistill_jax.problems.digits import report as digits_report
 from fdistill_jax.io import atomic
 from fdistill_jax.tools import cli
 from fdistill_jax.tools import sweep
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax.train import loop
+from fdistill_jax.train import registry
 
 FLAGS = cli.new_flags()
 flags.DEFINE_string("workdir", None, "Sweep directory (classifier, teacher, one run per "
@@ -61,7 +63,7 @@ UNNORMALISED = "fkl_unnormalised"      # forward KL, both normalisation stages o
 UNNORMALISED_SET = (("loss.normalize_ratio", False), ("loss.normalize_weight", False))
 RUN_TIME = "sweep_time.json"          # written into each run directory
 TABLE_FILE, RESULTS_FILE = "table.md", "sweep.json"
-_TABLE = sweep.Table(digits_report.METRICS_FILE, lambda r: r, digits_report.COLUMNS)
+_TABLE = registry.Table(digits_report.METRICS_FILE, lambda r: r, digits_report.COLUMNS)
 
 
 def _token(variant, runlocal):
@@ -81,7 +83,7 @@ def run_one(config_path, workdir, name, variant, seed, overrides, runlocal):
     atomic.write_json(os.path.join(run_dir, sweep.RUN_CONFIG), resolved)
     resumed = os.path.isdir(ckpt_lib.path(run_dir, ckpt_lib.CHECKPOINTS))
     load, start = os.getloadavg(), time.time()
-    loop.train_and_evaluate(config, run_dir)
+    loop.train_and_evaluate(config, run_dir, registry=plugins.default_registry())
     atomic.write_json(os.path.join(run_dir, RUN_TIME), {
         "seconds": time.time() - start, "resumed": resumed,
         "load_average_1_5_15min_at_start": list(load),

@@ -19,6 +19,7 @@ from absl import flags
 from fdistill_jax import console
 from fdistill_jax.metrics import fid
 from fdistill_jax.io import atomic
+from fdistill_jax.loaders import inception as inception_weights
 from fdistill_jax.models import inception
 from fdistill_jax.tools import cli
 
@@ -27,7 +28,8 @@ flags.DEFINE_string("samples", None, "samples.npz ('images' uint8 NHWC) or a fol
 flags.DEFINE_string("ref", None, "EDM statistics npz (mu, sigma[, features]) or real images "
                     "(folder, images npz, tfds:NAME[:SPLIT]); features enable precision/recall.", flag_values=FLAGS)
 flags.DEFINE_string("inception", None,
-                    f"Inception weights: {inception.SUPPORTED_FORMATS}; 'random' for tests.", flag_values=FLAGS)
+                    f"Inception weights: {inception_weights.SUPPORTED_FORMATS}; 'random' for "
+                    "tests.", flag_values=FLAGS)
 flags.DEFINE_string("ref_from", None, "Compute reference statistics from a folder, an images "
                     "npz or tfds:NAME[:SPLIT].", flag_values=FLAGS)
 flags.DEFINE_string("ref_out", None, "Where --ref_from writes its EDM-format npz.", flag_values=FLAGS)

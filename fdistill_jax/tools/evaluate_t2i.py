@@ -28,6 +28,7 @@ from absl import flags
 from fdistill_jax import console
 from fdistill_jax.metrics import fid
 from fdistill_jax.io import atomic
+from fdistill_jax.loaders import inception as inception_weights
 from fdistill_jax.models import inception
 from fdistill_jax.metrics.t2i import coco
 from fdistill_jax.metrics.t2i import metrics as t2i_metrics
@@ -37,7 +38,7 @@ FLAGS = cli.new_flags()
 flags.DEFINE_string("samples", None, "npz with images (uint8 NHWC), prompts, prompt_index.",
                     flag_values=FLAGS)
 flags.DEFINE_string("ref", None, "Reference statistics npz (from --make_ref).", flag_values=FLAGS)
-flags.DEFINE_string("inception", None, f"Inception weights: {inception.SUPPORTED_FORMATS}; "
+flags.DEFINE_string("inception", None, f"Inception weights: {inception_weights.SUPPORTED_FORMATS}; "
                     "'random' for tests.", flag_values=FLAGS)
 flags.DEFINE_string("clip", None, "transformers CLIPModel folder (config.json, weights, "
                     "tokenizer files) for the CLIP score.", flag_values=FLAGS)

@@ -50,6 +50,7 @@ from fdistill_jax.tools import sample_t2i
 from fdistill_jax.problems.toy import mixture as toy_mixture
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax import console
+from fdistill_jax import plugins
 
 FLAGS = cli.new_flags()
 flags.DEFINE_string("workdir", None, "Training workdir or exported generator directory.", flag_values=FLAGS)
@@ -102,9 +103,12 @@ def write_samples(out, x, labels, grid=None, spec=None):
 
 
 def sample_generator(workdir, num, *, which="ema", step=None, labels="uniform", seed=0,
-                     batch=256):
-  """(x, labels, spec) of the generator in a workdir or export directory."""
-  module, params, info = ckpt_lib.load_generator(workdir, which=which, step=step)
+                     batch=256, registry=None):
+  """(x, labels, spec) of the generator in a workdir or export directory (its module built
+  by `registry`, default `plugins.default_registry()`)."""
+  registry = registry or plugins.default_registry()
+  module, params, info = ckpt_lib.load_generator(
+      workdir, which=which, step=step, student_from_spec=registry.student_from_spec)
   classes = sampling.parse_labels(labels, info["num_classes"])
   console.say("Sampling %s weights of step %s (%s).", info["which"], info["step"],
               info["source"])
@@ -192,7 +196,8 @@ def sample_text_to_image(f):
   if f.num_per_prompt < 1:
     raise ValueError(f"--num_per_prompt={f.num_per_prompt} must be positive.")
   prompts = sample_t2i.prompts_from_flags(f.prompt, f.prompts_file)
-  run = run_sampling.load_run(f.workdir, which=f.which, step=f.step)
+  run = run_sampling.load_run(f.workdir, which=f.which, step=f.step,
+                              registry=plugins.default_registry())
   console.say("Sampling %s weights of step %s (%s).", run.info["which"], run.info["step"],
               run.info["source"])
   images, prompt_index = run_sampling.generate(

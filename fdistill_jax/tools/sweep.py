@@ -25,19 +25,17 @@ import ast
 import hashlib
 import json
 import os
-from typing import Any, Callable, Optional
+from typing import Any
 
 from absl import flags
 import ml_collections
 import numpy as np
 
 from fdistill_jax import config_lib
-from fdistill_jax.problems.digits import report as digits_report
 from fdistill_jax.io import atomic
-from fdistill_jax.train import registry as teacher_registry
 from fdistill_jax.tools import cli
-from fdistill_jax.problems.toy import report as toy_report
 from fdistill_jax import console
+from fdistill_jax import plugins
 from fdistill_jax.train import loop
 
 FLAGS = cli.new_flags()
@@ -52,40 +50,6 @@ RUN_CONFIG = "sweep_config.json"
 FIGURE = "figure.png"
 
 
-class Table:
-  """How a problem's runs become a table row: result file, measures, seed fields,
-  figure, and optionally `reference(config) -> measures` with its row name.
-
-  `figure(path, runs, config)`, if given, draws the variants side by side from
-  `runs` = {variant: run directory} (one seed) and the first run's config.
-  """
-
-  def __init__(self, result_file: str, read: Callable[[dict], dict], columns,
-               seed_fields=(), figure: Optional[Callable] = None, reference=None,
-               reference_name="reference"):
-    self.result_file, self.read, self.columns, self.seed_fields, self.figure = (
-        result_file, read, columns, seed_fields, figure)
-    self.reference, self.reference_name = reference, reference_name
-
-
-# evaluator name -> its table (the first evaluator of a config with a table wins).
-TABLES: dict[str, Table] = {
-    "toy": Table(toy_report.METRICS_FILE, lambda r: r["final"], toy_report.COLUMNS,
-                 seed_fields=("toy.fit_seed",), figure=toy_report.sweep_figure,
-                 reference=toy_report.teacher_reference,
-                 reference_name="teacher (exact samples)"),
-    # The first sampler's row (the one-step generator); the whole digits table, with the
-    # teacher's rows and wall times, is `fdistill_jax.tools.digits_sweep`.
-    "digits": Table(digits_report.METRICS_FILE, lambda r: r["rows"][0], digits_report.COLUMNS),
-}
-
-
-def table_for(config) -> Table:
-  for name in config.eval.evaluators:
-    if name in TABLES:
-      return TABLES[name]
-  raise ValueError(f"No sweep table for evaluators {tuple(config.eval.evaluators)}; known: "
-                   f"{sorted(TABLES)}.")
 
 
 def parse_override(text) -> tuple[str, Any]:
@@ -128,13 +92,17 @@ def run_dir_for(workdir, variant, seed, resolved) -> str:
   return os.path.join(workdir, variant, f"seed{seed}_{config_digest(resolved)}")
 
 
-def sweep(config_path, workdir, variants, seeds, overrides=()):
+def sweep(config_path, workdir, variants, seeds, overrides=(), registry=None):
   """Runs every (variant, seed) not already done with the same config.
 
-  Returns ({variant: [measures per seed]}, table, {variant: [run dir per seed]}).
+  `registry` (default `plugins.default_registry()`) supplies the teachers, the
+  runs' pieces and the table (`Registry.table_for`: the first evaluator of the
+  config with one). Returns ({variant: [measures per seed]}, table, {variant:
+  [run dir per seed]}).
   """
+  registry = registry or plugins.default_registry()
   base = config_lib.load_config_file(f"{config_path}:{variants[0]}")
-  table = table_for(base)
+  table = registry.table_for(base)
   jobs = [(v, s) for v in variants for s in seeds]
   results, dirs, teachers = {}, {}, {}
   if table.reference is not None:
@@ -153,8 +121,8 @@ def sweep(config_path, workdir, variants, seeds, overrides=()):
       atomic.write_json(os.path.join(run_dir, RUN_CONFIG), resolved)
       key = _teacher_key(config)
       if key not in teachers:
-        teachers[key] = teacher_registry.build(ml_collections.FrozenConfigDict(config))
-      loop.train_and_evaluate(config, run_dir, teacher=teachers[key])
+        teachers[key] = registry.teacher(ml_collections.FrozenConfigDict(config))
+      loop.train_and_evaluate(config, run_dir, registry=registry, teacher=teachers[key])
     results.setdefault(variant, []).append(table.read(_read(done)))
     dirs.setdefault(variant, []).append(run_dir)
   return results, table, dirs

@@ -362,7 +362,7 @@ def check_teacher(workdir, identity, allow_mismatch=False):
   """Refuses to resume a run with another teacher than the one it was made with.
 
   The workdir's teacher.json (written at the run's first start) is compared
-  with `identity` (a `teachers.base.Teacher.identity`); with `allow_mismatch`
+  with `identity` (a `train.teacher.Teacher.identity`); with `allow_mismatch`
   a difference is only logged.
   """
   file = path(workdir, TEACHER_FILE)
@@ -493,21 +493,18 @@ def is_export(directory):
   return os.path.isfile(os.path.join(directory, EXPORT_FILE))
 
 
-def load_generator(directory, *, which="ema", step=None, student_from_spec=None):
+def load_generator(directory, *, student_from_spec, which="ema", step=None):
   """(module, params, info) from an exported directory or a training workdir.
 
   `which` and `step` select the weights of a training workdir; an exported
   directory holds one set and ignores them. `info` has the export.json fields
-  plus 'spec', 'sample_shape' and 'num_classes'. `student_from_spec` builds
-  the module (default: `fdistill_jax.train.registry.student_from_spec`).
+  plus 'spec', 'sample_shape' and 'num_classes'. `student_from_spec(spec)` builds
+  the module (`registry.student_from_spec` of a `train.registry.Registry`).
   """
   if not os.path.isdir(directory):
     raise CheckpointError(f"Generator directory {directory!r} does not exist: expected a "
                           f"training workdir ({GENERATOR_SPEC}, {CHECKPOINTS}/) or an exported "
                           f"generator ({GENERATOR_SPEC}, {PARAMS_DIR}/, {EXPORT_FILE}).")
-  if student_from_spec is None:
-    from fdistill_jax.train import registry  # pylint: disable=g-import-not-at-top
-    student_from_spec = registry.student_from_spec
   spec = _read_json(os.path.join(directory, GENERATOR_SPEC), "Generator architecture")
   if is_export(directory):
     info = _read_json(os.path.join(directory, EXPORT_FILE), "Export record")

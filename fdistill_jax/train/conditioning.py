@@ -5,7 +5,7 @@ teacher all take a conditioning `c` beside (x, sigma), the discriminator
 judges (x, c) pairs, and the teacher's score in the f-distill term may be
 classifier-free guided, D_u + w (D_c - D_u) with D_u the unconditional
 denoiser (paper App. D). What `c` is belongs to the problem, so every teacher
-brings a *conditioning* object (`teachers.base.Teacher.conditioning`) with
+brings a *conditioning* object (`train.teacher.Teacher.conditioning`) with
 this interface, and the steps call only these methods:
 
   host(batch) -> batch
@@ -32,7 +32,7 @@ the batch as leading axis (SDXL's {'context', 'pooled', 'time_ids'},
 `LabelConditioning` below is the class-label case of the image teachers: one-hot
 labels drawn uniformly per sample, exactly as `eval.sampling` draws them,
 zeros as the unconditional label. A text teacher's conditioning lives with
-its teacher (see `teachers.registry`).
+its teacher (see `train.registry`).
 """
 
 import dataclasses

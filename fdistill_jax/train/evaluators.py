@@ -1,8 +1,10 @@
 """Evaluators: periodic work on the generator, called by the loop as `evaluator(params, step)`.
 
 The training loop builds the evaluators `config.eval.evaluators` names from
-`EVALUATORS` once, with an `EvalContext` (the run's static pieces), and calls
-each at its own period and after the last iteration. An evaluator receives
+the run's registry once (the generic ones below, `EVALUATORS`, and the
+problems' own, added by `fdistill_jax.plugins`), with an `EvalContext` (the
+run's static pieces), and calls each at its own period and after the last
+iteration. An evaluator receives
 `params` (a dict from the training method: for f-distill 'generator' = the
 weights sampling uses, the first EMA copy or the raw generator; 'raw', 'fake',
 'disc'; for EDM teacher training 'denoiser' and 'raw') and the step, returns
@@ -14,18 +16,15 @@ first being the one grids and FID use).
   grid   PNG of one-step samples from fixed noise (every `sample_every`), also
          to TensorBoard
   fid    FID against reference statistics (every `eval.fid_every`)
-  toy    the toy report: metrics.json and toy.png after the last iteration
-  digits the digits report (classifier FD, precision, recall, class accuracy
-         of every sampler): digits_metrics.json after the last iteration
-  t2i_grid  text-to-image runs: fixed prompts, the frozen teacher's images
-         beside the one-step student's (every `sample_every`; `sd.grid`)
-  t2i    text-to-image runs: FID and CLIP score of one-step images of
-         `eval.prompts` (every `eval.fid_every`; `sd.t2i_evaluator`)
+
+and, from the problems: 'toy' (`problems.toy.report`), 'digits'
+(`problems.digits.report`), 't2i_grid' and 't2i' (`problems.t2i.grid`,
+`problems.t2i.evaluator`).
 """
 
 import dataclasses
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 
@@ -33,11 +32,7 @@ from fdistill_jax.data import pixels
 from fdistill_jax.metrics import figures
 from fdistill_jax.metrics import fid as fid_lib
 from fdistill_jax.metrics import distances as metrics
-from fdistill_jax.problems.digits import report as digits_report
 from fdistill_jax.pipelines import sampling
-from fdistill_jax.problems.t2i import grid as t2i_grid
-from fdistill_jax.problems.t2i import evaluator as t2i_evaluator
-from fdistill_jax.problems.toy import report as toy_report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,24 +160,22 @@ def _fid(ctx):
   return PeriodicFID(ctx) if ctx.config.eval.fid_every > 0 else None
 
 
-# name -> builder(ctx) -> Evaluator, or None when the config switches it off.
+# The generic evaluators: name -> builder(ctx) -> Evaluator, or None when the config
+# switches it off.
 EVALUATORS: dict[str, Callable[[EvalContext], Optional[Evaluator]]] = {
     "grid": _grid,
     "fid": _fid,
-    "toy": toy_report.ToyReport,
-    "digits": digits_report.DigitsReport,
-    "t2i_grid": t2i_grid.build,
-    "t2i": t2i_evaluator.build,
 }
 
 
-def build(names, ctx: EvalContext) -> list:
-  """[(name, evaluator)] for the names listed, in order, skipping the ones switched off."""
-  unknown = [n for n in names if n not in EVALUATORS]
+def build(names, ctx: EvalContext, evaluators: Mapping[str, Callable] = EVALUATORS) -> list:
+  """[(name, evaluator)] for the names listed, in order, skipping the ones switched off;
+  `evaluators` (name -> builder) is the run's registry's (default: the generic ones)."""
+  unknown = [n for n in names if n not in evaluators]
   if unknown:
     raise ValueError(f"eval.evaluators has unknown names {unknown}; known: "
-                     f"{sorted(EVALUATORS)}.")
-  built = [(n, EVALUATORS[n](ctx)) for n in names]
+                     f"{sorted(evaluators)}.")
+  built = [(n, evaluators[n](ctx)) for n in names]
   return [(n, e) for n, e in built if e is not None]
 
 

@@ -8,10 +8,10 @@ evaluators, checkpoints and preemption handling. Methods: 'fdistill'
 TrainState sharded over a `jax.sharding.Mesh` of all devices, and runs
 Algorithm 1 of the paper: a critic step (fake score + discriminator) every
 iteration and a generator step every `fake_score_update_freq` iterations;
-'edm' (`train.edm`) trains an EDM denoiser, a teacher, with EDM's own loss.
+'edm' (`train.denoiser_training`) trains an EDM denoiser, a teacher, with EDM's own loss.
 Nothing in a step assumes a single process: each process feeds its share of
 the global batch. The loop knows no problem by name: teacher, data and
-evaluators come from registries.
+evaluators come from the registry it is given (`train.registry`).
 """
 
 import functools
@@ -30,12 +30,11 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fdistill_jax import config_lib
-from fdistill_jax.data import registry as data_registry
 from fdistill_jax.train import evaluators as evaluators_lib
 from fdistill_jax.io import atomic
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax import console
-from fdistill_jax.train import edm as edm_method
+from fdistill_jax.train import denoiser_training as edm_method
 from fdistill_jax.train import models as models_lib
 from fdistill_jax.train import runner
 from fdistill_jax.train import state as state_lib
@@ -63,17 +62,17 @@ class Preempted(Exception):
 class Trainer(runner.Runner):
   """The 'fdistill' method: the mesh, the jitted steps and the sharded state of one run."""
 
-  def __init__(self, config, source=None, devices=None, teacher=None):
-    self.config = config
+  def __init__(self, config, source=None, devices=None, teacher=None, *, registry):
+    self.config, self.registry = config, registry
     self.mesh = make_mesh(config, devices)
     if teacher is None:
-      teacher = runner.load_teacher(config)
+      teacher = runner.load_teacher(config, registry)
     self.models = models_lib.from_teacher(teacher, config.disc, config.student_dropout)
     self.spec = teacher.spec
     self.teacher_identity = teacher.identity
     self.initial_params = teacher.student_params      # generator / fake score start here
     self.optimizers = state_lib.make_optimizers(config.optim)
-    self.source = source if source is not None else data_registry.make_source(config.data)
+    self.source = source if source is not None else registry.source(config.data)
     self.models.conditioning.check_source(self.source, config)
     self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
     frozen = teacher_lib.frozen_variables(teacher.variables, config)   # frozen_dtype storage
@@ -131,13 +130,14 @@ class Trainer(runner.Runner):
 METHODS = {"fdistill": Trainer, "edm": edm_method.EDMTrainer}
 
 
-def make_trainer(config, source=None, devices=None, teacher=None):
-  """The training method `config.method` names, built (teacher loaded, state initialised)."""
+def make_trainer(config, source=None, devices=None, teacher=None, *, registry):
+  """The training method `config.method` names, built (teacher loaded, state initialised);
+  teacher, data source and evaluators come from `registry` (a `train.registry.Registry`)."""
   method = config.get("method", "fdistill")
   if method not in METHODS:
     raise ValueError(f"method={method!r}; expected one of {sorted(METHODS)} (fdistill: distil "
                      "a teacher; edm: train an EDM teacher from data).")
-  return METHODS[method](config, source, devices=devices, teacher=teacher)
+  return METHODS[method](config, source, devices=devices, teacher=teacher, registry=registry)
 
 
 def check_finite(metrics, step):
@@ -212,32 +212,34 @@ def check_workdir(workdir, foreign_ok=True):
   return workdir
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, source=None,
-                       teacher=None, foreign_ok=True):
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, registry,
+                       source=None, teacher=None, foreign_ok=True):
   """Runs (or resumes) a distillation run in `workdir`; returns the final TrainState.
 
-  The config, the workdir and (on a resume) the config against the checkpoint's are
-  checked before the teacher is loaded.
-  `source` (a data source) and `teacher` (a `teachers.base.Teacher`) replace
+  `registry` (a `train.registry.Registry`; `fdistill_jax.plugins.default_registry()`
+  has every problem) supplies the teacher, data source and evaluators the config
+  names. The config, the workdir and (on a resume) the config against the checkpoint's
+  are checked before the teacher is loaded.
+  `source` (a data source) and `teacher` (a `train.teacher.Teacher`) replace
   the ones the config names, e.g. to share one fitted teacher across a sweep.
   `foreign_ok=False` (the command line) refuses a non-empty workdir that is not a run.
 
   Raises:
     Preempted: SIGTERM arrived; the state was saved first.
   """
-  config = _validated(config)
+  config = _validated(config, registry)
   workdir = check_workdir(workdir, foreign_ok)
   with _SigtermFlag() as sigterm, ckpt_lib.lock_workdir(workdir), \
       console.log_to_file(_log_path(workdir)):
     ckpt_lib.check_resumable(workdir, config)
     console.say("Building the run in %s (teacher: %s) ...", workdir, config.teacher.kind)
-    trainer = make_trainer(config, source, teacher=teacher)
+    trainer = make_trainer(config, source, teacher=teacher, registry=registry)
     return _run(trainer, workdir, sigterm)
 
 
-def build_trainer(config, source=None, teacher=None):
+def build_trainer(config, source=None, teacher=None, *, registry):
   """Checks the config (before any teacher is loaded) and builds its method's trainer."""
-  return make_trainer(_validated(config), source, teacher=teacher)
+  return make_trainer(_validated(config, registry), source, teacher=teacher, registry=registry)
 
 
 def run(trainer, workdir):
@@ -248,9 +250,10 @@ def run(trainer, workdir):
     return _run(trainer, workdir, sigterm)
 
 
-def _validated(config):
+def _validated(config, registry):
   config = ml_collections.FrozenConfigDict(config)
   config_lib.validate(config, jax.device_count(), jax.process_count())
+  registry.check(config)
   return config
 
 
@@ -382,7 +385,8 @@ def _evaluator_actions(trainer, workdir, writer):
       initial_params=trainer.initial_params,
       samples_dir=ckpt_lib.path(workdir, ckpt_lib.SAMPLES), samplers=trainer.samplers())
   actions = []
-  for name, ev in evaluators_lib.build(config.eval.evaluators, ctx):
+  for name, ev in evaluators_lib.build(config.eval.evaluators, ctx,
+                                       trainer.registry.evaluators):
     def run(step, t, name=name, ev=ev):
       del t
       console.say("Evaluating '%s' at step %d ...", name, step)

@@ -1,7 +1,8 @@
 """What every training method shares: the mesh, parameter sharding, global batches.
 
 A training *method* (`loop.METHODS`: 'fdistill' distils a teacher, 'edm'
-trains one) is a class built as `Method(config, source, devices=..., teacher=...)`
+trains one) is a class built as `Method(config, source, devices=..., teacher=...,
+registry=...)`
 that mixes in `Runner` and provides
 
   state            the sharded training state (a pytree orbax checkpoints)
@@ -12,7 +13,9 @@ that mixes in `Runner` and provides
   samplers()       how that network makes samples (`eval.sampling.ModelSampler`s)
   finish(workdir)  work after the last iteration (e.g. exporting a teacher)
 
-and sets `config`, `mesh`, `source`, `batch_sharding` and `_compiled` (a set),
+and sets `config`, `registry` (the `train.registry.Registry` the run looks its
+teacher, data source and evaluators up in), `mesh`, `source`, `batch_sharding` and
+`_compiled` (a set),
 which the `Runner` methods below use. The loop (`train.loop`) knows methods only
 through this interface.
 """
@@ -27,7 +30,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fdistill_jax import console
 from fdistill_jax.data import sources as data_sources
-from fdistill_jax.train import registry as teacher_registry
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -63,12 +65,13 @@ def tree_sharding(mesh, tree):
   return jax.tree.map(functools.partial(param_sharding, mesh), tree)
 
 
-def load_teacher(config):
-  """The teacher the config names (`teachers.registry`), saying how long it took."""
+def load_teacher(config, registry):
+  """The teacher the config names (from `registry`, a `train.registry.Registry`), saying
+  how long it took."""
   start = time.time()
   console.say("Loading the teacher (%s%s) ...", config.teacher.kind,
               f": {config.teacher.path}" if config.teacher.path else "")
-  teacher = teacher_registry.build(config)
+  teacher = registry.teacher(config)
   console.say("Teacher ready in %s.", console.format_duration(time.time() - start))
   return teacher
 

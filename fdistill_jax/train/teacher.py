@@ -9,7 +9,7 @@ plus the architecture the generator and the fake score copy (the *student*)
 and the parameters they start from. `spec` is a JSON description of the
 student (`{'kind': 'edm', 'arch': ...}` or `{'kind': 'toy', ...}`), written
 into the workdir so that a generator can be sampled and exported without the
-teacher; `student_from_spec` (in `registry`) rebuilds the module from it.
+teacher; `Registry.student_from_spec` (`train.registry`) rebuilds the module from it.
 """
 
 import dataclasses
@@ -52,11 +52,6 @@ def frozen_variables(variables, config):
 def attention(config) -> str:
   """The run's attention kernel setting (config field `attention`), checked."""
   return attention_lib.check_setting(config.get("attention", "auto"))
-
-
-class ConversionError(ValueError):
-  """A teacher file is not usable (wrong format, mismatched or hostile), or its converted
-  output cannot be written. The message names the file, the key or the field."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,6 @@
 train split, cached; its features and class predictions are the measures'
 space) and `report` (the 'digits' evaluator: Frechet distance, k-NN precision
 and recall against the held-out set, class accuracy of the samples; the sweep
-table's columns). Nothing here imports the training engine: the engine reaches
-the digits through its registries (`data.registry.SOURCES`,
-`eval.evaluators.EVALUATORS`).
+table's columns) and `plugin` (the 'digits' source, evaluator and table, which
+`fdistill_jax.plugins` hands the engine).
 """

@@ -1,6 +1,6 @@
 r"""Images from a text-to-image run: its one-step student and its frozen teacher.
 
-  run = run_sampling.load_run(WORKDIR)                       # teacher + EMA generator
+  run = run_sampling.load_run(WORKDIR, registry=REGISTRY)    # teacher + EMA generator
   images, prompt_index = run_sampling.generate(run, prompts, seed=0, batch=16)
   teacher, _ = run_sampling.teacher_generate(run, prompts, steps=50, cfg=1.75)
 
@@ -114,15 +114,16 @@ def is_t2i_run(workdir) -> bool:
   return spec.get("kind") in T2I_KINDS
 
 
-def load_run(workdir, *, which="ema", step=None) -> T2IRun:
+def load_run(workdir, *, registry, which="ema", step=None) -> T2IRun:
   """The teacher (rebuilt from the run's config.json) and the generator of a training workdir.
 
   The teacher is built from the run's `teacher` config (an SD folder is read
   again; `sd15_random` / `sdxl_random` is redrawn from its seed) and checked against the
   run's teacher.json. An exported generator holds the U-Net alone, without
-  the text tower and VAE it needs, and is refused.
+  the text tower and VAE it needs, and is refused. `registry` (a
+  `train.registry.Registry`, e.g. `fdistill_jax.plugins.default_registry()`)
+  builds the teacher and the generator.
   """
-  from fdistill_jax.train import registry  # pylint: disable=g-import-not-at-top
   from fdistill_jax.train import models as models_lib  # pylint: disable=g-import-not-at-top
   if ckpt_lib.is_export(workdir):
     raise RunError(f"{workdir} is an exported generator: it holds the U-Net alone, not the "
@@ -132,9 +133,10 @@ def load_run(workdir, *, which="ema", step=None) -> T2IRun:
     config = ckpt_lib.run_config(workdir)
   except FileNotFoundError as e:
     raise RunError(str(e)) from None
-  teacher = registry.build(config)
+  teacher = registry.teacher(config)
   _check_teacher(workdir, teacher.identity)
-  module, params, info = ckpt_lib.load_generator(workdir, which=which, step=step)
+  module, params, info = ckpt_lib.load_generator(
+      workdir, which=which, step=step, student_from_spec=registry.student_from_spec)
   models = models_lib.from_teacher(teacher, config.disc)
   run = from_models(models, teacher.variables, info["sigma_init"], params, info)
   return dataclasses.replace(run, student=module)

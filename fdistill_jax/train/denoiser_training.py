@@ -17,7 +17,7 @@ weights come from the teacher registry like any teacher: `teacher.kind='init'`
 converted teacher. Runs on the same mesh, loop, checkpoints, preemption and
 evaluators as distillation (`train.loop`); after the last iteration the EMA
 weights are written as a converted teacher (`arch.json` + `variables/`, the
-layout of `teachers.edm.save_converted`) to WORKDIR/teacher, which a
+layout of `loaders.edm.save_converted`) to WORKDIR/teacher, which a
 distillation run loads with `--config.teacher.path=WORKDIR`.
 """
 
@@ -33,7 +33,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fdistill_jax import console
 from fdistill_jax import losses
-from fdistill_jax.data import registry as data_registry
 from fdistill_jax.pipelines import sampling
 from fdistill_jax.loaders import edm as edm_teachers
 from fdistill_jax.train import conditioning as conditioning_lib
@@ -108,11 +107,11 @@ def edm_step(st, batch, *, module, optimizer, config):
 class EDMTrainer(runner.Runner):
   """The 'edm' method: the denoiser, its jitted step and sharded state (see `train.runner`)."""
 
-  def __init__(self, config, source=None, devices=None, teacher=None):
-    self.config = config
+  def __init__(self, config, source=None, devices=None, teacher=None, *, registry):
+    self.config, self.registry = config, registry
     self.mesh = runner.make_mesh(config, devices)
     if teacher is None:
-      teacher = runner.load_teacher(config)
+      teacher = runner.load_teacher(config, registry)
     self.teacher = teacher
     self.module = teacher.module
     self.arch = dict(teacher.spec["arch"]) if teacher.spec.get("kind") == "edm" else None
@@ -130,7 +129,7 @@ class EDMTrainer(runner.Runner):
     self.teacher_vars = None                  # nothing is frozen: the network is trained
     self.initial_params = teacher.variables["params"]
     self.optimizer = make_optimizer(config.edm)
-    self.source = source if source is not None else data_registry.make_source(config.data)
+    self.source = source if source is not None else registry.source(config.data)
     self.models.conditioning.check_source(self.source, config)
     self.batch_sharding = NamedSharding(self.mesh, P(runner.BATCH_AXES))
     self._init_state(self.initial_params)
