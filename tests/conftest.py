@@ -55,3 +55,33 @@ def pytest_collection_modifyitems(items):
   to the workers as they free up, so the minutes-long ones start early on both workers and
   the short ones fill the end, instead of one worker finishing a long test alone."""
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+# ----------------------------------------------------------------------------
+# Text-to-image fixtures (built by tests/t2i_helpers.py; imported lazily so that the
+# other tests do not load the SD modules).
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+  """Tiny img2dataset-style WebDataset shards (16 JPEGs with captions), or skip."""
+  from tests import t2i_helpers  # pylint: disable=g-import-not-at-top
+  if not t2i_helpers.TOKENIZER.is_dir():
+    pytest.skip(f"SD 1.5 tokenizer fixture not found at {t2i_helpers.TOKENIZER}: check out "
+                f"the shared/ folder beside the repository or set {FIXTURES_ENV}.")
+  return t2i_helpers.write_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def run8(shards, tmp_path_factory):
+  """configs/sd15.py:js,tiny for 4 iterations through `main` on 8 devices, made once per
+  session (xdist workers share it through a file lock); its workdir."""
+  from tests import t2i_helpers  # pylint: disable=g-import-not-at-top
+  return t2i_helpers.make_run8(shards, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def clip_folders(tmp_path_factory):
+  """Tiny CLIP folders ('untied' random, 'tied' colour <-> caption) and reference scores."""
+  from tests import t2i_helpers  # pylint: disable=g-import-not-at-top
+  return t2i_helpers.make_clip_folders(tmp_path_factory)

@@ -12,7 +12,6 @@ See tests/data/old_runs/README.md for how they were made.
 """
 
 import hashlib
-import os
 import pathlib
 import tarfile
 
