@@ -55,6 +55,7 @@ def write_shards(folder, n=16, per=8, seed=0, corrupt=(), empty=()):
 def tiny_config(arg="js,tiny", config_module=sd15, **overrides):
   """`config_module`'s (configs/sd15.py, configs/sdxl.py) tiny variant with the fixture
   tokenizer as every tokenizer, and `overrides` (**{'dotted.field': value})."""
+  sd_helpers.require_fixtures()          # the tokenizer is the fixtures' SD 1.5 one
   c = config_module.get_config(arg)
   c.teacher.tokenizer = str(TOKENIZER)
   if "tokenizer_2" in c.teacher:
