@@ -131,6 +131,7 @@ def two_processes(workdir, total, every, *extra):
       text=True) for i in range(2)]
 
 
+@pytest.mark.slow      # two subprocesses, each compiling its steps
 def test_two_processes_train_like_one_process(tmp_path):
   """Two processes x 4 CPU devices (jax.distributed on a loopback coordinator)
   reach the same parameters as one process with 8 devices."""
@@ -147,6 +148,7 @@ def test_two_processes_train_like_one_process(tmp_path):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow      # two subprocesses, each compiling its steps
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   """JAX's preemption service turns a SIGTERM to one process into one agreed step:
   both processes save that step (one checkpoint, written together) and exit as

@@ -39,7 +39,6 @@ from tests.t2i_helpers import RUN8_STEPS, add_member, main_args, run_main, tiny_
 # The run.
 
 
-@pytest.mark.slow
 def test_sd15_run_through_main_trains_all_three_networks(run8):
   assert saved_steps(run8) == [2, 4]
   spec = json.load(open(os.path.join(run8, ckpt_lib.GENERATOR_SPEC)))
@@ -54,7 +53,7 @@ def test_sd15_run_through_main_trains_all_three_networks(run8):
   assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(parts))
 
 
-@pytest.mark.slow
+@pytest.mark.slow      # generic: the toy's 1 vs 8 devices (test_train) runs by default
 def test_one_device_and_eight_devices_agree(run8, shards, tmp_path):
   """The same 2 iterations on 1 device give the 8-device run's networks at step 2.
 
@@ -108,7 +107,7 @@ def test_warm_start_refuses_a_run_of_other_networks(run8, shards):
     warm_start.warm_start(trainer.state, os.path.join(run8, "nothing"))
 
 
-@pytest.mark.slow
+@pytest.mark.slow      # generic: the toy's SIGKILL resume (test_checkpoint) runs by default
 def test_sigkill_after_a_checkpoint_then_resume_is_bitwise_exact(run8, shards, tmp_path):
   """The run of `run8` (WebDataset shards, SD networks, 8 devices), SIGKILLed at a random
   moment after its first checkpoint (step 2: during steps 3-4 or the final save) and run
@@ -179,7 +178,6 @@ def test_variants_run_an_iteration_through_main(shards, tmp_path):
 # The generator's gradient: Eq. 4 with the CFG teacher.
 
 
-@pytest.mark.slow
 def test_generator_gradient_is_the_vjp_of_eq4_with_the_cfg_teacher(shards):
   """dL/dtheta = (dx/dtheta)^T dL/dx with the teacher's score replaced by its CFG version,
   D_u + w (D_c - D_u) (paper App. D), and the teacher, fake score and ratio constant.
