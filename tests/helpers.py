@@ -65,12 +65,12 @@ def env(devices=8):
   return e
 
 
-def run_main_subprocess(args, devices=1, timeout=900):
-  """`python -m fdistill_jax.main ARGS` in a subprocess on `devices` CPU devices; its
-  CompletedProcess (asserted to have exited 0)."""
+def run_main_subprocess(args, devices=1, timeout=900, **environ):
+  """`python -m fdistill_jax.main ARGS` in a subprocess on `devices` CPU devices, with the
+  extra environment variables `environ`; its CompletedProcess (asserted to exit 0)."""
   out = subprocess.run([sys.executable, "-m", "fdistill_jax.main", *args], cwd=REPO,
-                       env=env(devices), capture_output=True, text=True, check=False,
-                       timeout=timeout)
+                       env={**env(devices), **environ}, capture_output=True, text=True,
+                       check=False, timeout=timeout)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   return out
 
