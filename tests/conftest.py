@@ -2,7 +2,11 @@
 
 Eight simulated CPU devices so that sharding is exercised on any machine; tests
 that want one device build a mesh over `jax.devices()[:1]`. This must run
-before jax is imported anywhere.
+before jax is imported anywhere. Shared fixtures live here, shared helpers in
+tests/helpers.py, tests/sd_helpers.py and tests/t2i_helpers.py.
+
+Two tiers (pyproject.toml): `python -m pytest -q -n 2 tests` runs the tests not
+marked slow; `python -m pytest -q -n 2 -m slow tests` runs the slow ones.
 """
 
 import os
@@ -11,6 +15,12 @@ import pathlib
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# XLA's optimisation passes cost more than they save on these tiny programs: measured on
+# test_train's gradient and fsdp tests (cold compile cache, loaded 2-core CPU, 2026-12-06),
+# 50.5 s of CPU with them off against 66.1 s on, same tolerances. Set here, not with
+# jax.config, so that the `main` subprocesses the tests start compile the same programs
+# (runs compared bitwise across processes); JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it off.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import tempfile  # noqa: E402
 
@@ -55,3 +65,33 @@ def pytest_collection_modifyitems(items):
   to the workers as they free up, so the minutes-long ones start early on both workers and
   the short ones fill the end, instead of one worker finishing a long test alone."""
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+# ----------------------------------------------------------------------------
+# Text-to-image fixtures (built by tests/t2i_helpers.py; imported lazily so that the
+# other tests do not load the SD modules).
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+  """Tiny img2dataset-style WebDataset shards (16 JPEGs with captions), or skip."""
+  from tests import t2i_helpers  # pylint: disable=g-import-not-at-top
+  if not t2i_helpers.TOKENIZER.is_dir():
+    pytest.skip(f"SD 1.5 tokenizer fixture not found at {t2i_helpers.TOKENIZER}: check out "
+                f"the shared/ folder beside the repository or set {FIXTURES_ENV}.")
+  return t2i_helpers.write_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def run8(shards, tmp_path_factory):
+  """configs/sd15.py:js,tiny for 4 iterations through `main` on 8 devices, made once per
+  session (xdist workers share it through a file lock); its workdir."""
+  from tests import t2i_helpers  # pylint: disable=g-import-not-at-top
+  return t2i_helpers.make_run8(shards, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def clip_folders(tmp_path_factory):
+  """Tiny CLIP folders ('untied' random, 'tied' colour <-> caption) and reference scores."""
+  from tests import t2i_helpers  # pylint: disable=g-import-not-at-top
+  return t2i_helpers.make_clip_folders(tmp_path_factory)

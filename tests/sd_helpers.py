@@ -64,7 +64,9 @@ def torch_models(seed=0):
 
 
 def write_folder(root, models, safe_serialization=True):
-  """A diffusers model folder: the tiny networks, SD 1.5's scheduler config and tokenizer."""
+  """A diffusers model folder: the tiny networks, SD 1.5's scheduler config and tokenizer
+  (copied from the fixtures: skips the test without them)."""
+  require_fixtures()
   root = pathlib.Path(root)
   for name, model in models.items():
     model.save_pretrained(root / name, safe_serialization=safe_serialization)

@@ -1,13 +1,12 @@
 """Durable runs: exact resume after SIGKILL, SIGTERM, corrupt checkpoints,
 incompatible configs, non-finite losses, and two processes = one process.
 
-Runs use the toy config shrunk to 2x32 MLPs (see test_train.small_toy), so a
+Runs use the toy config shrunk to 2x32 MLPs (see tests/helpers.small_toy), so a
 step takes milliseconds and compilation dominates.
 """
 
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -17,21 +16,15 @@ import time
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from fdistill_jax import plugins
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax.train import loop as train
-from tests.test_train import REPO, small_toy
+from tests.helpers import (REPO, TOY_FLAGS, assert_trees_equal, env, saved_state,
+                           saved_steps, sigkill_after_first_checkpoint, small_toy)
 
 REGISTRY = plugins.default_registry()   # every problem (fdistill_jax.plugins)
-
-TOY_FLAGS = ["--config.batch_size=16", "--config.toy.width=32",
-             "--config.toy.depth=2", "--config.toy.fit_steps=20", "--config.toy.fit_batch=64",
-             "--config.sample_every=0",
-             "--config.disc.resolutions=(0,1)", "--config.disc.channels=16",
-             "--config.fake_score_update_freq=2", "--config.log_every=50"]
 
 
 def toy_overrides(total_steps, checkpoint_every):
@@ -42,55 +35,6 @@ def main_cmd(workdir, total_steps, checkpoint_every, *extra):
   return ([sys.executable, "-m", "fdistill_jax.main", f"--config={REPO}/configs/toy2d.py:js",
            f"--workdir={workdir}", f"--config.total_steps={total_steps}",
            f"--config.checkpoint_every={checkpoint_every}"] + TOY_FLAGS + list(extra))
-
-
-def env(devices=8):
-  e = dict(os.environ)
-  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  e["JAX_PLATFORMS"] = "cpu"
-  e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
-  e["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
-  e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  return e
-
-
-def saved_steps(workdir):
-  d = os.path.join(workdir, "checkpoints")
-  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
-
-
-def saved_state(workdir, step):
-  """The raw saved TrainState at `step` (nested dicts of numpy arrays)."""
-  path = os.path.join(workdir, "checkpoints", str(step), "state")
-  ckptr = ocp.StandardCheckpointer()
-  tree = ckptr.metadata(path).item_metadata.tree
-  here = jax.sharding.SingleDeviceSharding(jax.devices()[0])   # whatever topology saved it
-  return jax.device_get(ckptr.restore(path, jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), tree)))
-
-
-def assert_trees_equal(a, b):
-  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert len(la) == len(lb)
-  for x, y in zip(la, lb):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def sigkill_after_first_checkpoint(cmd, workdir, max_delay, timeout=300):
-  """Starts `cmd` (a run in `workdir`), SIGKILLs it a random 0..max_delay s after its first
-  checkpoint appears; returns the steps saved at the kill (asserted non-empty)."""
-  proc = subprocess.Popen(cmd, env=env(), cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + timeout
-  while not saved_steps(workdir) and time.time() < deadline and proc.poll() is None:
-    time.sleep(0.05)
-  time.sleep(random.Random().uniform(0.0, max_delay))
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL, f"the run ended (exit {proc.returncode}) before the kill"
-  at_kill = saved_steps(workdir)
-  assert at_kill, "the run never wrote a checkpoint before it was killed"
-  return at_kill
 
 
 def run_in_process(workdir, **overrides):
@@ -198,6 +142,7 @@ def two_processes(workdir, total, every, *extra):
       text=True) for i in range(2)]
 
 
+@pytest.mark.slow      # two subprocesses, each compiling its steps
 def test_two_processes_train_like_one_process(tmp_path):
   """Two processes x 4 CPU devices (jax.distributed on a loopback coordinator)
   reach the same parameters as one process with 8 devices."""
@@ -214,6 +159,7 @@ def test_two_processes_train_like_one_process(tmp_path):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow      # two subprocesses, each compiling its steps
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   """JAX's preemption service turns a SIGTERM to one process into one agreed step:
   both processes save that step (one checkpoint, written together) and exit as

@@ -11,7 +11,7 @@ import pytest
 
 from fdistill_jax import config_lib
 from fdistill_jax.data import registry as data_registry
-from tests.test_launch import parse_main
+from tests.helpers import parse_main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("[a-z]*.py"))

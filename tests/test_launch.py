@@ -14,13 +14,11 @@ import shlex
 import stat
 import subprocess
 
-from absl import flags
-from ml_collections import config_flags
 import pytest
 
 from fdistill_jax import config_lib
-from fdistill_jax import main as main_lib
 from fdistill_jax.tools import sweep
+from tests.helpers import parse_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch")
@@ -36,24 +34,6 @@ def _bash(script, *args, env=None, cwd=REPO):
                        capture_output=True, text=True, check=False)
   assert out.returncode == 0, out.stderr
   return out.stdout
-
-
-def parse_main(argv):
-  """(config, other flags) of `python -m fdistill_jax.main ARGV`, as main would see them."""
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True,
-                                  sys_argv=["main", *argv])
-  flags.DEFINE_string("workdir", None, "", flag_values=fv)
-  flags.DEFINE_bool("multihost", False, "", flag_values=fv)
-  cwd = os.getcwd()
-  try:
-    os.chdir(REPO)             # config paths in the scripts are relative to the repository
-    fv(["main", *argv])
-  finally:
-    os.chdir(cwd)
-  for name in ("config", "workdir", "multihost"):
-    assert name in main_lib.FLAGS, f"fdistill_jax.main has no --{name}"   # main's real flags
-  return fv.config, {"workdir": fv.workdir, "multihost": fv.multihost}
 
 
 def _main_argv(command):

@@ -7,6 +7,8 @@ and student (Theorem 1), and closed forms for EDM / GAN / R1 / samplers.
 
 import functools
 
+from absl.testing import parameterized
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -266,7 +268,7 @@ def _sharded_run(mesh, args, name):
 @pytest.mark.parametrize("name", ["fkl", "softened_rkl"])
 def test_normalisation_is_global_under_sharding(name):
   """1 device vs 8 devices (batch sharded): same numbers, equal to numpy."""
-  assert len(jax.devices()) == 8, "conftest should give 8 CPU devices"
+  chex.assert_devices_available(8, "cpu")        # conftest: 8 simulated CPU devices
   args = _batch(5, b=64, shape=(2, 4), logit_std=4.0)
   one = _sharded_run(Mesh(np.array(jax.devices()[:1]), ("data",)), args, name)
   eight = _sharded_run(Mesh(np.array(jax.devices()), ("data",)), args, name)
@@ -553,3 +555,125 @@ def test_linear_bins_are_fastgens_bins_of_sigma():
   np.testing.assert_allclose(np.exp(np.asarray(log_h, np.float64)), h / h.mean(), rtol=1e-5)
   with pytest.raises(ValueError, match="bin spacing"):
     losses.sigma_bin_indices(jnp.asarray(sigma), 10, spacing="cubic")
+
+
+# ----------------------------------------------------------------------------
+# chex: shapes and dtypes of every divergence's loss, weights and gradients;
+# jit and no-jit agree with the independent references; no retracing.
+
+
+class GeneratorLossChexTest(chex.TestCase):
+  """Every divergence through `fdistill_generator_loss` and `fdistill_log_weight`, run
+  both under jax.jit and eagerly (chex.variants); each variant must match the numpy
+  references above at the tolerances of the numerical tests (float32)."""
+
+  B, SHAPE, BINS = 8, (3, 4, 4), 4
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*NAMES)
+  def test_loss_weights_and_gradient_shapes_dtypes_and_values(self, name):
+    x, dt, df, log_r, sigma = _batch(20, b=self.B, shape=self.SHAPE)
+
+    @self.variant
+    def loss_and_grad(x, dt, df, log_r, sigma):
+      fn = lambda x: losses.fdistill_generator_loss(
+          x, dt, df, log_r, sigma, divergence=name, num_bins=self.BINS)
+      return jax.value_and_grad(fn, has_aux=True)(x)
+
+    @self.variant
+    def log_weight(log_r, sigma):
+      return losses.fdistill_log_weight(log_r, sigma, divergence=name, num_bins=self.BINS)
+
+    (loss, aux), g = loss_and_grad(x, dt, df, log_r, sigma)
+    log_h, stats = log_weight(log_r, sigma)
+    chex.assert_shape(loss, ())
+    chex.assert_shape(g, x.shape)
+    chex.assert_shape(log_h, (self.B,))
+    chex.assert_shape([aux["h_min"], aux["h_mean"], aux["h_max"], aux["log_ratio_std"]], ())
+    chex.assert_shape([stats["bin_count"], stats["bin_log_mean_ratio"]], (self.BINS,))
+    chex.assert_type([loss, g, log_h, aux["h_mean"], stats["bin_log_mean_ratio"]], jnp.float32)
+    chex.assert_tree_all_finite((loss, g, log_h, aux))
+    # Independent: the two-stage normalisation in numpy, DMD2's time weight.
+    want_log_h = _np_log_weight(log_r, sigma, name, num_bins=self.BINS)[0]
+    chex.assert_trees_all_close(log_h, want_log_h.astype(np.float32), rtol=1e-5, atol=1e-5)
+    w = np.exp(want_log_h) / np.abs(x - dt).mean(axis=(1, 2, 3))
+    want = (w[:, None, None, None] * (df - dt) / x.size).astype(np.float32)
+    chex.assert_trees_all_close(g, want, rtol=1e-4, atol=1e-10)
+    chex.assert_trees_all_close(aux["h_mean"], np.float32(1.0), rtol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*NAMES)
+  def test_gradient_contract_matches_the_closed_form(self, name):
+    """No normalisation, no time weighting: d loss / d x_i = h_i (D_fake - D_teacher)_i /
+    (sigma_i^2 x.size), h from NP_LOG_H (tolerance of test_gradient_contract_*)."""
+    x, dt, df, log_r, sigma = _batch(21)
+    grad = self.variant(jax.grad(
+        lambda x: losses.fdistill_generator_loss(
+            x, dt, df, log_r, sigma, divergence=name, time_weighting="none",
+            normalize_ratio=False, normalize_weight=False)[0]))
+    g = grad(x)
+    chex.assert_shape(g, x.shape)
+    chex.assert_type(g, jnp.float32)
+    h = np.exp(NP_LOG_H[name](log_r.astype(np.float64)))
+    want = ((h / sigma**2)[:, None, None, None] * (df - dt) / x.size).astype(np.float32)
+    chex.assert_trees_all_close(g, want, rtol=2e-4, atol=1e-9)
+
+  def test_jit_and_eager_agree(self):
+    """The same loss, gradient and weights jitted and eagerly, every divergence: equal to
+    float32 round-off (rtol 1e-6; XLA may fuse and reorder the sums)."""
+    x, dt, df, log_r, sigma = _batch(22, b=self.B, shape=self.SHAPE)
+    for name in NAMES:
+      fn = lambda x, name=name: losses.fdistill_generator_loss(
+          x, dt, df, log_r, sigma, divergence=name, num_bins=self.BINS)
+      eager = jax.value_and_grad(fn, has_aux=True)(x)
+      jitted = jax.jit(jax.value_and_grad(fn, has_aux=True))(x)
+      chex.assert_trees_all_equal_shapes_and_dtypes(eager, jitted)
+      chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-12)
+
+  def test_no_retracing_across_batches_of_one_shape(self):
+    """A jitted generator step is traced once per divergence, whatever the values: new
+    batches of the same shapes and dtypes must reuse the trace."""
+    chex.clear_trace_counter()
+
+    @functools.partial(jax.jit, static_argnames="name")
+    @chex.assert_max_traces(n=len(NAMES))
+    def step(x, dt, df, log_r, sigma, name):
+      fn = lambda x: losses.fdistill_generator_loss(x, dt, df, log_r, sigma, divergence=name,
+                                                    num_bins=self.BINS)
+      return jax.grad(fn, has_aux=True)(x)
+
+    for seed in range(3):
+      for name in NAMES:
+        g, _ = step(*_batch(30 + seed, b=self.B, shape=self.SHAPE), name=name)
+        chex.assert_shape(g, (self.B,) + self.SHAPE)
+    with self.assertRaises(AssertionError):        # the guard itself fires on a new shape
+      step(*_batch(40, b=2 * self.B, shape=self.SHAPE), name="js")
+
+
+class OtherLossesChexTest(chex.TestCase):
+  """Fake score, GAN and R1 losses: per-example shapes, dtypes, jit = eager = numpy."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_per_example_losses(self):
+    x, dt, _, _, sigma = _batch(23)
+    fake = self.variant(losses.fake_score_loss)(jnp.asarray(dt), jnp.asarray(x),
+                                                jnp.asarray(sigma.reshape(-1, 1, 1, 1)))
+    chex.assert_shape(fake, (8,))
+    chex.assert_type(fake, jnp.float32)
+    lam = (sigma**2 + 0.25) / (sigma * 0.5)**2
+    chex.assert_trees_all_close(fake, lam * ((dt - x)**2).mean(axis=(1, 2, 3)), rtol=1e-5)
+    rng = np.random.default_rng(24)
+    real, fk = (rng.normal(size=(8, 1)).astype(np.float32) * 5 for _ in "ab")
+    gen = self.variant(losses.gan_generator_loss)(jnp.asarray(fk))
+    disc = self.variant(losses.gan_discriminator_loss)(jnp.asarray(real), jnp.asarray(fk))
+    chex.assert_shape([gen, disc], (8,))
+    chex.assert_type([gen, disc], jnp.float32)
+    chex.assert_trees_all_close(gen, np.logaddexp(0, -fk[:, 0]), rtol=1e-5)
+    chex.assert_trees_all_close(disc, np.logaddexp(0, -real[:, 0]) + np.logaddexp(0, fk[:, 0]),
+                                rtol=1e-5)
+    w = rng.normal(size=(3, 2)).astype(np.float32)
+    xr = rng.normal(size=(4, 3, 2)).astype(np.float32)
+    r1 = self.variant(lambda v: losses.r1_penalty(
+        lambda y: jnp.sum(w * y**2, axis=(1, 2)), v))(jnp.asarray(xr))
+    chex.assert_shape(r1, (4,))
+    chex.assert_trees_all_close(r1, ((2 * w * xr)**2).sum(axis=(1, 2)), rtol=1e-5)

@@ -3,7 +3,7 @@ checkpoints, two runs on one workdir, exports onto a run, SIGTERM during start-u
 
 The cases run in one subprocess under a memory limit (tests/hostile.py), each
 through `fdistill_jax.main.main` or a tool exactly as on the command line; runs
-are the toy config shrunk to 2x32 MLPs (tests/test_checkpoint.py). A `digest`
+are the toy config shrunk to 2x32 MLPs (tests/helpers.py). A `digest`
 case records a workdir's files (sha256) so that a refused command can be shown
 to have changed nothing.
 """
@@ -19,7 +19,7 @@ import time
 import pytest
 
 from tests import hostile
-from tests.test_checkpoint import TOY_FLAGS
+from tests.helpers import TOY_FLAGS
 
 CONFIG = f"--config={hostile.REPO}/configs/toy2d.py:js"
 

@@ -23,8 +23,7 @@ from fdistill_jax.train import loop as train
 from fdistill_jax.train import models as models_lib
 from fdistill_jax.train import state as state_lib
 from fdistill_jax.train import steps
-from tests.test_checkpoint import saved_state
-from tests.test_train import small_toy
+from tests.helpers import saved_state, small_toy
 
 REGISTRY = plugins.default_registry()   # every problem (fdistill_jax.plugins)
 

@@ -31,7 +31,7 @@ from fdistill_jax.tools import sample
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax.train import loop
 from fdistill_jax.train import state as state_lib
-from tests.test_train import small_toy
+from tests.helpers import small_toy
 
 REGISTRY = plugins.default_registry()   # every problem (fdistill_jax.plugins)
 

@@ -24,13 +24,13 @@ from fdistill_jax.problems.t2i import run_sampling
 from fdistill_jax.problems.t2i import distill
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax.train import warm_start
-import test_t2i
-from test_t2i import REPO, TOKENIZER, shards  # noqa: F401  (module fixture: tiny shards)
+from tests import t2i_helpers
+from tests.t2i_helpers import REPO, TOKENIZER
 
 REGISTRY = plugins.default_registry()   # every problem (fdistill_jax.plugins)
 
 
-tiny_config = functools.partial(test_t2i.tiny_config, config_module=sdxl_config)
+tiny_config = functools.partial(t2i_helpers.tiny_config, config_module=sdxl_config)
 
 
 def test_sdxl_config_is_table5s_column():

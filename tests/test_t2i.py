@@ -1,7 +1,7 @@
 """Text-to-image f-distill on tiny random SD networks (configs/sd15.py:tiny).
 
 Compiles and checkpoint saves dominate: one run through `main` on 8 devices is
-shared (module fixture) by the 1-device comparison, the SIGKILL-resume test (its
+shared (the `run8` fixture, tests/conftest.py) by the 1-device comparison, the SIGKILL-resume test (its
 uninterrupted reference) and the warm-start tests; the gradient test compiles its
 own loss. Data are tiny WebDataset shards the tests write.
 """
@@ -12,11 +12,7 @@ import json
 import os
 import sys
 import tarfile
-from unittest import mock
 
-from absl import flags
-from absl.testing import flagsaver
-import filelock
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,10 +21,8 @@ import PIL.Image
 import pytest
 
 from configs import sd15
-from conftest import SHARED_FIXTURES
 from fdistill_jax import config_lib
 from fdistill_jax import losses
-from fdistill_jax import main as main_lib
 from fdistill_jax import plugins
 from fdistill_jax.data import registry as data_registry
 from fdistill_jax.data import webdataset
@@ -37,102 +31,16 @@ from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax.train import loop as train
 from fdistill_jax.train import steps
 from fdistill_jax.train import warm_start
-from tests.test_checkpoint import assert_trees_equal
-from tests.test_checkpoint import saved_state
-from tests.test_checkpoint import saved_steps
-from tests.test_checkpoint import sigkill_after_first_checkpoint
+from tests.helpers import assert_trees_equal, read_scalars, saved_state, saved_steps
+from tests.helpers import sigkill_after_first_checkpoint
+from tests.t2i_helpers import RUN8_STEPS, add_member, main_args, run_main, tiny_config, write_shards
 
 REGISTRY = plugins.default_registry()   # every problem (fdistill_jax.plugins)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER = SHARED_FIXTURES / "sd15" / "tokenizer"
-
-
-def _add(tar, name, data):
-  info = tarfile.TarInfo(name)
-  info.size = len(data)
-  tar.addfile(info, io.BytesIO(data))
-
-
-def jpeg(rng, size):
-  buf = io.BytesIO()
-  PIL.Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(buf, "JPEG")
-  return buf.getvalue()
-
-
-def write_shards(folder, n=16, per=8, seed=0, corrupt=(), empty=()):
-  """img2dataset-style shards: NNNNN.jpg (20x24, non-square) + NNNNN.txt + NNNNN.json."""
-  rng = np.random.default_rng(seed)
-  os.makedirs(folder, exist_ok=True)
-  for s in range(0, n, per):
-    with tarfile.open(os.path.join(folder, f"{s // per:05d}.tar"), "w") as tar:
-      for i in range(s, min(n, s + per)):
-        image = b"not a jpeg" if i in corrupt else jpeg(rng, (20, 24))
-        _add(tar, f"{i:05d}.jpg", image)
-        _add(tar, f"{i:05d}.txt", b"  " if i in empty else f"a photo of thing {i}".encode())
-        _add(tar, f"{i:05d}.json", b"{}")
-  return str(folder)
-
-
-def tiny_config(arg="js,tiny", config_module=sd15, **overrides):
-  """`config_module`'s (configs/sd15.py, configs/sdxl.py) tiny variant with the fixture
-  tokenizer as every tokenizer, and `overrides` (**{'dotted.field': value})."""
-  c = config_module.get_config(arg)
-  c.teacher.tokenizer = str(TOKENIZER)
-  if "tokenizer_2" in c.teacher:
-    c.teacher.tokenizer_2 = str(TOKENIZER)
-  for k, v in overrides.items():
-    config_lib.set_field(c, k, v)
-  return c
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-  if not TOKENIZER.is_dir():
-    pytest.skip(f"SD 1.5 tokenizer fixture not found at {TOKENIZER}.")
-  return write_shards(tmp_path_factory.mktemp("shards"))
-
-
-def main_args(workdir, shards, variant="js", *extra):
-  """`main`'s flags for configs/sd15.py:VARIANT,tiny on the test's shards (no program name)."""
-  return [f"--config={REPO}/configs/sd15.py:{variant},tiny", f"--workdir={workdir}",
-          f"--config.teacher.tokenizer={TOKENIZER}", f"--config.data.path={shards}", *extra]
-
-
-def run_main(args):
-  """`python -m fdistill_jax.main ARGS` in this process (its devices: 8 simulated)."""
-  argv = ["main", *args]
-  with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv):
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(argv)        # config_flags reads --config.* overrides from sys.argv
-    main_lib.main(["main"])
-
-
-RUN8_STEPS = ("--config.total_steps=4",)   # checkpoints at 2 and 4 (tiny: checkpoint_every=2)
-
-
-@pytest.fixture(scope="module")
-def run8(shards, tmp_path_factory):
-  """configs/sd15.py:js,tiny for 4 iterations through `main`, on 8 devices.
-
-  Made once per session: pytest-xdist workers share it through a file lock in the
-  session's temporary folder (every worker's shards hold the same bytes).
-  """
-  base = tmp_path_factory.getbasetemp()
-  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-  workdir = root / "t2i_run8"
-  with filelock.FileLock(str(root / "t2i_run8.lock")):
-    status = workdir / ckpt_lib.STATUS_FILE
-    if not (status.exists() and json.loads(status.read_text())["state"] == "finished"):
-      run_main(main_args(workdir, shards, "js", *RUN8_STEPS))
-  return str(workdir)
-
 
 # ----------------------------------------------------------------------------
 # The run.
 
 
-@pytest.mark.slow
 def test_sd15_run_through_main_trains_all_three_networks(run8):
   assert saved_steps(run8) == [2, 4]
   spec = json.load(open(os.path.join(run8, ckpt_lib.GENERATOR_SPEC)))
@@ -147,7 +55,7 @@ def test_sd15_run_through_main_trains_all_three_networks(run8):
   assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(parts))
 
 
-@pytest.mark.slow
+@pytest.mark.slow      # generic: the toy's 1 vs 8 devices (test_train) runs by default
 def test_one_device_and_eight_devices_agree(run8, shards, tmp_path):
   """The same 2 iterations on 1 device give the 8-device run's networks at step 2.
 
@@ -201,7 +109,7 @@ def test_warm_start_refuses_a_run_of_other_networks(run8, shards):
     warm_start.warm_start(trainer.state, os.path.join(run8, "nothing"))
 
 
-@pytest.mark.slow
+@pytest.mark.slow      # generic: the toy's SIGKILL resume (test_checkpoint) runs by default
 def test_sigkill_after_a_checkpoint_then_resume_is_bitwise_exact(run8, shards, tmp_path):
   """The run of `run8` (WebDataset shards, SD networks, 8 devices), SIGKILLed at a random
   moment after its first checkpoint (step 2: during steps 3-4 or the final save) and run
@@ -242,7 +150,6 @@ def test_variants_run_an_iteration_through_main(shards, tmp_path):
   update counts; the generator's parameters left the teacher's) and the others did not;
   the loss terms logged are the variant's (no GAN term under no_gan, no f-distill term
   and an untouched ratio running mean under gan_only, h = 1 for rkl)."""
-  from tests.test_train import read_scalars  # pylint: disable=g-import-not-at-top
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("a dog\na red car\nan astronaut riding a horse\n")
   start = jax.tree.leaves(REGISTRY.teacher(tiny_config()).student_params)
@@ -273,7 +180,6 @@ def test_variants_run_an_iteration_through_main(shards, tmp_path):
 # The generator's gradient: Eq. 4 with the CFG teacher.
 
 
-@pytest.mark.slow
 def test_generator_gradient_is_the_vjp_of_eq4_with_the_cfg_teacher(shards):
   """dL/dtheta = (dx/dtheta)^T dL/dx with the teacher's score replaced by its CFG version,
   D_u + w (D_c - D_u) (paper App. D), and the teacher, fake score and ratio constant.
@@ -371,8 +277,8 @@ def test_webdataset_center_crop_and_resize_match_pil(tmp_path):
   buf = io.BytesIO()
   PIL.Image.fromarray(pixels).save(buf, "PNG")
   with tarfile.open(tmp_path / "00000.tar", "w") as tar:
-    _add(tar, "00000.png", buf.getvalue())
-    _add(tar, "00000.txt", b"a cat")
+    add_member(tar, "00000.png", buf.getvalue())
+    add_member(tar, "00000.txt", b"a cat")
   source = webdataset.webdataset_source(ml_collections.ConfigDict(dict(
       path=str(tmp_path / "00000.tar"), resolution=8, num_threads=1)))
   got = source.batch(0, global_batch_size=1)

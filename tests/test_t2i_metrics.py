@@ -19,57 +19,9 @@ from fdistill_jax.metrics.t2i import coco
 from fdistill_jax.metrics.t2i import metrics as t2i_metrics
 from fdistill_jax.tools import cli
 from fdistill_jax.tools import evaluate_t2i as tool
-from sd_helpers import FIXTURES, TINY_TEXT, TINY_VISION, require_fixtures
+from tests.t2i_helpers import CAPTIONS, colour_images, features
 
 torch = pytest.importorskip("torch")
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 210),
-           "yellow": (230, 220, 20)}
-CAPTIONS = [f"a plain {name} square" for name in COLOURS]
-
-
-def colour_images(h=40, w=36):
-  return np.stack([np.broadcast_to(np.uint8(c), (h, w, 3)) for c in COLOURS.values()])
-
-
-def _write(model, folder):
-  model.save_pretrained(folder)
-  for f in (FIXTURES / "tokenizer").iterdir():
-    shutil.copyfile(f, folder / f.name)
-  return folder
-
-
-@pytest.fixture(scope="module")
-def clip_folders(tmp_path_factory):
-  """{'untied': random tiny CLIPModel, 'tied': the same towers, projections fitted so that
-  each colour image and its caption map to the same one-hot vector}, and the torch model."""
-  require_fixtures()
-  from transformers import CLIPConfig, CLIPModel  # pylint: disable=g-import-not-at-top
-  from fdistill_jax.loaders.tokenizer import CLIPTokenizer  # pylint: disable=g-import-not-at-top
-  root = tmp_path_factory.mktemp("clip")
-  torch.manual_seed(0)
-  strip = lambda d: {k: v for k, v in d.items() if k != "projection_dim"}
-  model = CLIPModel(CLIPConfig(text_config=strip(TINY_TEXT), vision_config=strip(TINY_VISION),
-                               projection_dim=8)).eval()
-  folders = {"untied": _write(model, root / "untied")}
-  ids = CLIPTokenizer(FIXTURES / "tokenizer")([t2i_metrics.DMD2_PREFIX + c for c in CAPTIONS])
-  pixels = np.stack([t2i_metrics.clip_pixels(im, TINY_VISION["image_size"])
-                     for im in colour_images()]).transpose(0, 3, 1, 2)
-  inputs = {"input_ids": torch.from_numpy(ids.astype(np.int64)),
-            "pixel_values": torch.from_numpy(pixels.copy())}
-  with torch.no_grad():
-    untied = model(**inputs)
-    pooled_image = model.vision_model(pixel_values=inputs["pixel_values"]).pooler_output
-    pooled_text = model.text_model(input_ids=inputs["input_ids"]).pooler_output
-    target = np.eye(len(COLOURS), 8)   # colour k -> e_k in the shared space, for both towers
-    for proj, pooled in ((model.visual_projection, pooled_image),
-                         (model.text_projection, pooled_text)):
-      fit = np.linalg.lstsq(pooled.numpy().astype(np.float64), target, rcond=None)[0]
-      proj.weight.copy_(torch.from_numpy(fit.T.astype(np.float32)))
-  folders["tied"] = _write(model, root / "tied")
-  reference = {"untied": (untied.image_embeds * untied.text_embeds).sum(-1).numpy()}
-  return folders, reference
-
 
 # ----------------------------------------------------------------------------
 # CLIP score.
@@ -180,12 +132,6 @@ def test_resize_protocol_matches_an_independent_resampler():
 # FID through the protocol, with a cheap stand-in feature function.
 
 
-def _features(images):
-  """[B, 12] features: 2x2 average pool of each channel of the 299 images (float64)."""
-  x = np.asarray(images, np.float64)[:, :298, :298].reshape(len(images), 2, 149, 2, 149, 3)
-  return x.mean(axis=(2, 4)).reshape(len(images), -1)
-
-
 def test_fid_against_own_and_shifted_reference(tmp_path):
   """Against its own statistics FID ~ 0; against mu + delta (same sigma) it is |delta|^2,
   the closed form of the Frechet distance between Gaussians with equal covariance."""
@@ -193,20 +139,20 @@ def test_fid_against_own_and_shifted_reference(tmp_path):
   images = np.stack([_smooth_image(48, 40, seed=s) for s in range(20)])
   images = np.clip(images.astype(int) + rng.integers(-20, 20, images.shape), 0, 255)
   images = images.astype(np.uint8)
-  stats = t2i_metrics.reference_stats(images, _features, tmp_path / "ref.npz", "dmd2", 32,
+  stats = t2i_metrics.reference_stats(images, features, tmp_path / "ref.npz", "dmd2", 32,
                                        batch_size=8)
-  metrics = t2i_metrics.T2IMetrics(str(tmp_path / "ref.npz"), feature_fn=_features, eval_res=32,
+  metrics = t2i_metrics.T2IMetrics(str(tmp_path / "ref.npz"), feature_fn=features, eval_res=32,
                                    batch_size=8)
   scale = np.trace(stats["sigma"])
   assert metrics(images, ["p"] * 20)["fid"] < 1e-6 * scale
   delta = rng.normal(size=stats["mu"].shape) * 3
   with np.load(tmp_path / "ref.npz") as ref:
     np.savez(tmp_path / "shifted.npz", **{**ref, "mu": ref["mu"] + delta})
-  shifted = t2i_metrics.T2IMetrics(str(tmp_path / "shifted.npz"), feature_fn=_features,
+  shifted = t2i_metrics.T2IMetrics(str(tmp_path / "shifted.npz"), feature_fn=features,
                                    eval_res=32, batch_size=8)
   assert shifted.fid(images) == pytest.approx(float(delta @ delta), rel=1e-6)
   with pytest.raises(ValueError, match="eval_res=32"):   # another protocol's statistics
-    t2i_metrics.T2IMetrics(str(tmp_path / "ref.npz"), feature_fn=_features, eval_res=256)
+    t2i_metrics.T2IMetrics(str(tmp_path / "ref.npz"), feature_fn=features, eval_res=256)
 
 
 # ----------------------------------------------------------------------------

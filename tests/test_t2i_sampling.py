@@ -1,6 +1,6 @@
 """Sampling a text-to-image run (fdistill_jax.problems.t2i.run_sampling, sd.grid, tools.sample).
 
-The run is test_t2i.py's `run8` (configs/sd15.py:js,tiny, 4 iterations through `main` on 8
+The run is the `run8` fixture (tests/conftest.py) (configs/sd15.py:js,tiny, 4 iterations through `main` on 8
 devices; made once per session and shared), whose config runs the 't2i_grid'
 evaluator every 2 iterations. Compiles dominate: each test compiles one sampler.
 """
@@ -24,8 +24,7 @@ from fdistill_jax.pipelines import sd_sampling
 from fdistill_jax.tools import cli
 from fdistill_jax.tools import sample
 from fdistill_jax.train import checkpoint as ckpt_lib
-from test_t2i import run8, shards  # noqa: F401  (module fixtures: the shared tiny run)
-from test_t2i_metrics import _features, clip_folders  # noqa: F401  (stand-in Inception, tiny CLIP)
+from tests.t2i_helpers import features
 
 REGISTRY = plugins.default_registry()   # every problem (fdistill_jax.plugins)
 
@@ -33,7 +32,7 @@ PROMPTS = ["a photo of a cat", "two dogs playing in the snow", "a red car"]
 
 
 @pytest.fixture(scope="module")
-def run(run8):  # noqa: F811
+def run(run8):
   return run_sampling.load_run(run8, registry=REGISTRY)
 
 
@@ -41,7 +40,7 @@ def run_sample(args):
   return cli.invoke(sample.main, "sample", sample.FLAGS, args)
 
 
-def test_load_run_reads_the_runs_ema_generator_and_teacher(run, run8):  # noqa: F811
+def test_load_run_reads_the_runs_ema_generator_and_teacher(run, run8):
   assert run.info["step"] == 4 and run.info["which"] == "ema:0"
   assert run.latent_shape == (8, 8, 4) and run.sigma_init == pytest.approx(14.6146)
   assert set(run.teacher_vars["params"]) == {"unet", "text_encoder", "vae"}
@@ -105,7 +104,7 @@ def test_teacher_sampling_equals_sd_sampling_on_the_same_networks(run):
   assert np.abs(unguided.astype(int) - got.astype(int)).max() > 8   # the check sees CFG
 
 
-def test_grid_evaluator_wrote_a_png_and_a_tensorboard_image(run8):  # noqa: F811
+def test_grid_evaluator_wrote_a_png_and_a_tensorboard_image(run8):
   """configs/sd15.py:tiny runs 't2i_grid' (2 prompts) every 2 steps, through main (run8: 4)."""
   png = os.path.join(run8, ckpt_lib.SAMPLES, "t2i_step_0000004.png")
   with PIL.Image.open(png) as im:
@@ -134,7 +133,7 @@ def test_grid_prompts_come_from_the_file_or_the_config(tmp_path):
     sd_grid.grid_prompts(ec)
 
 
-def test_tools_sample_writes_the_t2i_npz_and_grid(run, run8, tmp_path):  # noqa: F811
+def test_tools_sample_writes_the_t2i_npz_and_grid(run, run8, tmp_path):
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("a red car\n\n")
   out, grid = tmp_path / "s.npz", tmp_path / "g.png"
@@ -153,7 +152,7 @@ def test_tools_sample_writes_the_t2i_npz_and_grid(run, run8, tmp_path):  # noqa:
   assert "a red car" in (tmp_path / "g.png.txt").read_text()
 
 
-def test_tools_sample_bad_inputs_are_one_line_errors(run8, tmp_path, capsys):  # noqa: F811
+def test_tools_sample_bad_inputs_are_one_line_errors(run8, tmp_path, capsys):
   out = tmp_path / "s.npz"
   def error(args):
     assert run_sample(args) == 1
@@ -182,7 +181,7 @@ def test_from_models_refuses_a_class_conditional_run():
     run_sampling.from_models(m, {}, 80.0)
 
 
-def _eval_context(run8, **eval_fields):  # noqa: F811
+def _eval_context(run8, **eval_fields):
   """What the 't2i' evaluator reads of an EvalContext, for the run's networks."""
   import types  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
@@ -196,17 +195,17 @@ def _eval_context(run8, **eval_fields):  # noqa: F811
 
 
 def test_t2i_evaluator_scores_the_students_images_of_the_first_prompts(run, run8, tmp_path,
-                                                                        monkeypatch, clip_folders):  # noqa: F811
+                                                                        monkeypatch, clip_folders):
   """The periodic 't2i' evaluator = T2IMetrics (FID with a stand-in feature function, CLIP
   score with a tiny CLIP) of `run_sampling.generate`'s images of the first
   `eval.num_samples` prompts from seed + 3, computed here on the other path (exact: the
   same images give the same numbers, float equality up to 1e-9)."""
   from fdistill_jax.problems.t2i import evaluator as t2i_evaluator  # pylint: disable=g-import-not-at-top
   from fdistill_jax.metrics.t2i import metrics as t2i_metrics  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(t2i_metrics.fid, "load_feature_fn", lambda *a, **k: _features)
+  monkeypatch.setattr(t2i_metrics.fid, "load_feature_fn", lambda *a, **k: features)
   rng = np.random.default_rng(0)
   ref_images = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
-  t2i_metrics.reference_stats(ref_images, _features, tmp_path / "ref.npz", batch_size=8)
+  t2i_metrics.reference_stats(ref_images, features, tmp_path / "ref.npz", batch_size=8)
   (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS + ["unused prompt"]) + "\n")
   fields = dict(fid_every=2, num_samples=3, prompts=str(tmp_path / "prompts.txt"),
                 ref=str(tmp_path / "ref.npz"), inception="stand-in",
@@ -217,7 +216,7 @@ def test_t2i_evaluator_scores_the_students_images_of_the_first_prompts(run, run8
   got = evaluator({"generator": run.generator_params}, 2)
 
   images, _ = run_sampling.generate(run, PROMPTS, seed=int(ctx.config.seed) + 3)
-  want = t2i_metrics.T2IMetrics(str(tmp_path / "ref.npz"), feature_fn=_features,
+  want = t2i_metrics.T2IMetrics(str(tmp_path / "ref.npz"), feature_fn=features,
                                 clip=str(clip_folders[0]["tied"]))(images, PROMPTS)
   assert set(got) == {"eval/fid", "eval/clip_score", "eval/clip_score_x100"}
   for k in ("fid", "clip_score", "clip_score_x100"):

@@ -7,7 +7,7 @@ import ml_collections
 import pytest
 
 from fdistill_jax import config_lib
-from fdistill_jax.train import registry
+from fdistill_jax import plugins
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,7 @@ def test_tiny_variant_refuses_a_teacher_path(name, kind):
   config = config_lib.load_config_file(f"{REPO}/configs/{name}.py:js,tiny")
   config_lib.set_field(config, "teacher.path", "/models/my-own-folder")
   with pytest.raises(ValueError) as e:
-    registry.build(ml_collections.FrozenConfigDict(config))
+    plugins.registry(["t2i"]).teacher(ml_collections.FrozenConfigDict(config))
   message = str(e.value)
   assert len(message.splitlines()) == 1, message
   assert "/models/my-own-folder" in message and f"--config.teacher.kind={kind}" in message

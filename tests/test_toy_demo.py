@@ -31,10 +31,15 @@ def short_config(divergence):
   return c
 
 
+@pytest.mark.slow             # 400 iterations per divergence
 @pytest.mark.parametrize("divergence", config_lib.DIVERGENCES)
 def test_short_run_improves_the_divergence(divergence, tmp_path, monkeypatch):
+  """Each divergence's one end-to-end run: the final checkpoint and the event file are
+  written (as through `main`, tests/test_train.py), and the run improves on the start."""
   monkeypatch.setattr(report, "NUM_EVAL_SAMPLES", 1024)
   loop.train_and_evaluate(short_config(divergence), str(tmp_path), registry=REGISTRY)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["400"]       # the final checkpoint
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
   with open(tmp_path / "metrics.json") as f:
     metrics = json.load(f)
   assert metrics["divergence"] == divergence and metrics["steps"] == 400

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from configs import tiny, toy2d
-from fdistill_jax import config_lib
 from fdistill_jax import losses
 from fdistill_jax import main as main_lib
 from fdistill_jax import plugins
@@ -30,23 +29,9 @@ from fdistill_jax.metrics import fid as fid_lib
 from fdistill_jax.metrics import distances as metrics
 from fdistill_jax.train import loop as train
 from fdistill_jax.train import steps
+from tests.helpers import REPO, read_scalars, small_toy
 
 REGISTRY = plugins.default_registry()   # every problem (fdistill_jax.plugins)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def small_toy(arg="js", **overrides):
-  """The toy config shrunk for tests: 2x32 MLPs, 16-example batches."""
-  c = toy2d.get_config(arg)
-  c.toy.update(width=32, depth=2, fit_steps=20, fit_batch=64)
-  c.disc.resolutions = (0, 1)
-  c.disc.channels = 16
-  c.batch_size, c.total_steps, c.fake_score_update_freq = 16, 3, 2
-  c.log_every, c.checkpoint_every, c.sample_every = 1, 0, 0
-  for k, v in overrides.items():
-    config_lib.set_field(c, k, v)
-  return c
 
 
 def memory_source(n=32, res=8, classes=4, seed=0):
@@ -56,7 +41,9 @@ def memory_source(n=32, res=8, classes=4, seed=0):
       labels=rng.integers(0, classes, n), resolution=res, num_classes=classes)))
 
 
-VARIANTS = ([(d, []) for d in config_lib.DIVERGENCES] + [("js,no_gan", []), ("js,gan_only", [])]
+# Every divergence runs end to end once, in tests/test_toy_demo.py (400 iterations, slow
+# tier); here `main` runs the loss ablations and DMD2's feature choice for 3 iterations.
+VARIANTS = ([("js,no_gan", []), ("js,gan_only", [])]
             + [("fkl", ["--config.disc.features_from=fake_score"])])   # DMD2's feature choice
 
 
@@ -76,20 +63,6 @@ def test_every_variant_runs_through_main(variant, extra, tmp_path):
   steps_saved = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   assert steps_saved == ["3"], steps_saved       # the final checkpoint
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
-
-
-def read_scalars(workdir):
-  """{tag: [(step, value), ...]} from the TensorBoard event files of a workdir."""
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
-  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
-  acc = event_accumulator.EventAccumulator(str(workdir), size_guidance={"tensors": 0})
-  acc.Reload()
-  out = {}
-  for tag in acc.Tags()["tensors"]:
-    values = [(e.step, tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
-    if all(v.size == 1 and v.dtype.kind == "f" for _, v in values):    # scalars only
-      out[tag] = [(step, float(v)) for step, v in values]
-  return out
 
 
 def test_every_metric_reaches_tensorboard_with_a_sparse_log_period(tmp_path):
