@@ -18,12 +18,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from fdistill_jax.loaders.errors import ConversionError  # noqa: F401  (re-exported)
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class ConversionError(ValueError):
-  """A teacher file is not usable (wrong format, mismatched or hostile), or its converted
-  output cannot be written. The message names the file, the key or the field."""
 
 
 @dataclasses.dataclass(frozen=True)
