@@ -27,8 +27,11 @@ The paper's protocol (Sec. 5) is two runs: an `rkl` run first, then `js` (or
 Shared with configs/sdxl.py (`fdistill_jax/problems/t2i/run_config.py`): bf16
 compute, remat, SD's own clock for the noise levels (DDPM timesteps uniform in
 [20, 980] for the f-distill term, [0, 999] for the fake score and the GAN;
-`fdistill_jax.train.noise`), FastGen's x0-MSE fake-score loss, no EMA, R1 off,
-data and evaluation.
+`fdistill_jax.train.noise`), no EMA, R1 off, data and evaluation. The fake
+score's loss is FastGen's unweighted x0-MSE (its SD 1.5 f-distill config sets
+`fake_score_pred_type='x0'`): the paper's authors' recipe for this teacher,
+and the error in the x0 prediction the f-distill gradient reads (DMD2's eps-MSE
+weights it by 1 / sigma^2, about 1200 at t = 0; `loss.fake_score_weighting=eps`).
 
 Evaluation: 't2i_grid' every `sample_every` = 1000 iterations: the paper's Fig. 7 prompts, the frozen
 teacher's 50-step guided DDIM image beside the one-step student's (fdistill_jax/problems/t2i/grid.py;

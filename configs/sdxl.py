@@ -18,7 +18,10 @@ iterations, CFG 8 on the teacher's score in the f-distill term, Adam lr 5e-7
 `configs/experiments/SDXL/config_f_distill.py`). Settings Table 5 does not
 list for SDXL keep the SD 1.5 config's values (weight decay 1e-2, R1 off, SD's
 own clock: DDPM timesteps uniform in [20, 980] / [0, 999] on the scaled-linear
-schedule SDXL shares with SD 1.5, FastGen's x0-MSE fake-score loss, no EMA);
+schedule SDXL shares with SD 1.5, no EMA). The fake score's loss is the
+unweighted eps-MSE (`loss.fake_score_weighting = 'eps'`): FastGen's SDXL
+f-distill config leaves `fake_score_pred_type` unset, so it trains in the
+U-Net's own eps parameterisation, as DMD2 does (SD 1.5: FastGen's x0-MSE);
 docs/t2i_settings.md tabulates them with their sources. Grids use the paper's
 Fig. 1 prompts (its SDXL samples).
 
@@ -79,6 +82,7 @@ def get_config(arg="js"):
   c.fake_score_update_freq = 5
   c.loss.gan_weight = 5e-3
   c.loss.cfg_weight = 8.0
+  c.loss.fake_score_weighting = "eps"     # FastGen's SDXL config and DMD2: eps-MSE
   c.disc.resolutions = (MID,)
   c.optim.gen_lr = c.optim.fake_lr = c.optim.disc_lr = 5e-7
   if "runlocal" in flags:

@@ -38,7 +38,7 @@ def test_sdxl_config_is_table5s_column():
   assert tuple(c.disc.resolutions) == (sdxl_config.MID,) and c.data.resolution == 1024
   assert c.teacher.kind == "sdxl"
   assert (c.loss.clock, c.loss.fake_score_weighting, tuple(c.ema_decays), c.loss.r1_gamma) == (
-      "ddpm", "x0", (), 0.0)
+      "ddpm", "eps", (), 0.0)
   assert len(c.eval.grid_prompts) == 8 and c.eval.grid_prompts[0].startswith(
       "There is a long river in the middle of a spectacular valley")      # the paper's Fig. 1
   for d in config_lib.DIVERGENCES:

@@ -9,8 +9,10 @@ generator step every `fake_score_update_freq` iterations (DMD2's schedule).
 Both are pure functions of (state, teacher_variables[, batch]); randomness is
 `fold_in(state.rng, step)`, learning rates are functions of `state.step` (the
 iteration). The teacher's variables are an argument and never receive
-gradient. The training settings and their sources (paper, FastGen, DMD2) are
-tabulated in the README ("Training settings").
+gradient. Every noise level comes from `train.noise.noise_levels` (the
+teacher's own clock). The training settings and their sources (paper, FastGen,
+DMD2) are tabulated in the README ("Training settings") and, for SD 1.5 and
+SDXL, in docs/t2i_settings.md.
 """
 
 import jax

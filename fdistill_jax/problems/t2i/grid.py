@@ -14,7 +14,8 @@ with CFG weight `eval.grid_cfg`, where 0 (the default) means the run's
 App. D), so that the two columns show the same target (SD's usual 7.5 gives
 more saturated teacher images than the student is trained to match). The
 student (one call) is sampled at each evaluation with the weights evaluators
-receive ('generator': the first EMA copy).
+receive ('generator': the first EMA copy, or the raw generator of a run that keeps
+none, as the text-to-image configs).
 
 Prompts: `eval.grid_prompts_file` (one prompt per line) when set, else
 `eval.grid_prompts`. The configs set the paper's (`paper_prompts`): Fig. 7's

@@ -13,8 +13,8 @@ teacher; everything else is here, once:
   (FastGen's bins of its time t). The generator maps sigma_max z to a clean
   latent (pure noise at t = 999);
 * the references' SD recipe: fake-score loss FastGen's unweighted x0-MSE
-  (`fake_score_pred_type='x0'` of its SD configs; DMD2's eps-MSE is
-  `loss.fake_score_weighting=eps`), no EMA copy (FastGen's SD configs and
+  (`fake_score_pred_type='x0'` of its SD 1.5 config; configs/sdxl.py sets
+  DMD2's and FastGen-SDXL's eps-MSE, `loss.fake_score_weighting=eps`), no EMA copy (FastGen's SD configs and
   DMD2's SD training keep none; `--config.ema_decays='(0.9999,)'` adds one),
   R1 off as in FastGen's SD configs (`loss.r1_gamma` > 0 turns it on:
   `loss.r1_form=approx` is FastGen's form, 'exact' the EDM configs' one);
@@ -46,7 +46,7 @@ def text_to_image(c, *, teacher_kind, teacher_path, resolution, grid_figure):
   c.loss.t_fdistill = (20, 980)           # DMD2: min/max_step_percent 0.02 / 0.98
   c.loss.t_fake_score = (0, 999)          # DMD2: fake score and GAN on every timestep
   c.loss.t_gan = (0, 999)
-  c.loss.fake_score_weighting = "x0"      # FastGen's SD configs (DMD2: eps)
+  c.loss.fake_score_weighting = "x0"      # FastGen's SD 1.5 config (DMD2, FastGen SDXL: eps)
   c.loss.sigma_min = SIGMA_MIN
   c.loss.sigma_max = SIGMA_MAX
   c.loss.sigma_init = SIGMA_MAX           # the generator's input: pure noise at t = 999
