@@ -231,3 +231,26 @@ def test_approximate_r1_is_the_mse_of_logits():
   np.testing.assert_allclose(approx, 0.01 * np.asarray(n @ w) ** 2, rtol=1e-4, atol=1e-6)
   exact = losses.r1_penalty(logit, x)
   np.testing.assert_allclose(np.mean(approx) / 0.01, np.mean(exact), rtol=0.05)
+
+
+def test_the_critic_step_adds_fastgens_approximate_r1(monkeypatch):
+  """loss.r1_form='approx': the discriminator loss is the GAN loss plus r1_gamma x the mean
+  of (l(x_t) - l(x_t + 0.1 n))^2 over the real batch (FastGen's gan_r1_reg_weight form),
+  recomputed here from the heads; no second backward pass is traced."""
+  c = ml_collections.FrozenConfigDict(small_toy(
+      "js", **{"loss.r1_gamma": 2.0, "loss.r1_form": "approx"}))
+  t = trainer_for(c)
+  st, real = t.state, batch_at(t, 0)["images"]
+  rng = jax.random.PRNGKey(6)
+  x, labels = steps.generator_samples(t.models, st.gen, rng, c.batch_size, c.loss.sigma_init)
+  loss, metrics = steps.disc_loss(st.disc, st.fake, t.models, t.teacher_vars, real, None, x,
+                                  labels, rng, c)
+  k_real, _ = jax.random.split(rng)
+  real_t, real_sigma = steps._noised(k_real, real, c)
+  logits = lambda v: t.models.heads.apply({"params": st.disc}, steps.features(
+      t.models, t.teacher_vars, st.fake, v, real_sigma, None, "teacher")[1])
+  n = jax.random.normal(jax.random.fold_in(rng, steps.R1_NOISE), real_t.shape)
+  want = np.mean(np.asarray(logits(real_t) - logits(real_t + 0.1 * n)) ** 2)
+  np.testing.assert_allclose(metrics["disc/r1_approx"], want, rtol=1e-5)
+  np.testing.assert_allclose(loss, metrics["disc/gan_loss"] + 2.0 * want, rtol=1e-5)
+  assert "disc/r1" not in metrics
