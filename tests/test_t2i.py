@@ -191,6 +191,21 @@ def test_warm_start_restores_exactly_the_named_parts(run8, shards, tmp_path, mon
   np.testing.assert_array_equal(st.rng, fresh.rng)
 
 
+@pytest.mark.parametrize("config_file, says", [
+    ("sd15.py:js", True), ("sd15.py:fkl", True), ("sdxl.py:js", True), ("sd15.py:rkl", False),
+    ("cifar10.py:js", False)])
+def test_cold_js_and_fkl_runs_say_how_the_paper_warm_starts(monkeypatch, config_file, says):
+  """One line for a js / fkl text-to-image run that starts without init_from (`train.loop`
+  calls `advise` then), saying why (Sec. 5) and how; none for rkl (the run to warm-start
+  from) nor for the EDM configs."""
+  lines = []
+  monkeypatch.setattr(warm_start.console, "say", lambda msg, *a: lines.append(msg % a))
+  warm_start.advise(config_lib.load_config_file(os.path.join(REPO, "configs", config_file)))
+  assert len(lines) == int(says), lines
+  if says:
+    assert "reverse-KL" in lines[0] and "--config.init_from=RUN_DIR" in lines[0]
+
+
 def test_warm_start_refuses_a_run_of_other_networks(run8, shards):
   c = tiny_config(**{"data.path": shards, "disc.resolutions": (8,)})
   trainer = train.build_trainer(c)
