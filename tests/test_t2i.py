@@ -35,7 +35,7 @@ from fdistill_jax.pipelines import denoisers as sd_denoiser
 from fdistill_jax.train import registry as teacher_registry
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax.train import loop as train
-from fdistill_jax.train import noise
+from fdistill_jax.train import noise as noise_lib
 from fdistill_jax.train import steps
 from fdistill_jax.train import warm_start
 from tests.test_checkpoint import assert_trees_equal
@@ -325,7 +325,7 @@ def test_generator_gradient_is_the_vjp_of_eq4_with_the_cfg_teacher(shards):
     return sd_denoiser.unet_denoiser(teacher.unet, {"params": p["unet"]}, schedule)(
         s * z, jnp.full((c.batch_size,), s), context)
   x, vjp = jax.vjp(sample, st.gen)
-  sigma = noise.noise_levels(c, steps.generator_term(c), k_s, c.batch_size)
+  sigma = noise_lib.noise_levels(c, steps.generator_term(c), k_s, c.batch_size)
   x_t = x + sigma[:, None, None, None] * jax.random.normal(k_e, x.shape)
   d_t = guided(x_t, sigma, context)
   d_cond = sd_denoiser.unet_denoiser(teacher.unet, {"params": tv["params"]["unet"]}, schedule)(
@@ -339,7 +339,7 @@ def test_generator_gradient_is_the_vjp_of_eq4_with_the_cfg_teacher(shards):
     return losses.fdistill_generator_loss(
         xx, d_t, d_f, logit, sigma, divergence="fkl", num_bins=lc.num_bins,
         logit_clip=lc.logit_clip, ratio_clip=tuple(lc.ratio_clip),
-        bin_ids=noise.bin_indices(c, sigma))[0]
+        bin_ids=noise_lib.bin_indices(c, sigma))[0]
   expected = vjp(jax.grad(loss_in_x)(x))[0]
   scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(expected))
   unguided = vjp(jax.grad(functools.partial(loss_in_x, d_t=d_cond))(x))[0]
