@@ -16,9 +16,14 @@ Table 5: batch 384, fake-score update frequency 5, GAN weight 5e-3, 25k
 iterations, CFG 8 on the teacher's score in the f-distill term, Adam lr 5e-7
 (generator, fake score and discriminator, as FastGen's
 `configs/experiments/SDXL/config_f_distill.py`). Settings Table 5 does not
-list for SDXL keep the SD 1.5 config's values (weight decay 1e-2, R1 gamma 1,
-Karras noise levels on the discrete schedule's [0.0292, 14.61], which SDXL
-shares with SD 1.5).
+list for SDXL keep the SD 1.5 config's values (weight decay 1e-2, R1 off, SD's
+own clock: DDPM timesteps uniform in [20, 980] / [0, 999] on the scaled-linear
+schedule SDXL shares with SD 1.5, no EMA). The fake score's loss is the
+unweighted eps-MSE (`loss.fake_score_weighting = 'eps'`): FastGen's SDXL
+f-distill config leaves `fake_score_pred_type` unset, so it trains in the
+U-Net's own eps parameterisation, as DMD2 does (SD 1.5: FastGen's x0-MSE);
+docs/t2i_settings.md tabulates them with their sources. Grids use the paper's
+Fig. 1 prompts (its SDXL samples).
 
 Discriminator input: Table 5 lists resolution (16). At 1024 px the SDXL U-Net's
 features have heights 128, 64 and 32 (its last block does not downsample), so
@@ -70,13 +75,14 @@ def get_config(arg="js"):
                                            extra_tokens=EXTRA_TOKENS)
   c = config_lib.base_config()
   run_config.text_to_image(c, teacher_kind="sdxl", teacher_path="stable-diffusion-xl-base-1.0",
-                           resolution=1024)
+                           resolution=1024, grid_figure="fig1")
   c.teacher.tokenizer_2 = ""              # "" = the teacher folder's tokenizer_2/
   c.total_steps = 25_000
   c.batch_size = 384
   c.fake_score_update_freq = 5
   c.loss.gan_weight = 5e-3
   c.loss.cfg_weight = 8.0
+  c.loss.fake_score_weighting = "eps"     # FastGen's SDXL config and DMD2: eps-MSE
   c.disc.resolutions = (MID,)
   c.optim.gen_lr = c.optim.fake_lr = c.optim.disc_lr = 5e-7
   if "runlocal" in flags:

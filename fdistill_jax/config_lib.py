@@ -84,6 +84,7 @@ def base_config():
   c.attention = "auto"                # auto | xla (reference) | jax | cudnn | pallas
   c.frozen_dtype = "float32"          # storage of teacher, VAE, text towers (bfloat16: half)
   c.init_from = ""                    # a run's workdir: warm start gen/fake/disc from it
+  c.warm_start_advised = False        # js/fkl without init_from: say how the paper warm-starts
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.kind = "edm"              # edm (snapshot/converted dir) | random | toy
@@ -95,6 +96,8 @@ def base_config():
   c.loss.fdistill_weight = 1.0
   c.loss.gan_weight = 1e-3
   c.loss.r1_gamma = 0.0
+  c.loss.r1_form = "exact"            # exact (||grad||^2, gamma/2) | approx (FastGen: MSE of logits)
+  c.loss.r1_alpha = 0.1               # r1_form=approx: the perturbation x + alpha n (FastGen)
   c.loss.time_weighting = "dmd"
   c.loss.normalize_ratio = True
   c.loss.normalize_weight = True
@@ -102,7 +105,14 @@ def base_config():
   c.loss.logit_clip = 10.0            # clamp of the head-mean logit (FastGen); 0: off
   c.loss.ratio_clip = (0.1, 20.0)     # (lo, hi) clamp of r before stage 1 (FastGen); (): off
   c.loss.ratio_ema_rate = 0.0         # running per-bin mean of r for stage 1 (FastGen IN64: 0.5)
-  c.loss.bin_spacing = "linear"       # stage-1 bins equal-width in sigma (FastGen) | log
+  c.loss.bin_spacing = losses.DEFAULT_BIN_SPACING   # clock=karras: bins of sigma (linear) | log
+  c.loss.clock = "karras"             # noise levels: karras (EDM teachers) | ddpm (SD 1.5, SDXL)
+  c.loss.t_fdistill = (20, 980)       # clock=ddpm: DDPM timesteps drawn, inclusive (DMD2)
+  c.loss.t_fake_score = (0, 999)
+  c.loss.t_gan = (0, 999)
+  c.loss.ddpm = ml_collections.ConfigDict({   # clock=ddpm: the teacher's scheduler (SD's)
+      "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+      "num_train_timesteps": 1000})
   c.loss.sigma_init = 80.0            # generator input noise level
   c.loss.sigma_min = 0.002
   c.loss.sigma_max = 80.0
@@ -110,6 +120,7 @@ def base_config():
   c.loss.min_index = 2                # FastGen: min/max_step_percent 0.002 / 0.998
   c.loss.max_index = 998
   c.loss.fake_sigma = "karras"        # fake-score sigma: karras (as the gen loss) | lognormal
+  c.loss.fake_score_weighting = "edm"  # fake-score loss: edm (lambda) | x0 (FastGen) | eps (DMD2)
   c.loss.p_mean = -1.2                # EDM log-normal (loss.fake_sigma="lognormal")
   c.loss.p_std = 1.2
   c.loss.cfg_weight = 1.0             # 1: no classifier-free guidance
@@ -264,12 +275,36 @@ def _validate_recipe(config):
          f"loss.bin_spacing={lc.bin_spacing!r}; expected one of {losses.BIN_SPACINGS}.")
   _check(lc.fake_sigma in ("karras", "lognormal"),
          f"loss.fake_sigma={lc.fake_sigma!r}; expected 'karras' or 'lognormal'.")
+  _check(lc.fake_score_weighting in losses.FAKE_SCORE_WEIGHTINGS,
+         f"loss.fake_score_weighting={lc.fake_score_weighting!r}; expected one of "
+         f"{losses.FAKE_SCORE_WEIGHTINGS}.")
+  _check(lc.r1_form in ("exact", "approx") and lc.r1_alpha > 0,
+         f"loss.r1_form={lc.r1_form!r}, loss.r1_alpha={lc.r1_alpha}; expected 'exact' or "
+         "'approx' and alpha > 0.")
+  _validate_clock(lc)
   _check(0 <= config.student_dropout < 1,
          f"student_dropout={config.student_dropout} must lie in [0, 1).")
   _check(config.disc.head in ("dmd2", "light"),
          f"disc.head={config.disc.head!r}; expected 'dmd2' or 'light'.")
   _check(config.disc.fake_score_gan_weight >= 0,
          f"disc.fake_score_gan_weight={config.disc.fake_score_gan_weight} must be >= 0.")
+
+
+def _validate_clock(lc):
+  """loss.clock and, for 'ddpm', its timestep ranges and schedule."""
+  _check(lc.clock in ("karras", "ddpm"),
+         f"loss.clock={lc.clock!r}; expected 'karras' (EDM teachers) or 'ddpm' "
+         "(discrete-time teachers: SD 1.5, SDXL).")
+  if lc.clock != "ddpm":
+    return
+  num = lc.ddpm.num_train_timesteps
+  for name in ("t_fdistill", "t_fake_score", "t_gan"):
+    r = tuple(lc[name])
+    _check(len(r) == 2 and 0 <= r[0] <= r[1] < num,
+           f"loss.{name}={r}; expected (lo, hi) with 0 <= lo <= hi < {num} (DDPM timesteps).")
+  _check(lc.bin_spacing == "linear",
+         f"loss.bin_spacing={lc.bin_spacing!r} with loss.clock='ddpm': the stage-1 bins are "
+         "equal-width in the timestep t (FastGen); set --config.loss.bin_spacing=linear.")
 
 
 def _validate_edm(ec):

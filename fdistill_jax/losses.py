@@ -72,32 +72,41 @@ def _mean_over_example(v: Array) -> Array:
 
 
 BIN_SPACINGS = ("log", "linear")
+# The one default of the stage-1 bins, here and in the engine (`loss.bin_spacing`):
+# equal-width in the noise variable itself, as NVIDIA FastGen bins its time t.
+DEFAULT_BIN_SPACING = "linear"
 
 
 def sigma_bin_indices(sigma: Array, num_bins: int, sigma_min: float = 0.002,
-                      sigma_max: float = 80.0, spacing: str = "log") -> Array:
-  """Bins noise levels into `num_bins` equal-width bins of log sigma (or sigma).
+                      sigma_max: float = 80.0,
+                      spacing: str = DEFAULT_BIN_SPACING) -> Array:
+  """Bins noise levels into `num_bins` equal-width bins of sigma (or log sigma).
 
-  Bins cover [sigma_min, sigma_max], equal-width in log sigma
-  (`spacing='log'`) or in sigma itself (`'linear'`, NVIDIA FastGen's bins of
-  t = sigma: with 10 bins on [0.002, 80] the first holds every sigma < 8).
-  Noise levels outside the range go to the first or last bin.
+  Bins cover [sigma_min, sigma_max], equal-width in sigma itself
+  (`spacing='linear'`, the default: NVIDIA FastGen's bins of its time
+  variable, t = sigma for EDM teachers: with 10 bins on [0.002, 80] the first
+  holds every sigma < 8) or in log sigma (`'log'`). Any other noise variable
+  can be binned the same way, e.g. a DDPM timestep t with 'linear' bins on
+  [t_lo, t_hi + 1] (`fdistill_jax.train.noise.bin_indices`). Values outside
+  the range go to the first or last bin.
 
   Args:
-    sigma: [B] noise levels.
+    sigma: [B] noise levels (or timesteps).
     num_bins: number of bins (>= 1).
-    sigma_min, sigma_max: range of the bins, 0 < sigma_min < sigma_max.
-    spacing: 'log' or 'linear'.
+    sigma_min, sigma_max: range of the bins, sigma_min < sigma_max, and
+      0 < sigma_min for 'log'.
+    spacing: 'linear' or 'log'.
 
   Returns:
     int32 [B] bin indices in [0, num_bins).
   """
-  if num_bins < 1 or not 0 < sigma_min < sigma_max:
-    raise ValueError(
-        f"Need num_bins >= 1 and 0 < sigma_min < sigma_max, got num_bins="
-        f"{num_bins}, sigma_min={sigma_min}, sigma_max={sigma_max}.")
   if spacing not in BIN_SPACINGS:
     raise ValueError(f"Unknown bin spacing {spacing!r}; expected one of {BIN_SPACINGS}.")
+  lowest = 0 if spacing == "log" else -np.inf
+  if num_bins < 1 or not lowest < sigma_min < sigma_max:
+    raise ValueError(
+        f"Need num_bins >= 1 and sigma_min < sigma_max (and 0 < sigma_min for log bins), got "
+        f"num_bins={num_bins}, sigma_min={sigma_min}, sigma_max={sigma_max}.")
   if spacing == "linear":
     pos = (sigma - sigma_min) / (sigma_max - sigma_min) * num_bins
     return jnp.clip(jnp.floor(pos), 0, num_bins - 1).astype(jnp.int32)
@@ -230,7 +239,8 @@ def fdistill_log_weight(log_ratio: Array, sigma: Array, *,
                         ratio_clip: Union[float, Sequence[float], None] = None,
                         ratio_ema_rate: float = 0.0,
                         log_ratio_ema: Optional[Array] = None,
-                        bin_spacing: str = "log"
+                        bin_spacing: str = DEFAULT_BIN_SPACING,
+                        bin_ids: Optional[Array] = None
                         ) -> tuple[Array, dict[str, Array]]:
   """log h(r) per example, as applied by `fdistill_generator_loss`.
 
@@ -245,7 +255,7 @@ def fdistill_log_weight(log_ratio: Array, sigma: Array, *,
     sigma: [B] noise levels (used for the bins of stage 1).
     divergence, normalize_ratio, normalize_weight, num_bins, sigma_min,
     sigma_max, logit_clip, ratio_clip, ratio_ema_rate, log_ratio_ema,
-    bin_spacing: see `fdistill_generator_loss`.
+    bin_spacing, bin_ids: see `fdistill_generator_loss`.
 
   Returns:
     (log_h [B], stats): stats holds `bin_log_mean_ratio` (log of this batch's
@@ -256,7 +266,11 @@ def fdistill_log_weight(log_ratio: Array, sigma: Array, *,
   div = divergences.get_divergence(divergence)
   log_r = divergences.clip_log_ratio(log_ratio, logit_clip=logit_clip)
   log_r = divergences.clip_log_ratio(log_r, ratio_clip=ratio_clip)
-  bin_ids = sigma_bin_indices(sigma, num_bins, sigma_min, sigma_max, bin_spacing)
+  if bin_ids is None:
+    bin_ids = sigma_bin_indices(sigma, num_bins, sigma_min, sigma_max, bin_spacing)
+  elif bin_ids.shape != log_r.shape:
+    raise ValueError(f"bin_ids has shape {bin_ids.shape}; expected [B]={log_r.shape} (one "
+                     "stage-1 bin per example).")
   _, stats = normalize_log_ratio(log_r, bin_ids, num_bins)
   previous = jnp.zeros((num_bins,), log_r.dtype) if log_ratio_ema is None else log_ratio_ema
   if previous.shape != (num_bins,):
@@ -285,7 +299,8 @@ def fdistill_generator_loss(
     ratio_clip: Union[float, Sequence[float], None] = None,
     dmd_eps: float = 1e-8, ratio_ema_rate: float = 0.0,
     log_ratio_ema: Optional[Array] = None,
-    bin_spacing: str = "log") -> tuple[Array, dict[str, Any]]:
+    bin_spacing: str = DEFAULT_BIN_SPACING,
+    bin_ids: Optional[Array] = None) -> tuple[Array, dict[str, Any]]:
   """The f-distill distribution-matching loss of the generator (Eq. 4).
 
   Theorem 1: grad_theta D_f(p_t || q_t) = E[h(r) (s_q - s_p)(x_t) dx/dtheta],
@@ -310,8 +325,9 @@ def fdistill_generator_loss(
   distribution-matching gradient, whatever the normalisation flags.
 
   Normalisation (Section 4): stage 1 (`normalize_ratio`) divides r by its
-  mean within bins of sigma (`num_bins` equal-width bins of log sigma on
-  [sigma_min, sigma_max]; outliers go to the edge bins) so that E_q[r] = 1 in
+  mean within bins of the noise level (`num_bins` equal-width bins of sigma,
+  or of log sigma, on [sigma_min, sigma_max]; outliers go to the edge bins;
+  or the caller's `bin_ids`, e.g. bins of the DDPM timestep) so that E_q[r] = 1 in
   each populated bin; with `ratio_ema_rate` > 0 the divisor is a running
   mean over batches (FastGen's `ratio_ema_rate`: 0 on CIFAR-10, 0.5 on
   ImageNet-64), carried by the caller in `log_ratio_ema` and returned updated
@@ -341,7 +357,7 @@ def fdistill_generator_loss(
     time_weighting: 'dmd' or 'none' (`TIME_WEIGHTINGS`).
     normalize_ratio: stage-1 normalisation.
     normalize_weight: stage-2 normalisation.
-    num_bins: number of log-sigma bins for stage 1.
+    num_bins: number of stage-1 bins.
     sigma_min, sigma_max: range of the bins.
     logit_clip: optional clip of log_ratio to [-c, c] (first).
     ratio_clip: optional (lo, hi) clip of r, or c meaning (1/c, c) (after
@@ -350,8 +366,10 @@ def fdistill_generator_loss(
     ratio_ema_rate: decay of the running per-bin mean of stage 1, in [0, 1).
     log_ratio_ema: [num_bins] log running means from the previous call
       (None: all zero, i.e. running means of 1).
-    bin_spacing: 'log' (equal-width bins of log sigma) or 'linear' (of sigma,
-      as FastGen); see `sigma_bin_indices`.
+    bin_spacing: 'linear' (equal-width bins of sigma, as FastGen; the
+      default) or 'log' (of log sigma); see `sigma_bin_indices`.
+    bin_ids: optional int [B] stage-1 bin of each example, in [0, num_bins);
+      when given, sigma_min, sigma_max and bin_spacing are not used.
 
   Returns:
     (loss, aux): scalar loss; aux holds h_min/h_mean/h_max (the weight
@@ -378,7 +396,7 @@ def fdistill_generator_loss(
       sigma_min=sigma_min, sigma_max=sigma_max, logit_clip=logit_clip,
       ratio_clip=ratio_clip, ratio_ema_rate=ratio_ema_rate,
       log_ratio_ema=None if log_ratio_ema is None else sg(log_ratio_ema),
-      bin_spacing=bin_spacing)
+      bin_spacing=bin_spacing, bin_ids=bin_ids)
   h = jnp.exp(log_h)
   w = TIME_WEIGHTINGS[time_weighting](sg(x), teacher, sigma, dmd_eps)
   g = _expand((h * w).astype(x.dtype), x) * (fake - teacher)
@@ -401,28 +419,46 @@ def edm_loss_weight(sigma: Array, sigma_data: float = 0.5) -> Array:
   return (sigma**2 + sigma_data**2) / (sigma * sigma_data)**2
 
 
-def fake_score_loss(denoised: Array, target: Array, sigma: Array,
-                    sigma_data: float = 0.5) -> Array:
-  """Per-example EDM denoising loss of the fake score network.
+# Weight of the fake score's x0 error at sigma, for x_t = x0 + sigma n and a denoiser
+# D(x_t) = x_t - sigma eps_hat: 'edm' lambda(sigma) (EDM teachers); 'x0' 1, FastGen's
+# unweighted x0-MSE (`denoising_score_matching_loss` with fake_score_pred_type='x0', its SD
+# configs); 'eps' 1 / sigma^2, DMD2's unweighted eps-MSE, since (eps_hat - n)^2 =
+# (D - x0)^2 / sigma^2 (tianweiy/DMD2 `main/sd_guidance.py`, `compute_loss_fake`).
+FAKE_SCORE_WEIGHTINGS = ("edm", "x0", "eps")
 
-  lambda(sigma) * mean((denoised - target)^2) over each example's elements,
-  with EDM's weighting lambda (Karras et al. 2022, Eq. 8 / Table 1). EDM sums
-  over elements instead of averaging: the two differ by the constant number
-  of elements per example. `target` is the (stop-gradiented) generator sample.
+
+def fake_score_loss(denoised: Array, target: Array, sigma: Array,
+                    sigma_data: float = 0.5, weighting: str = "edm") -> Array:
+  """Per-example denoising loss of the fake score network.
+
+  w(sigma) * mean((denoised - target)^2) over each example's elements, with
+  w EDM's lambda (Karras et al. 2022, Eq. 8 / Table 1; `weighting='edm'`), 1
+  ('x0', FastGen's SD recipe) or 1 / sigma^2 ('eps', DMD2's eps-MSE); see
+  `FAKE_SCORE_WEIGHTINGS`. EDM sums over elements instead of averaging: the
+  two differ by the constant number of elements per example. `target` is the
+  (stop-gradiented) generator sample.
 
   Args:
     denoised: [B, ...] fake-score denoiser output at target + sigma * eps.
     target: [B, ...] clean samples.
     sigma: [B], [B, 1, ..., 1] or scalar noise levels.
-    sigma_data: data standard deviation (EDM: 0.5).
+    sigma_data: data standard deviation of 'edm' (EDM: 0.5).
+    weighting: 'edm', 'x0' or 'eps'.
 
   Returns:
     [B] per-example losses.
   """
   _batch_size(denoised)
   _check_same_shape("denoised", denoised, "target", target)
+  if weighting not in FAKE_SCORE_WEIGHTINGS:
+    raise ValueError(f"Unknown fake-score weighting {weighting!r}; expected one of "
+                     f"{FAKE_SCORE_WEIGHTINGS}.")
   sigma = _per_example_sigma(sigma, denoised)
   err = _mean_over_example((denoised - sg(target))**2)
+  if weighting == "x0":
+    return err
+  if weighting == "eps":
+    return err / sigma**2
   return edm_loss_weight(sigma, sigma_data) * err
 
 
@@ -473,6 +509,26 @@ def r1_penalty(logit_fn, x_real: Array) -> Array:
   _batch_size(x_real)
   grads = jax.grad(lambda x: jnp.sum(logit_fn(x)))(x_real)
   return jnp.sum(grads.reshape(grads.shape[0], -1)**2, axis=-1)
+
+
+def approx_r1_penalty(logits: Array, perturbed_logits: Array) -> Array:
+  """Per-example approximate R1: mean((l(x) - l(x + alpha n))^2) (NVIDIA FastGen).
+
+  A finite-difference stand-in for ||d logit / d x||^2 that needs no second
+  backward pass: with x perturbed by alpha n, n ~ N(0, I), its expectation is
+  about alpha^2 ||d logit / d x||^2. FastGen's `gan_r1_reg_weight` multiplies
+  the batch mean of this (alpha = `gan_r1_reg_alpha`, 0.1).
+
+  Args:
+    logits: [B, ...] discriminator logits at x.
+    perturbed_logits: [B, ...] logits at x + alpha n.
+
+  Returns:
+    [B] per-example penalties.
+  """
+  _batch_size(logits)
+  _check_same_shape("perturbed_logits", perturbed_logits, "logits", logits)
+  return _mean_over_example((logits - perturbed_logits)**2)
 
 
 # ----------------------------------------------------------------------------

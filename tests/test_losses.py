@@ -41,7 +41,15 @@ def _batch(seed, b=8, shape=(3, 4, 4), sigma_range=(0.01, 50.0), logit_std=2.0):
   return x, dt, df, log_r, sigma
 
 
+# The numpy references below bin log sigma (stage 1 over sigma drawn log-uniformly), so the
+# library is called with bin_spacing='log'; its default, 'linear' (FastGen's bins of sigma),
+# is checked against its own reference in test_linear_bins_are_fastgens_bins_of_sigma.
+LOG_BINS = {"bin_spacing": "log"}
+_log_weight = functools.partial(losses.fdistill_log_weight, **LOG_BINS)
+
+
 def _grad_x(x, dt, df, log_r, sigma, **kw):
+  kw = {**LOG_BINS, **kw}
   fn = lambda x: losses.fdistill_generator_loss(x, dt, df, log_r, sigma, **kw)
   return jax.value_and_grad(fn, has_aux=True)(x)
 
@@ -232,7 +240,7 @@ def test_theorem1_gradient_matches_quadrature(name, stratified_normals):
 def test_normalisation_stages_against_numpy():
   """Stage 1: mean r = 1 per populated bin; stage 2: mean h = 1."""
   _, _, _, log_r, sigma = _batch(4, b=64, logit_std=4.0)
-  idx = np.asarray(losses.sigma_bin_indices(jnp.asarray(sigma), 6))
+  idx = np.asarray(losses.sigma_bin_indices(jnp.asarray(sigma), 6, spacing="log"))
   normed, st = losses.normalize_log_ratio(jnp.asarray(log_r), jnp.asarray(idx),
                                           6)
   r = np.exp(np.asarray(normed, np.float64))
@@ -245,7 +253,7 @@ def test_normalisation_stages_against_numpy():
     np.testing.assert_allclose(r[idx == k].mean(), 1.0, rtol=1e-5)  # f32
   np.testing.assert_allclose(np.asarray(st["bin_log_mean_ratio"]), want_bin,
                              rtol=1e-5, atol=1e-5)
-  log_h, _ = losses.fdistill_log_weight(jnp.asarray(log_r), jnp.asarray(sigma),
+  log_h, _ = _log_weight(jnp.asarray(log_r), jnp.asarray(sigma),
                                         divergence="js", num_bins=6)
   np.testing.assert_allclose(np.exp(np.asarray(log_h, np.float64)).mean(), 1.0,
                              rtol=1e-5)
@@ -483,7 +491,7 @@ def test_clamps_come_before_the_bin_normalisation(name, h_fn):
   logits = (3.0 * rng.normal(size=512)).astype(np.float32)
   logits[:4] = [1e4, -1e4, 15.0, -15.0]
   sigma = np.exp(rng.uniform(np.log(0.002), np.log(80.0), 512)).astype(np.float32)
-  log_h, _ = losses.fdistill_log_weight(jnp.asarray(logits), jnp.asarray(sigma),
+  log_h, _ = _log_weight(jnp.asarray(logits), jnp.asarray(sigma),
                                         divergence=name, num_bins=10, logit_clip=10.0,
                                         ratio_clip=(0.1, 20.0))
   want, _ = _np_fastgen_weight(logits, sigma, h_fn, 10)
@@ -498,13 +506,13 @@ def test_clamps_keep_the_effective_sample_size_of_forward_kl():
   rng = np.random.default_rng(0)
   logits = (3.0 * rng.normal(size=2048)).astype(np.float32)
   sigma = losses.karras_sigmas()[rng.integers(2, 999, 2048)]
-  log_h, _ = losses.fdistill_log_weight(jnp.asarray(logits), sigma, divergence="fkl",
+  log_h, _ = _log_weight(jnp.asarray(logits), sigma, divergence="fkl",
                                         logit_clip=10.0, ratio_clip=(0.1, 20.0))
   h = np.exp(np.asarray(log_h, np.float64))
   want, _ = _np_fastgen_weight(logits, np.asarray(sigma), lambda r: r, 10)
   np.testing.assert_allclose(_ess(h), _ess(want), rtol=1e-4)
   assert _ess(h) > 0.25, _ess(h)
-  unclamped = np.exp(np.asarray(losses.fdistill_log_weight(
+  unclamped = np.exp(np.asarray(_log_weight(
       jnp.asarray(logits), sigma, divergence="fkl")[0], np.float64))
   assert _ess(unclamped) < 0.1, _ess(unclamped)
 
@@ -518,7 +526,7 @@ def test_running_bin_mean_follows_fastgen_over_batches():
   for step in range(3):
     logits = (2.0 * rng.normal(size=64)).astype(np.float32)
     sigma = np.exp(rng.uniform(np.log(0.002), np.log(1.0), 64)).astype(np.float32)  # low bins only
-    log_h, st = losses.fdistill_log_weight(
+    log_h, st = _log_weight(
         jnp.asarray(logits), jnp.asarray(sigma), divergence="js", num_bins=6,
         logit_clip=10.0, ratio_clip=(0.1, 20.0), ratio_ema_rate=0.5, log_ratio_ema=ema)
     want_h, bins = _np_fastgen_weight(logits, sigma, lambda r: r / (1 + r), 6, bins=bins,
@@ -527,12 +535,12 @@ def test_running_bin_mean_follows_fastgen_over_batches():
     np.testing.assert_allclose(np.exp(np.asarray(ema, np.float64)), bins, rtol=1e-5)
     np.testing.assert_allclose(np.exp(np.asarray(log_h, np.float64)), want_h, rtol=1e-5)
   assert np.all(np.asarray(ema)[4:] == 0.0)       # sigma > 1 never drawn: still 1
-  plain = losses.fdistill_log_weight(jnp.asarray(logits), jnp.asarray(sigma), divergence="js",
+  plain = _log_weight(jnp.asarray(logits), jnp.asarray(sigma), divergence="js",
                                      num_bins=6, ratio_ema_rate=0.0, log_ratio_ema=ema)[0]
-  np.testing.assert_allclose(np.asarray(plain), np.asarray(losses.fdistill_log_weight(
+  np.testing.assert_allclose(np.asarray(plain), np.asarray(_log_weight(
       jnp.asarray(logits), jnp.asarray(sigma), divergence="js", num_bins=6)[0]), rtol=1e-6)
   with pytest.raises(ValueError, match="ratio_ema_rate"):
-    losses.fdistill_log_weight(jnp.asarray(logits), jnp.asarray(sigma), divergence="js",
+    _log_weight(jnp.asarray(logits), jnp.asarray(sigma), divergence="js",
                                ratio_ema_rate=1.0)
 
 
@@ -677,3 +685,19 @@ class OtherLossesChexTest(chex.TestCase):
         lambda y: jnp.sum(w * y**2, axis=(1, 2)), v))(jnp.asarray(xr))
     chex.assert_shape(r1, (4,))
     chex.assert_trees_all_close(r1, ((2 * w * xr)**2).sum(axis=(1, 2)), rtol=1e-5)
+def test_given_bin_ids_replace_the_binning_of_sigma():
+  """`bin_ids` (e.g. bins of the DDPM timestep, `train.noise.bin_indices`) is used as
+  given: equal to binning sigma when it holds those bins, different when it does not."""
+  rng = np.random.default_rng(3)
+  logits = jnp.asarray((2.0 * rng.normal(size=64)).astype(np.float32))
+  sigma = jnp.asarray(np.exp(rng.uniform(np.log(0.002), np.log(80.0), 64)).astype(np.float32))
+  ids = losses.sigma_bin_indices(sigma, 4, spacing="log")
+  want = _log_weight(logits, sigma, divergence="js", num_bins=4)[0]
+  got = losses.fdistill_log_weight(logits, sigma, divergence="js", num_bins=4, bin_ids=ids)[0]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  other = losses.fdistill_log_weight(logits, sigma, divergence="js", num_bins=4,
+                                     bin_ids=jnp.zeros((64,), jnp.int32))[0]
+  assert np.max(np.abs(np.asarray(other) - np.asarray(want))) > 1e-2
+  with pytest.raises(ValueError, match="bin_ids has shape"):
+    losses.fdistill_log_weight(logits, sigma, divergence="js", num_bins=4,
+                               bin_ids=jnp.zeros((63,), jnp.int32))

@@ -107,6 +107,8 @@ def test_wheel_ships_every_module_and_the_console_scripts(tmp_path):
   modules = {str(p.relative_to(REPO)) for p in PACKAGE.rglob("*.py")
              if "__pycache__" not in p.parts}
   assert modules <= names, sorted(modules - names)
+  # Package data read at run time (pyproject's [tool.setuptools.package-data]).
+  assert "fdistill_jax/problems/t2i/paper_prompts.jsonl" in names
   for script, target in PYPROJECT["project"]["scripts"].items():
     assert f"{script} = {target}" in entry_points, (script, entry_points)
 

@@ -21,6 +21,7 @@ from fdistill_jax.models import heads as heads_lib
 from fdistill_jax.problems.image import teachers as image_teachers
 from fdistill_jax.train import loop as train
 from fdistill_jax.train import models as models_lib
+from fdistill_jax.train import noise
 from fdistill_jax.train import state as state_lib
 from fdistill_jax.train import steps
 from tests.helpers import saved_state, small_toy
@@ -122,7 +123,7 @@ def test_paper_configs_keep_fastgens_three_emas_and_sample_the_first():
 # 3. The fake score learns at the generator loss's noise levels.
 
 
-def _fake_score_sigmas(monkeypatch, lc, n=4096):
+def _fake_score_sigmas(monkeypatch, config, n=4096):
   """The sigmas `steps.fake_score_loss` really passes to the EDM loss (eager call)."""
   seen = []
   real_loss = losses.fake_score_loss
@@ -132,7 +133,7 @@ def _fake_score_sigmas(monkeypatch, lc, n=4096):
   monkeypatch.setattr(steps.losses, "fake_score_loss", spy)
   models = models_lib.Models(teacher=None, student=_Identity(), heads=None, feature_keys=(),
                              sample_shape=(2,), num_classes=0)
-  steps.fake_score_loss({}, models, jnp.zeros((n, 2)), None, jax.random.PRNGKey(0), lc)
+  steps.fake_score_loss({}, models, jnp.zeros((n, 2)), None, jax.random.PRNGKey(0), config)
   return seen[0]
 
 
@@ -147,16 +148,17 @@ def test_fake_score_trains_on_the_karras_levels_of_the_generator_loss(monkeypatc
   FastGen): every sigma is a schedule level in [min_index, max_index], and the mass
   above sigma = 10 equals the generator's (about 0.3; 4096 draws, +-0.03). The
   log-normal option puts under 1% there."""
-  lc = small_toy("js").loss
-  sigma = _fake_score_sigmas(monkeypatch, lc)
+  c = small_toy("js")
+  lc = c.loss
+  sigma = _fake_score_sigmas(monkeypatch, c)
   grid = np.asarray(losses.karras_sigmas(lc.num_sigmas, lc.sigma_min, lc.sigma_max))
   allowed = grid[lc.min_index:lc.max_index + 1]
   assert np.all(np.min(np.abs(sigma[:, None] - allowed[None]), axis=1) <= 1e-6 * allowed.max())
-  gen = np.asarray(steps._karras_sigma(jax.random.PRNGKey(1), 4096, lc))
+  gen = np.asarray(noise.noise_levels(c, "fdistill", jax.random.PRNGKey(1), 4096))
   assert abs(np.mean(sigma > 10) - np.mean(gen > 10)) < 0.03
   assert np.mean(sigma > 10) > 0.25
-  lognormal = ml_collections.ConfigDict(lc.to_dict())
-  lognormal.fake_sigma = "lognormal"
+  lognormal = ml_collections.ConfigDict(c.to_dict())
+  lognormal.loss.fake_sigma = "lognormal"
   assert np.mean(_fake_score_sigmas(monkeypatch, lognormal) > 10) < 0.01
 
 
@@ -303,7 +305,7 @@ def test_fake_score_features_train_the_fake_score_encoder():
   x, labels = steps.generator_samples(t.models, st.gen, rng, c.batch_size, c.loss.sigma_init)
   _, f_grads, _, _ = steps._critic_grads(st, t.models, t.teacher_vars, x, labels, batch, rng, c)
   k_f, k_d = jax.random.split(rng)
-  denoise = jax.grad(steps.fake_score_loss)(st.fake, t.models, x, labels, k_f, c.loss)
+  denoise = jax.grad(steps.fake_score_loss)(st.fake, t.models, x, labels, k_f, c)
   gan = jax.grad(lambda f: steps.disc_loss(st.disc, f, t.models, t.teacher_vars, batch["images"],
                                            None, x, labels, k_d, c)[0])(st.fake)
   want = jax.tree.map(lambda a, b: a + 0.5 * b, denoise, gan)

@@ -314,3 +314,20 @@ def test_teacher_state_dict_needs_and_takes_arch(tmp_path, edm_fixtures, capsys)
     assert a["images"].shape == (2, 16, 16, 3)
     np.testing.assert_array_equal(a["images"], b["images"])
     np.testing.assert_array_equal(a["labels"], b["labels"])
+
+
+def test_a_run_without_ema_resumes_and_samples_its_raw_generator(tmp_path):
+  """ema_decays=() (the text-to-image configs, as FastGen's SD configs and DMD2): the run
+  checkpoints and resumes, and which='ema' (the default of tools.sample and the T2I
+  tools) reads the raw generator, equal to the checkpoint's 'gen'; 'ema:0' still fails."""
+  workdir = str(tmp_path / "run")
+  for total in (2, 4):
+    loop.train_and_evaluate(small_toy("js", ema_decays=(), total_steps=total,
+                                      checkpoint_every=2), workdir)
+  params, info = ckpt_lib.restore_generator_params(workdir)
+  assert (info["step"], info["which"], info["ema_decay"]) == (4, "raw", None)
+  raw, _ = ckpt_lib.restore_generator_params(workdir, which="raw")
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(raw)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ckpt_lib.CheckpointError, match="keeps no EMA"):
+    ckpt_lib.restore_generator_params(workdir, which="ema:0")

@@ -40,6 +40,10 @@ def test_sdxl_config_is_table5s_column():
   assert (c.optim.gen_lr, c.optim.fake_lr, c.optim.disc_lr) == (5e-7, 5e-7, 5e-7)
   assert tuple(c.disc.resolutions) == (sdxl_config.MID,) and c.data.resolution == 1024
   assert c.teacher.kind == "sdxl"
+  assert (c.loss.clock, c.loss.fake_score_weighting, tuple(c.ema_decays), c.loss.r1_gamma) == (
+      "ddpm", "eps", (), 0.0)
+  assert len(c.eval.grid_prompts) == 8 and c.eval.grid_prompts[0].startswith(
+      "There is a long river in the middle of a spectacular valley")      # the paper's Fig. 1
   for d in config_lib.DIVERGENCES:
     assert sdxl_config.get_config(d).divergence == d
   assert sdxl_config.get_config("rkl,no_gan").loss.gan_weight == 0

@@ -29,6 +29,7 @@ from fdistill_jax.data import webdataset
 from fdistill_jax.pipelines import denoisers as sd_denoiser
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax.train import loop as train
+from fdistill_jax.train import noise as noise_lib
 from fdistill_jax.train import steps
 from fdistill_jax.train import warm_start
 from tests.helpers import assert_trees_equal, read_scalars, saved_state, saved_steps
@@ -98,6 +99,21 @@ def test_warm_start_restores_exactly_the_named_parts(run8, shards, tmp_path, mon
                                    fresh.log_ratio_ema))):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(st.rng, fresh.rng)
+
+
+@pytest.mark.parametrize("config_file, says", [
+    ("sd15.py:js", True), ("sd15.py:fkl", True), ("sdxl.py:js", True), ("sd15.py:rkl", False),
+    ("cifar10.py:js", False)])
+def test_cold_js_and_fkl_runs_say_how_the_paper_warm_starts(monkeypatch, config_file, says):
+  """One line for a js / fkl text-to-image run that starts without init_from (`train.loop`
+  calls `advise` then), saying why (Sec. 5) and how; none for rkl (the run to warm-start
+  from) nor for the EDM configs."""
+  lines = []
+  monkeypatch.setattr(warm_start.console, "say", lambda msg, *a: lines.append(msg % a))
+  warm_start.advise(config_lib.load_config_file(os.path.join(REPO, "configs", config_file)))
+  assert len(lines) == int(says), lines
+  if says:
+    assert "reverse-KL" in lines[0] and "--config.init_from=RUN_DIR" in lines[0]
 
 
 def test_warm_start_refuses_a_run_of_other_networks(run8, shards):
@@ -217,7 +233,7 @@ def test_generator_gradient_is_the_vjp_of_eq4_with_the_cfg_teacher(shards):
     return sd_denoiser.unet_denoiser(teacher.unet, {"params": p["unet"]}, schedule)(
         s * z, jnp.full((c.batch_size,), s), context)
   x, vjp = jax.vjp(sample, st.gen)
-  sigma = steps._karras_sigma(k_s, c.batch_size, c.loss)
+  sigma = noise_lib.noise_levels(c, steps.generator_term(c), k_s, c.batch_size)
   x_t = x + sigma[:, None, None, None] * jax.random.normal(k_e, x.shape)
   d_t = guided(x_t, sigma, context)
   d_cond = sd_denoiser.unet_denoiser(teacher.unet, {"params": tv["params"]["unet"]}, schedule)(
@@ -230,8 +246,8 @@ def test_generator_gradient_is_the_vjp_of_eq4_with_the_cfg_teacher(shards):
   def loss_in_x(xx, d_t=d_t):
     return losses.fdistill_generator_loss(
         xx, d_t, d_f, logit, sigma, divergence="fkl", num_bins=lc.num_bins,
-        sigma_min=lc.sigma_min, sigma_max=lc.sigma_max, logit_clip=lc.logit_clip,
-        ratio_clip=tuple(lc.ratio_clip), bin_spacing=lc.bin_spacing)[0]
+        logit_clip=lc.logit_clip, ratio_clip=tuple(lc.ratio_clip),
+        bin_ids=noise_lib.bin_indices(c, sigma))[0]
   expected = vjp(jax.grad(loss_in_x)(x))[0]
   scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(expected))
   unguided = vjp(jax.grad(functools.partial(loss_in_x, d_t=d_cond))(x))[0]
@@ -319,8 +335,17 @@ def test_webdataset_refuses_paths_without_shards(tmp_path):
 def test_sd15_config_is_table5s_column():
   c = sd15.get_config("js")
   assert (c.batch_size, c.fake_score_update_freq, c.total_steps) == (1024, 10, 60_000)
-  assert (c.loss.gan_weight, c.loss.r1_gamma, c.loss.cfg_weight) == (1e-3, 1.0, 1.75)
-  assert tuple(c.disc.resolutions) == (8,)
+  assert (c.loss.gan_weight, c.loss.cfg_weight) == (1e-3, 1.75)
+  # The references' SD recipe (docs/t2i_settings.md): mid-block heads (8x8 at 512 px),
+  # SD's own clock, FastGen's x0-MSE fake score, no EMA, R1 off (approximate form if on).
+  assert tuple(c.disc.resolutions) == (sd15.MID,)
+  assert (c.loss.clock, tuple(c.loss.t_fdistill), tuple(c.loss.t_fake_score),
+          tuple(c.loss.t_gan)) == ("ddpm", (20, 980), (0, 999), (0, 999))
+  assert (c.loss.fake_score_weighting, tuple(c.ema_decays)) == ("x0", ())
+  assert (c.loss.r1_gamma, c.loss.r1_form) == (0.0, "approx")
+  assert c.warm_start_advised and len(c.eval.grid_prompts) == 8      # the paper's Fig. 7
+  assert c.eval.grid_prompts[:2] == ("A man putting a pan inside of an oven with his bare hand.",
+                                     "A man flying a kite on the beach.")
   assert (c.optim.gen_lr, c.optim.fake_lr, c.optim.disc_lr, c.optim.weight_decay) == (
       1e-5, 1e-5, 1e-5, 1e-2)
   assert sd15.get_config("js,cfg5").loss.cfg_weight == 5.0

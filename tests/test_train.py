@@ -28,6 +28,7 @@ from fdistill_jax.train import evaluators
 from fdistill_jax.metrics import fid as fid_lib
 from fdistill_jax.metrics import distances as metrics
 from fdistill_jax.train import loop as train
+from fdistill_jax.train import noise
 from fdistill_jax.train import steps
 from tests.helpers import REPO, read_scalars, small_toy
 
@@ -216,7 +217,7 @@ def test_generator_gradient_flows_only_through_x():
   k_x, k_s, k_e = jax.random.split(rng, 3)
   x, vjp = jax.vjp(lambda p: steps.generator_samples(m, p, k_x, c.batch_size,
                                                      c.loss.sigma_init)[0], st.gen)
-  sigma = steps._karras_sigma(k_s, c.batch_size, c.loss)
+  sigma = noise.noise_levels(c, steps.generator_term(c), k_s, c.batch_size)
   x_t = x + sigma[:, None] * jax.random.normal(k_e, x.shape)
   d_t, feats = m.teacher.apply(tv, x_t, sigma, None, feature_resolutions=m.feature_keys)
   d_f = m.student.apply({"params": st.fake}, x_t, sigma, None)

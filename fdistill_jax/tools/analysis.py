@@ -45,6 +45,7 @@ from fdistill_jax.metrics import weight_stats as weights
 from fdistill_jax.tools import cli
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax.train import loop
+from fdistill_jax.train import noise
 from fdistill_jax.train import steps
 
 FLAGS = cli.new_flags()
@@ -113,10 +114,10 @@ def weight_and_score_difference(trainer, num, sigma, seed, batch=640):
   log_h, _ = losses.fdistill_log_weight(
       log_ratio, jnp.full((num,), sigma), divergence=config.divergence,
       normalize_ratio=lc.normalize_ratio, normalize_weight=lc.normalize_weight,
-      num_bins=lc.num_bins, sigma_min=lc.sigma_min, sigma_max=lc.sigma_max,
-      logit_clip=lc.logit_clip or None, ratio_clip=tuple(lc.ratio_clip) or None,
-      ratio_ema_rate=lc.ratio_ema_rate, log_ratio_ema=trainer.state.log_ratio_ema,
-      bin_spacing=lc.bin_spacing)
+      num_bins=lc.num_bins, logit_clip=lc.logit_clip or None,
+      ratio_clip=tuple(lc.ratio_clip) or None, ratio_ema_rate=lc.ratio_ema_rate,
+      log_ratio_ema=trainer.state.log_ratio_ema,
+      bin_ids=noise.bin_indices(config, jnp.full((num,), sigma)))
   return np.exp(np.asarray(log_h, np.float64)), diff
 
 

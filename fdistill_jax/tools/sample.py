@@ -66,7 +66,7 @@ flags.DEFINE_bool("overwrite", False, "--export: replace a directory this tool e
 flags.DEFINE_integer("num", 50000, "Number of samples.", flag_values=FLAGS)
 flags.DEFINE_string("out", None, "Output .npz.", flag_values=FLAGS)
 flags.DEFINE_string("grid", None, "Optional PNG of the first 64 samples (toy: scatter plot).", flag_values=FLAGS)
-flags.DEFINE_string("which", "ema", "ema (first EMA copy) | ema:K | raw.", flag_values=FLAGS)
+flags.DEFINE_string("which", "ema", "ema (first EMA copy; raw if the run keeps none) | ema:K | raw.", flag_values=FLAGS)
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readable one).", flag_values=FLAGS)
 flags.DEFINE_string("labels", "uniform", "uniform | a class index | e.g. 0,3,7.", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "Seed of the noise and labels.", flag_values=FLAGS)

@@ -416,8 +416,12 @@ def _reader(workdir):
 
 
 def parse_which(which, num_ema):
-  """'ema' | 'ema:K' | 'raw' -> ('ema', K) or ('raw', None), checked against num_ema."""
-  if which == "raw":
+  """'ema' | 'ema:K' | 'raw' -> ('ema', K) or ('raw', None), checked against num_ema.
+
+  'ema' is the first EMA copy, or the raw generator of a run that keeps none (the
+  text-to-image configs, as FastGen's SD configs and DMD2); 'ema:K' needs copy K.
+  """
+  if which == "raw" or (which == "ema" and not num_ema):
     return "raw", None
   k = 0
   if which.startswith("ema:") and which[4:].isdigit():

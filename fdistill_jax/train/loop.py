@@ -36,6 +36,7 @@ from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax import console
 from fdistill_jax.train import denoiser_training as edm_method
 from fdistill_jax.train import models as models_lib
+from fdistill_jax.train import noise
 from fdistill_jax.train import runner
 from fdistill_jax.train import state as state_lib
 from fdistill_jax.train import steps
@@ -67,6 +68,7 @@ class Trainer(runner.Runner):
     self.mesh = make_mesh(config, devices)
     if teacher is None:
       teacher = runner.load_teacher(config, registry)
+    noise.check_teacher(config, teacher.spec.get("sigmas"))
     self.models = models_lib.from_teacher(teacher, config.disc, config.student_dropout)
     self.spec = teacher.spec
     self.teacher_identity = teacher.identity
@@ -291,6 +293,8 @@ def _run(trainer, workdir, sigterm):
       trainer.state = restored
     elif config.get("init_from"):
       trainer.state = warm_start.warm_start(trainer.state, config.init_from)
+    else:
+      warm_start.advise(config)
     _write_run_files(trainer, workdir)
     started = True
     _stop_if_requested(sigterm, trainer, workdir)

@@ -9,8 +9,10 @@ generator step every `fake_score_update_freq` iterations (DMD2's schedule).
 Both are pure functions of (state, teacher_variables[, batch]); randomness is
 `fold_in(state.rng, step)`, learning rates are functions of `state.step` (the
 iteration). The teacher's variables are an argument and never receive
-gradient. The training settings and their sources (paper, FastGen, DMD2) are
-tabulated in docs/image_runs.md ("Training settings").
+gradient. Every noise level comes from `train.noise.noise_levels` (the
+teacher's own clock). The training settings and their sources (paper, FastGen,
+DMD2) are tabulated in docs/image_runs.md ("Training settings") and, for SD 1.5
+and SDXL, in docs/t2i_settings.md.
 """
 
 import jax
@@ -19,10 +21,12 @@ import optax
 
 from fdistill_jax import losses
 from fdistill_jax.pipelines import sampling
+from fdistill_jax.train import noise
 from fdistill_jax.train import state as state_lib
 
 GEN, CRITIC = 0, 1          # fold_in tags separating the two steps' randomness
 REAL = 2                    # fold_in tag of the real branch's own randomness (VAE sampling)
+R1_NOISE = 3                # fold_in tag of the approximate R1's perturbation
 
 
 def _bcast(sigma, x):
@@ -70,10 +74,10 @@ def _guided_teacher(models, teacher_vars, d_cond, x_t, sigma, labels, cfg_weight
   return d_uncond + cfg_weight * (d_cond - d_uncond)
 
 
-def _karras_sigma(rng, batch, lc):
-  return losses.sample_sigma_karras(
-      rng, (batch,), num=lc.num_sigmas, sigma_min=lc.sigma_min, sigma_max=lc.sigma_max,
-      min_index=lc.min_index, max_index=lc.max_index)
+def generator_term(config):
+  """The `noise.noise_levels` term of the generator's draw: its f-distill and GAN terms
+  share one teacher pass, so one draw: 'fdistill', or 'gan' when that term is off."""
+  return "fdistill" if config.loss.fdistill_weight > 0 else "gan"
 
 
 def _ratio_clip(lc):
@@ -93,7 +97,7 @@ def generator_loss(gen_params, st, teacher_vars, rng, *, models, config, shardin
   k_x, k_s, k_e = jax.random.split(rng, 3)
   x, labels = generator_samples(models, gen_params, k_x, batch, lc.sigma_init, sharding,
                                 teacher_vars=teacher_vars, data=data)
-  sigma = _karras_sigma(k_s, batch, lc)
+  sigma = noise.noise_levels(config, generator_term(config), k_s, batch)
   x_t = x + _bcast(sigma, x) * jax.random.normal(k_e, x.shape)
   d_teacher, feats = features(models, teacher_vars, st.fake, x_t, sigma, labels,
                               config.disc.features_from)
@@ -107,10 +111,9 @@ def generator_loss(gen_params, st, teacher_vars, rng, *, models, config, shardin
         x, d_teacher, d_fake, jnp.mean(logits, axis=-1), sigma,
         divergence=config.divergence, time_weighting=lc.time_weighting,
         normalize_ratio=lc.normalize_ratio, normalize_weight=lc.normalize_weight,
-        num_bins=lc.num_bins, sigma_min=lc.sigma_min, sigma_max=lc.sigma_max,
-        logit_clip=lc.logit_clip or None, ratio_clip=_ratio_clip(lc),
+        num_bins=lc.num_bins, logit_clip=lc.logit_clip or None, ratio_clip=_ratio_clip(lc),
         ratio_ema_rate=lc.ratio_ema_rate, log_ratio_ema=st.log_ratio_ema,
-        bin_spacing=lc.bin_spacing)
+        bin_ids=noise.bin_indices(config, sigma))
     log_ratio_ema = aux.pop("log_ratio_ema")
     total += lc.fdistill_weight * fd
     metrics["gen/fdistill_loss"] = fd
@@ -145,40 +148,38 @@ def generator_step(st, teacher_vars, data=None, *, models, optimizers, config, s
   return st.replace(gen=gen, gen_opt=gen_opt, log_ratio_ema=log_ratio_ema), metrics
 
 
-def fake_score_sigma(rng, batch, lc):
-  """Noise levels of the fake score's denoising loss (`loss.fake_sigma`).
+def fake_score_loss(fake_params, models, x, labels, rng, config):
+  """Denoising loss of the fake score on stop-gradient generator samples.
 
-  'karras' (default): the generator loss's own distribution, indices uniform
-  on [min_index, max_index] of the Karras schedule (DMD2 / FastGen), so the
-  fake score learns where the f-distill gradient queries it. 'lognormal':
-  EDM's training distribution (P_mean, P_std), which puts 0.2% of its mass
-  above sigma = 10, where a third of the generator's queries are.
+  Noise levels: `noise.noise_levels(config, 'fake_score', ...)` (the clock's own
+  draw; EDM's log-normal with `loss.fake_sigma='lognormal'`). Weighting:
+  `loss.fake_score_weighting` (`losses.FAKE_SCORE_WEIGHTINGS`: EDM's lambda, or
+  FastGen's unweighted x0-MSE, or DMD2's eps-MSE).
   """
-  if lc.fake_sigma == "lognormal":
-    return losses.sample_sigma_lognormal(rng, (batch,), p_mean=lc.p_mean, p_std=lc.p_std)
-  return _karras_sigma(rng, batch, lc)
-
-
-def fake_score_loss(fake_params, models, x, labels, rng, lc):
-  """EDM-weighted denoising loss of the fake score on stop-gradient generator samples."""
   k_s, k_e, k_d = jax.random.split(rng, 3)
-  sigma = fake_score_sigma(k_s, x.shape[0], lc)
+  sigma = noise.noise_levels(config, "fake_score", k_s, x.shape[0])
   x_t = x + _bcast(sigma, x) * jax.random.normal(k_e, x.shape)
   denoised = models.student.apply({"params": fake_params}, x_t, sigma, labels,
                                   train=True, rngs={"dropout": k_d})
-  return jnp.mean(losses.fake_score_loss(denoised, x, sigma))
+  weighting = config.loss.get("fake_score_weighting", "edm")
+  return jnp.mean(losses.fake_score_loss(denoised, x, sigma, weighting=weighting))
 
 
-def _noised(rng, x, lc):
-  """(x + sigma eps, sigma), sigma from the Karras indices of the generator loss."""
+def _noised(rng, x, config):
+  """(x + sigma eps, sigma), sigma the 'gan' term's noise level (`noise.noise_levels`)."""
   k_s, k_e = jax.random.split(rng)
-  sigma = _karras_sigma(k_s, x.shape[0], lc)
+  sigma = noise.noise_levels(config, "gan", k_s, x.shape[0])
   return x + _bcast(sigma, x) * jax.random.normal(k_e, x.shape), sigma
 
 
 def disc_loss(disc_params, fake_params, models, teacher_vars, real, real_labels, fake,
               fake_labels, rng, config):
-  """Non-saturating GAN loss of the heads, plus (r1_gamma / 2) * R1 on real inputs.
+  """Non-saturating GAN loss of the heads, plus an R1 penalty on real inputs.
+
+  R1 (`loss.r1_gamma` > 0, `loss.r1_form`): 'exact' adds (r1_gamma / 2) *
+  ||d logit / d x_t||^2 (a second backward pass through the feature network;
+  the EDM configs); 'approx' adds r1_gamma * mean((l(x_t) - l(x_t + alpha n))^2),
+  alpha = `loss.r1_alpha` (FastGen's `gan_r1_reg_weight` / `gan_r1_reg_alpha`).
 
   Real and generated batches get independent noise levels and noise (DMD2,
   FastGen `gan_use_same_t_noise=False`). With `disc.features_from='fake_score'`
@@ -186,8 +187,8 @@ def disc_loss(disc_params, fake_params, models, teacher_vars, real, real_labels,
   the fake score's encoder (DMD2's setup; `critic_step` applies it).
   """
   k_real, k_fake = jax.random.split(rng)
-  real_t, real_sigma = _noised(k_real, real, config.loss)
-  fake_t, fake_sigma = _noised(k_fake, fake, config.loss)
+  real_t, real_sigma = _noised(k_real, real, config)
+  fake_t, fake_sigma = _noised(k_fake, fake, config)
   def feats(x_t, sigma, labels):
     return features(models, teacher_vars, fake_params, x_t, sigma, labels,
                     config.disc.features_from)[1]
@@ -197,12 +198,20 @@ def disc_loss(disc_params, fake_params, models, teacher_vars, real, real_labels,
   metrics = {"disc/gan_loss": gan, "disc/real_logit": jnp.mean(l_real),
              "disc/fake_logit": jnp.mean(l_fake)}
   loss = gan
-  if config.loss.r1_gamma > 0:
+  lc = config.loss
+  if lc.r1_gamma > 0 and lc.get("r1_form", "exact") == "approx":
+    n = jax.random.normal(jax.random.fold_in(rng, R1_NOISE), real_t.shape)
+    l_pert = models.heads.apply({"params": disc_params},
+                                feats(real_t + lc.r1_alpha * n, real_sigma, real_labels))
+    r1 = jnp.mean(losses.approx_r1_penalty(l_real, l_pert))
+    loss += lc.r1_gamma * r1
+    metrics["disc/r1_approx"] = r1
+  elif lc.r1_gamma > 0:
     def logit_fn(x_t):
       return jnp.mean(models.heads.apply({"params": disc_params},
                                          feats(x_t, real_sigma, real_labels)), -1)
     r1 = jnp.mean(losses.r1_penalty(logit_fn, real_t))
-    loss += 0.5 * config.loss.r1_gamma * r1
+    loss += 0.5 * lc.r1_gamma * r1
     metrics["disc/r1"] = r1
   metrics["disc/loss"] = loss
   return loss, metrics
@@ -216,7 +225,7 @@ def _critic_grads(st, models, teacher_vars, x, fake_labels, batch, rng, config):
   """
   k_f, k_d = jax.random.split(rng)
   f_loss, f_grads = jax.value_and_grad(fake_score_loss)(st.fake, models, x, fake_labels, k_f,
-                                                        config.loss)
+                                                        config)
   real = models.conditioning.real(teacher_vars, jax.random.fold_in(rng, REAL), batch)
   if real is None:
     return f_loss, f_grads, None, {}

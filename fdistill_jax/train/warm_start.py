@@ -20,6 +20,19 @@ from fdistill_jax import console
 from fdistill_jax.train import checkpoint as ckpt_lib
 
 PARTS = ("gen", "fake", "disc")
+# Divergences whose weight h(r) reads the discriminator's density ratio from the start.
+ADVISED = ("js", "fkl")
+
+
+def advise(config):
+  """One line for a js / fkl run that starts cold where the paper warm-starts
+  (`warm_start_advised`, set by the text-to-image configs)."""
+  if config.get("warm_start_advised", False) and config.divergence in ADVISED:
+    console.say("Note: %s starts from the teacher. The paper (Sec. 5) starts its text-to-image "
+                "%s runs from a pre-trained reverse-KL run, so that the discriminator's density "
+                "ratio r is meaningful from the first step; to do so, train an rkl run first and "
+                "pass --config.init_from=RUN_DIR (docs/t2i_settings.md).",
+                config.divergence, config.divergence)
 
 
 def restore_parts(run_dir, parts=PARTS):

@@ -14,16 +14,25 @@ with CFG weight `eval.grid_cfg`, where 0 (the default) means the run's
 App. D), so that the two columns show the same target (SD's usual 7.5 gives
 more saturated teacher images than the student is trained to match). The
 student (one call) is sampled at each evaluation with the weights evaluators
-receive ('generator': the first EMA copy).
+receive ('generator': the first EMA copy, or the raw generator of a run that keeps
+none, as the text-to-image configs).
 
 Prompts: `eval.grid_prompts_file` (one prompt per line) when set, else
-`eval.grid_prompts`. The default (`DEFAULT_PROMPTS`) is the first four
-captions of the COCO-2014 caption list DMD2 samples its SD 1.5 grids and
-COCO evaluation from (tianweiy/DMD2, `main/coco_eval/captions_coco14_test.txt`,
-whose first 64 captions its `test_folder_sd.py` logs as image grids); the f-distill
-paper's appendix figures do not list their prompts in text.
+`eval.grid_prompts`. The configs set the paper's (`paper_prompts`): Fig. 7's
+eight for SD 1.5, Fig. 1's eight for SDXL, from `paper_prompts.jsonl` beside
+this module, the 40 prompts printed in Xu, Nie, Vahdat, "One-step Diffusion
+Models with f-Divergence Distribution Matching" (2025): Fig. 1 (SDXL,
+sampled from COYO-700M), Fig. 7 and Fig. 19 (SD 1.5, MS-COCO captions), one
+JSON object {"figure": "fig1" | "fig7" | "fig19", "prompt": ...} a line, in
+the paper's order and spelling. `DEFAULT_PROMPTS`, the fallback of a config
+without `eval.grid_prompts`, is the first four captions of the COCO-2014
+caption list DMD2 samples its SD 1.5 grids from (tianweiy/DMD2,
+`main/coco_eval/captions_coco14_test.txt`).
 """
 
+import functools
+import importlib.resources
+import json
 import os
 
 import numpy as np
@@ -40,6 +49,18 @@ DEFAULT_PROMPTS = (
     "A toy dinosaur standing on a sink next to a running faucet.",
 )
 TB_TAG = "t2i_samples"
+PAPER_PROMPTS = "paper_prompts.jsonl"
+PAPER_FIGURES = ("fig1", "fig7", "fig19")
+
+
+@functools.lru_cache(maxsize=None)
+def paper_prompts(figure):
+  """The prompts of one of the paper's figures ('fig1', 'fig7', 'fig19'), as a tuple."""
+  if figure not in PAPER_FIGURES:
+    raise ValueError(f"figure={figure!r}; the paper prints prompts for {PAPER_FIGURES}.")
+  text = importlib.resources.files(__package__).joinpath(PAPER_PROMPTS).read_text("utf-8")
+  rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+  return tuple(r["prompt"] for r in rows if r["figure"] == figure)
 
 
 def grid_prompts(eval_config):
