@@ -113,7 +113,8 @@ def _edm_teacher(config, arch):
   labels = jnp.zeros((1, module.label_dim)) if module.label_dim else None
   variables = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, r, r, c)),
                                                  jnp.ones((1,)), labels))
-  return edm_loader._image_teacher(module, variables, "abstract", arch, {})  # pylint: disable=protected-access
+  from fdistill_jax.problems.image import teachers as image_teachers  # pylint: disable=g-import-not-at-top
+  return image_teachers._image_teacher(module, variables, "abstract", arch, {})  # pylint: disable=protected-access
 
 
 def _sd_teacher(config, cfgs, tokenizer_dir, xl):

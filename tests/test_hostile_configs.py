@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from fdistill_jax.loaders import limits
+from fdistill_jax.io import limits
 from fdistill_jax.loaders import sd_configs
 from fdistill_jax.loaders import state_dict
 from fdistill_jax.pipelines import sd as sd_pipeline

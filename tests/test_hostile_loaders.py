@@ -23,7 +23,7 @@ import PIL.Image
 import pytest
 
 from fdistill_jax.data import webdataset
-from fdistill_jax.loaders import limits
+from fdistill_jax.io import limits
 from fdistill_jax.loaders import safe_pickle
 from tests import hostile_files as hf
 

@@ -585,12 +585,13 @@ class GeneratorLossChexTest(chex.TestCase):
     @self.variant
     def loss_and_grad(x, dt, df, log_r, sigma):
       fn = lambda x: losses.fdistill_generator_loss(
-          x, dt, df, log_r, sigma, divergence=name, num_bins=self.BINS)
+          x, dt, df, log_r, sigma, divergence=name, num_bins=self.BINS, **LOG_BINS)
       return jax.value_and_grad(fn, has_aux=True)(x)
 
     @self.variant
     def log_weight(log_r, sigma):
-      return losses.fdistill_log_weight(log_r, sigma, divergence=name, num_bins=self.BINS)
+      return losses.fdistill_log_weight(log_r, sigma, divergence=name, num_bins=self.BINS,
+                                        **LOG_BINS)
 
     (loss, aux), g = loss_and_grad(x, dt, df, log_r, sigma)
     log_h, stats = log_weight(log_r, sigma)

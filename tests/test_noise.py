@@ -22,13 +22,15 @@ from fdistill_jax.train import noise
 from fdistill_jax.train import noise_levels
 from fdistill_jax.train import steps
 from fdistill_jax.train import loop as train
-from tests.test_train import small_toy
+from fdistill_jax import plugins
+from tests.helpers import small_toy
 
 N = 200_000
 
 
 def trainer_for(config):
-  return train.Trainer(ml_collections.FrozenConfigDict(config), None, devices=jax.devices()[:1])
+  return train.Trainer(ml_collections.FrozenConfigDict(config), None, devices=jax.devices()[:1],
+                       registry=plugins.default_registry())
 
 
 def batch_at(trainer, step):

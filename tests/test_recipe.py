@@ -193,7 +193,7 @@ def test_a_feature_resolution_the_teacher_lacks_names_the_fields_to_change():
   what exists and says to change disc.resolutions or data.resolution (issue 23, item 7)."""
   c = tiny.get_config("js")
   c.disc.resolutions = (3,)
-  teacher = edm_teachers.random_teacher(ml_collections.FrozenConfigDict(c))
+  teacher = image_teachers.random_teacher(ml_collections.FrozenConfigDict(c))
   models = models_lib.from_teacher(teacher, c.disc)
   with pytest.raises(ValueError) as e:
     models_lib.init_heads(models, teacher.variables, jax.random.PRNGKey(0))

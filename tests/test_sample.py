@@ -323,7 +323,7 @@ def test_a_run_without_ema_resumes_and_samples_its_raw_generator(tmp_path):
   workdir = str(tmp_path / "run")
   for total in (2, 4):
     loop.train_and_evaluate(small_toy("js", ema_decays=(), total_steps=total,
-                                      checkpoint_every=2), workdir)
+                                      checkpoint_every=2), workdir, registry=REGISTRY)
   params, info = ckpt_lib.restore_generator_params(workdir)
   assert (info["step"], info["which"], info["ema_decay"]) == (4, "raw", None)
   raw, _ = ckpt_lib.restore_generator_params(workdir, which="raw")

@@ -123,7 +123,7 @@ def test_tables_render_on_github_and_one_seed_shows_no_spread():
   """The toy's 'KL(p||q)' column and the digits table: every line has the header's cell
   count (unescaped pipes would add cells); one seed prints the value, several mean ± std."""
   from fdistill_jax.tools import digits_sweep  # pylint: disable=g-import-not-at-top
-  toy = sweep.TABLES["toy"]
+  toy = plugins.registry(["toy"]).tables["toy"]
   run = {"modes_covered": 9, "num_modes": 10, "forward_kl": 0.5, "reverse_kl": 0.4,
          "off_mode_fraction": 0.1, "precision": 0.8, "recall": 0.7, "mode_mass": [0.1] * 10,
          "mode_weights": [0.1] * 10, "mode_mass_expected": [0.1] * 10}

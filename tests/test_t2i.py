@@ -32,7 +32,7 @@ from fdistill_jax.train import loop as train
 from fdistill_jax.train import noise as noise_lib
 from fdistill_jax.train import steps
 from fdistill_jax.train import warm_start
-from tests.helpers import assert_trees_equal, read_scalars, saved_state, saved_steps
+from tests.helpers import REPO, assert_trees_equal, read_scalars, saved_state, saved_steps
 from tests.helpers import sigkill_after_first_checkpoint
 from tests.t2i_helpers import RUN8_STEPS, add_member, main_args, run_main, tiny_config, write_shards
 

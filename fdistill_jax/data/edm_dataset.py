@@ -25,7 +25,7 @@ import numpy as np
 import PIL.Image
 
 from fdistill_jax.data import sources
-from fdistill_jax.loaders import limits
+from fdistill_jax.io import limits
 
 MAX_IMAGE_BYTES = 256 * 2**20          # one image file
 MAX_LABELS_BYTES = 2**30               # dataset.json (ImageNet's is ~50 MB)

@@ -46,7 +46,7 @@ import PIL.Image
 from fdistill_jax.data import pixels
 from fdistill_jax.data import sources
 from fdistill_jax.data.edm_dataset import MAX_IMAGE_BYTES
-from fdistill_jax.loaders import limits
+from fdistill_jax.io import limits
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 MAX_CAPTION_BYTES = 64 * 2**10

@@ -1,8 +1,8 @@
-"""Reading and writing files safely: the allow-list unpickler, resource bounds, atomic writes.
+"""Files in and out, safely: resource bounds for reading and atomic writes.
 
-`safe_pickle` is the only unpickler of the project (on top of `unpickler`, its
-bounded pickle machine); `limits` bounds what any reader of an untrusted file
-may allocate (budgets, zip and npz headers, object graphs); `atomic` is the
-only place that writes a file or a directory so that it appears complete or
-not at all.
+`limits` bounds what any reader of an untrusted file may allocate (budgets, zip
+and npz headers, object graphs, bounded JSON); `atomic` is the only place that
+writes a file or a directory so that it appears complete or not at all (and the
+output manifests that `--overwrite` trusts). The allow-list unpickler and the
+format readers built on these live in `fdistill_jax.loaders`.
 """

@@ -22,7 +22,7 @@ import shutil
 import uuid
 from typing import Any, Callable, Optional
 
-from fdistill_jax.loaders import limits
+from fdistill_jax.io import limits
 
 MARKER = ".fdistill_output"
 

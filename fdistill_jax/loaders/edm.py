@@ -42,7 +42,7 @@ from fdistill_jax.loaders.edm_variables import declared_param_count
 from fdistill_jax.loaders.edm_variables import variable_shapes
 from fdistill_jax.loaders.edm_variables import variables_from_state_dict
 from fdistill_jax.io import atomic
-from fdistill_jax.loaders import limits
+from fdistill_jax.io import limits
 from fdistill_jax.loaders import safe_pickle
 from fdistill_jax.loaders import state_dict as state_dict_lib
 from fdistill_jax.loaders.errors import ConversionError
@@ -69,7 +69,7 @@ def _jsonable(value, where: str):
   """Plain JSON types from recorded init arguments (tuples -> lists; str keys only).
 
   The value comes from an unpickled file whose object graph was already bounded
-  (`loaders.limits.check_graph`: no cycles, limited depth and expanded size).
+  (`io.limits.check_graph`: no cycles, limited depth and expanded size).
   """
   if isinstance(value, np.generic) and value.dtype.kind in "biuf":
     return value.item()

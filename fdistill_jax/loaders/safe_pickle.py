@@ -63,7 +63,7 @@ from typing import Any, BinaryIO, Mapping, Optional, Union
 
 import numpy as np
 
-from fdistill_jax.loaders import limits
+from fdistill_jax.io import limits
 from fdistill_jax.loaders import unpickler
 # The records and errors of the pickle machine, under this module's name too.
 from fdistill_jax.loaders.unpickler import MAX_OPCODES

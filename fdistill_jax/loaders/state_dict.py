@@ -14,7 +14,7 @@
   tensor the file really holds, so the arrays together never take more than
   the file's size.
 * `.npz`: every member's header is checked before its array is allocated
-  (`fdistill_jax.loaders.limits.load_npz`).
+  (`fdistill_jax.io.limits.load_npz`).
 * `.bin` / `.ckpt` / `.pt` / `.pth`: `torch.save` archives through
   `fdistill_jax.loaders.safe_pickle` (allow-list unpickler: no torch, a forbidden
   global is refused before anything is called).
@@ -32,7 +32,7 @@ from typing import Iterable, Mapping, Optional
 
 import numpy as np
 
-from fdistill_jax.loaders import limits
+from fdistill_jax.io import limits
 from fdistill_jax.loaders import safe_pickle
 from fdistill_jax.loaders.errors import ConversionError
 

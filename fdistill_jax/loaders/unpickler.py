@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, Callable, Mapping, Optional
 
 import numpy as np
 
-from fdistill_jax.loaders import limits
+from fdistill_jax.io import limits
 
 MAX_OPCODES = 2_000_000        # pickle opcodes per load (each makes at most one object)
 MAX_SCRIPT_TYPES = 10_000      # distinct __torch__ class names per load

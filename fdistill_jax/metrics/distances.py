@@ -17,7 +17,7 @@ import numpy as np
 import scipy.linalg
 
 from fdistill_jax.io import atomic
-from fdistill_jax.loaders import limits
+from fdistill_jax.io import limits
 
 # Reference statistics: relative tolerances for symmetry and for negative eigenvalues.
 SYMMETRY_RTOL = 1e-6
@@ -251,7 +251,7 @@ def check_reference_stats(mu, sigma, where="reference statistics"):
 def load_reference_stats(path):
   """Reads and checks EDM-format reference statistics; returns a dict with `mu`, `sigma`, ...
 
-  Every npz header is checked before its array is read (`loaders.limits.load_npz`:
+  Every npz header is checked before its array is read (`io.limits.load_npz`:
   plain numeric dtypes, sizes the file holds); `check_reference_stats` then
   checks the values.
   """

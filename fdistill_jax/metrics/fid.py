@@ -22,7 +22,7 @@ import PIL.Image
 from fdistill_jax import console
 from fdistill_jax.data import tfds as tfds_data
 from fdistill_jax.metrics import distances as metrics
-from fdistill_jax.loaders import limits
+from fdistill_jax.io import limits
 from fdistill_jax.loaders import inception as inception_weights
 from fdistill_jax.models import inception
 

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdistill_jax.loaders import limits
+from fdistill_jax.io import limits
 from fdistill_jax.loaders import diffusers as names
 from fdistill_jax.loaders import ldm
 from fdistill_jax.loaders import sd_configs as configs

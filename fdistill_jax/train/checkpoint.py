@@ -46,7 +46,7 @@ import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
 
-from fdistill_jax.loaders import limits
+from fdistill_jax.io import limits
 from fdistill_jax.io import atomic
 
 CHECKPOINTS = "checkpoints"

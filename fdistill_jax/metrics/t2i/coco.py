@@ -39,7 +39,7 @@ import PIL.Image
 from fdistill_jax import console
 from fdistill_jax.data import tfds as tfds_data
 from fdistill_jax.metrics import fid
-from fdistill_jax.loaders import limits
+from fdistill_jax.io import limits
 
 EVAL_RES = 256                 # DMD2's --eval_res / GigaGAN's
 INCEPTION_RES = 299

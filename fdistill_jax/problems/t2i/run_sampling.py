@@ -33,7 +33,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from fdistill_jax.loaders import limits
+from fdistill_jax.io import limits
 from fdistill_jax.data import pixels
 from fdistill_jax.pipelines import sampling as sampling_lib
 from fdistill_jax.pipelines import sd
