@@ -236,7 +236,7 @@ def _step_residuals(models, optimizers, config, state, tv, batch):
     return jax.lax.stop_gradient(x), labels
   x, labels = jax.eval_shape(samples, state, tv, key, batch)
   fake = residual_bytes(
-      lambda p, x, labels, rng: steps.fake_score_loss(p, models, x, labels, rng, config.loss),
+      lambda p, x, labels, rng: steps.fake_score_loss(p, models, x, labels, rng, config),
       (state.fake,), x, labels, key)
   real = jax.eval_shape(lambda tv, rng, b: models.conditioning.real(tv, rng, b), tv, key, batch)
   disc = 0

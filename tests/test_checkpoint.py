@@ -41,6 +41,7 @@ def run_in_process(workdir, **overrides):
   return train.train_and_evaluate(small_toy("js", **overrides), str(workdir), registry=REGISTRY)
 
 
+@pytest.mark.slow      # a subprocess killed and resumed
 def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(tmp_path):
   """Killed with SIGKILL mid-run and resumed, a run reaches bitwise the same state
   at step T as a run never interrupted (CPU, same device count)."""
@@ -116,6 +117,7 @@ def test_incompatible_config_is_refused(tmp_path, monkeypatch):
                              str(tmp_path), registry=REGISTRY)
 
 
+@pytest.mark.slow      # two runs
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   run_in_process(tmp_path, **toy_overrides(2, 2))
   good = saved_state(tmp_path, 2)
@@ -180,6 +182,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   assert json.loads((workdir / "status.json").read_text())["state"] == "preempted"
 
 
+@pytest.mark.slow      # two runs
 def test_checkpoint_of_other_network_sizes_is_refused_not_skipped(tmp_path):
   """A size change the config check cannot see (here the heads' input width via the
   toy trunk) must stop the run, not silently start afresh over good checkpoints."""

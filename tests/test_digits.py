@@ -66,6 +66,7 @@ def test_the_source_refuses_other_sizes():
     data.make_source(c)
 
 
+@pytest.mark.slow      # trains the digits classifier (about 3 minutes on 2 cores)
 def test_the_classifier_measure_can_fail(clf, clf_path):
   """Held-out vs train: FD small; noise and blank images: FD large, precision and
   class accuracy near zero. (Measured: FD 1.9 vs 400 for N(0, 0.5^2) noise.)"""
@@ -235,7 +236,6 @@ def test_fig4b_and_fig5b_figures(tmp_path):
   np.testing.assert_allclose(final["fkl"], np.expm1(4.0), rtol=1e-9)
 
 
-@pytest.mark.slow
 def test_analysis_says_when_fig5b_is_skipped(tmp_path, caplog):
   """A sweep without the 'fkl_unnormalised' row: Fig. 5(b) is skipped with one line naming
   the missing run; with both rows both curves are drawn."""
@@ -258,6 +258,7 @@ def test_fig6_subtitle_keeps_a_small_effect():
   assert "0.9968 / 1.0041" in title and "+0.73%" in title, title
 
 
+@pytest.mark.slow      # a teacher, then a student, each through main
 def test_teacher_then_student_through_main(tmp_path, clf_path):
   """`python -m fdistill_jax.main` trains a CI-sized EDM teacher (configs/digits.py:
   teacher,runlocal), writes it as a converted teacher, and a JS student distilled from it

@@ -21,6 +21,8 @@ import pytest
 from tests import hostile
 from tests.helpers import TOY_FLAGS
 
+pytestmark = pytest.mark.slow   # hostile runs in subprocesses, about 3 minutes
+
 CONFIG = f"--config={hostile.REPO}/configs/toy2d.py:js"
 
 

@@ -324,6 +324,7 @@ def test_fake_score_features_train_the_fake_score_encoder():
 # 5. The running per-bin mean is training state.
 
 
+@pytest.mark.slow      # a run and its resume
 def test_running_bin_mean_lives_in_the_checkpoint(tmp_path):
   c = small_toy("fkl", **{"loss.ratio_ema_rate": 0.5, "total_steps": 4, "checkpoint_every": 2})
   st = jax.device_get(train.train_and_evaluate(c, str(tmp_path), registry=REGISTRY))

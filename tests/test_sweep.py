@@ -53,6 +53,7 @@ class Recorder:
     atomic.write_json(os.path.join(workdir, report.METRICS_FILE), {"final": final})
 
 
+@pytest.mark.slow      # several toy runs
 def test_runs_are_reused_only_with_the_same_config(tmp_path, monkeypatch):
   rec = Recorder(monkeypatch)
   variants, seeds = ["js", "fkl"], ["0", "1"]

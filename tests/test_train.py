@@ -101,6 +101,7 @@ def test_every_generator_metric_reaches_tensorboard_with_the_shipped_log_period(
     assert all(np.isfinite(v) for _, v in scalars[tag]), (tag, scalars[tag])
 
 
+@pytest.mark.slow      # a run in a subprocess
 def test_console_shows_progress_only_and_the_log_file_keeps_the_rest(tmp_path):
   """A healthy toy run, started from another directory with the config given by absolute
   path, prints a handful of progress lines (what compiles and how long it took, the
@@ -181,6 +182,7 @@ def test_fsdp_sharding_matches_replicated():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow      # an EDM U-Net run
 def test_tiny_image_run_keeps_teacher_unchanged(tmp_path):
   """The 8x8 DDPM++ run trains all three networks; the teacher is never touched."""
   c = tiny.get_config("js")
@@ -266,6 +268,7 @@ def test_config_variants_and_unknown_keys(tmp_path):
     flags.FLAGS(argv)
 
 
+@pytest.mark.slow      # a run with Inception FID
 def test_periodic_fid(tmp_path):
   """eval.fid_every runs inside the loop; FID against statistics of the very same
   samples (computed through eval.fid's own pipeline) is ~0, against another set it
