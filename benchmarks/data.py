@@ -107,4 +107,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, "benchmarks.data", FLAGS, __doc__)
+  cli.entry_point(main, "benchmarks.data", FLAGS, __doc__)()

@@ -71,4 +71,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, "benchmarks.evaluate", FLAGS, __doc__)
+  cli.entry_point(main, "benchmarks.evaluate", FLAGS, __doc__)()

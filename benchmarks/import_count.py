@@ -24,10 +24,10 @@ import pathlib
 import subprocess
 import sys
 
-from absl import app
 from absl import flags
 
 from fdistill_jax.io import atomic
+from fdistill_jax.tools import cli
 
 PROBES = {
     "train_loop": "import fdistill_jax.train.loop",
@@ -52,11 +52,12 @@ print(json.dumps(sorted(m for m in sys.modules
 print(json.dumps(sorted({{m.split(".")[0] for m in sys.modules}} & set({heavy!r}))))
 """
 
-FLAGS = flags.FLAGS
+FLAGS = cli.new_flags()
 flags.DEFINE_string("repo", str(pathlib.Path(__file__).resolve().parents[1]),
-                    "Checkout whose fdistill_jax is measured.")
-flags.DEFINE_list("probes", list(PROBES), f"Which imports to measure: {sorted(PROBES)}.")
-flags.DEFINE_string("out", None, "Write the JSON report here as well.")
+                    "Checkout whose fdistill_jax is measured.", flag_values=FLAGS)
+flags.DEFINE_list("probes", list(PROBES), f"Which imports to measure: {sorted(PROBES)}.",
+                  flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Write the JSON report here as well.", flag_values=FLAGS)
 
 
 def package_modules(repo):
@@ -92,7 +93,7 @@ def main(argv):
   del argv
   unknown = sorted(set(FLAGS.probes) - set(PROBES))
   if unknown:
-    raise app.UsageError(f"--probes has unknown names {unknown}; known: {sorted(PROBES)}.")
+    raise ValueError(f"--probes has unknown names {unknown}; known: {sorted(PROBES)}.")
   repo = os.path.abspath(FLAGS.repo)
   total = len(package_modules(repo))
   report = {"repo": repo, "date": datetime.date.today().isoformat(),
@@ -109,4 +110,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.entry_point(main, "benchmarks.import_count", FLAGS, __doc__)()

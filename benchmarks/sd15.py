@@ -233,4 +233,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, "benchmarks.sd15", FLAGS, __doc__)
+  cli.entry_point(main, "benchmarks.sd15", FLAGS, __doc__)()

@@ -92,4 +92,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, "benchmarks.t2i_metrics", FLAGS, __doc__)
+  cli.entry_point(main, "benchmarks.t2i_metrics", FLAGS, __doc__)()

@@ -94,4 +94,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, "benchmarks.teacher", FLAGS, __doc__)
+  cli.entry_point(main, "benchmarks.teacher", FLAGS, __doc__)()

@@ -66,6 +66,14 @@ def _parse(fv: flags.FlagValues, argv: Sequence[str], name: str, known_only=Fals
     sys.exit(2)
 
 
+def parse(fv: flags.FlagValues, argv: Sequence[str], name: str, doc: str = ""):
+  """Parses argv (program name first) into `fv` alone: --help prints `doc` and the flags
+  and exits 0, a bad flag exits 2 in one line. For callers that are not absl programs
+  (benchmarks' `parse_args`); tools run through `entry_point`."""
+  exit_on_help(argv, doc, fv.get_help(include_special_flags=False))
+  return _parse(fv, argv, name)
+
+
 def flags_parser(fv: flags.FlagValues, name: str, doc: str = ""):
   """absl's `flags_parser` for a tool: --help, then the tool's flags, then absl's own."""
   def parse(argv):
