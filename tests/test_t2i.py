@@ -60,8 +60,10 @@ def test_sd15_run_through_main_trains_all_three_networks(run8):
 def test_one_device_and_eight_devices_agree(run8, shards, tmp_path):
   """The same 2 iterations on 1 device give the 8-device run's networks at step 2.
 
-  Tolerance 1e-4 relative, 1e-6 absolute: only the order of float32 reductions
-  differs (batch means and the U-Net's sums are split over devices).
+  Tolerance 1e-4 relative, plus 1e-4 of the leaf's largest magnitude absolute: only the
+  order of float32 reductions differs (batch means and the U-Net's sums are split over
+  devices), and Adam's normalised update carries that round-off into entries whose
+  gradients are tiny (measured: one entry of 64 off by 1.3e-5 on a leaf of magnitude ~1).
   """
   c = ml_collections.FrozenConfigDict(tiny_config(**{"data.path": shards,
                                                     "sample_every": 0}))  # no grid to compile
@@ -73,7 +75,8 @@ def test_one_device_and_eight_devices_agree(run8, shards, tmp_path):
   eight = saved_state(run8, 2)
   for name in ("gen", "fake", "disc"):
     for a, b in zip(jax.tree.leaves(getattr(one, name)), jax.tree.leaves(eight[name])):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))),
+                                 err_msg=name)
 
 
 def test_warm_start_restores_exactly_the_named_parts(run8, shards, tmp_path, monkeypatch):
