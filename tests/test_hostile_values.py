@@ -38,7 +38,7 @@ def test_bad_scheduler_values_are_refused(change, fragment):
 def _sd15_scheduler():
   path = SD15 / "scheduler" / "scheduler_config.json"
   if not path.is_file():
-    pytest.skip(f"{path} missing")
+    pytest.skip(f"{path} missing: the shared SD 1.5 fixtures (FDISTILL_SHARED_FIXTURES)")
   return json.loads(path.read_text())
 
 
@@ -95,7 +95,7 @@ def tokenizer_dir(tmp_path):
   pytest.importorskip("ftfy")
   src = SD15 / "tokenizer"
   if not src.is_dir():
-    pytest.skip(f"{src} missing")
+    pytest.skip(f"{src} missing: the shared SD 1.5 fixtures (FDISTILL_SHARED_FIXTURES)")
   dst = tmp_path / "tokenizer"
   shutil.copytree(src, dst)
   return dst
