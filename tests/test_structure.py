@@ -360,3 +360,18 @@ def test_the_default_registry_has_every_kind_the_old_registries_had():
   assert sorted(r.tables) == ["digits", "toy"]
   with pytest.raises(ValueError, match="Unknown problem 'nope'"):
     plugins.registry(["nope"])
+
+
+MESH_HOMES = {"fdistill_jax/pipelines/sharded.py", "fdistill_jax/train/runner.py"}
+
+
+def test_meshes_are_built_in_two_places():
+  """Data-parallel batches outside training go through `pipelines.sharded.ShardedFn`;
+  training builds its 2-D mesh in `train.runner.make_mesh`. No other module calls Mesh()."""
+  found = set()
+  for path in PACKAGE.rglob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Call) and (getattr(node.func, "attr", None) == "Mesh" or
+                                         getattr(node.func, "id", None) == "Mesh"):
+        found.add(str(path.relative_to(REPO)))
+  assert found == MESH_HOMES, sorted(found ^ MESH_HOMES)

@@ -25,6 +25,7 @@ from fdistill_jax.metrics import distances as metrics
 from fdistill_jax.io import limits
 from fdistill_jax.loaders import inception as inception_weights
 from fdistill_jax.models import inception
+from fdistill_jax.pipelines import sharded
 
 
 # ----------------------------------------------------------------------------
@@ -34,28 +35,22 @@ from fdistill_jax.models import inception
 @functools.lru_cache(maxsize=None)
 def _sharded_features(mode, devices):
   """One jitted, batch-sharded feature function per (mode, devices): compiled once."""
-  mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
-  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  fn = jax.jit(functools.partial(inception.features, mode=mode),
-               in_shardings=(replicated, batch), out_shardings=batch)
-  return fn, replicated
+  return sharded.ShardedFn(functools.partial(inception.features, mode=mode), devices=devices)
 
 
 class FeatureFn:
   """Callable [B, H, W, 3] images -> [B, 2048] Inception features (jax.Array).
 
   The batch axis is sharded over a 1-D mesh ('data',) of `devices` (default:
-  all of jax.devices()); B must be a multiple of `num_devices`
-  (`extract_features` pads for you). Weights are replicated.
+  all of jax.devices()) by `pipelines.sharded.ShardedFn`; B must be a multiple
+  of `num_devices` (`extract_features` pads for you). Weights are replicated.
   """
 
   def __init__(self, variables, mode="tf", devices=None):
     """`variables` from `inception_weights.load_variables`; `mode` "tf" or "pytorch_fid"."""
-    devices = tuple(devices or jax.devices())
-    self._fn, replicated = _sharded_features(mode, devices)
-    self._variables = jax.device_put(variables, replicated)
-    self.num_devices = len(devices)
+    self._fn = _sharded_features(mode, tuple(devices or jax.devices()))
+    self._variables = self._fn.replicate(variables)
+    self.num_devices = self._fn.num_devices
 
   def __call__(self, images):
     return self._fn(self._variables, images)
@@ -84,7 +79,7 @@ def extract_features(images, feature_fn, batch_size=256, what="Inception feature
   Progress lines ('what: done / N (rate/s, ETA)') go to the console.
   """
   devices = getattr(feature_fn, "num_devices", 1)  # Plain callables: one device.
-  batch_size = -(-min(batch_size, max(len(images), 1)) // devices) * devices
+  batch_size = sharded.round_up(min(batch_size, len(images)), devices)
   progress, out, done = console.Counter(what, len(images)), [], 0
   for chunk, valid in _batches(images, batch_size):
     out.append(np.asarray(feature_fn(chunk))[:valid])

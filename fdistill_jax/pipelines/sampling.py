@@ -15,17 +15,16 @@ Unconditional models get label -1 (`sample_labels`) and no one-hot (`one_hot`).
 """
 
 import dataclasses
-import math
 from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fdistill_jax import console
 from fdistill_jax.pipelines import edm_sampler
+from fdistill_jax.pipelines import sharded
 
 NOISE, LABEL, CHURN = 0, 1, 2      # fold_in tags of a sample's key
 
@@ -134,8 +133,9 @@ class BatchSampler:
   """Runs batch_fn(variables, key, indices) over indices 0..num-1, compiled once.
 
   The batch axis is sharded over a 1-D ('data',) mesh of `devices` (default:
-  all devices of all processes); the batch is rounded up to a multiple of the
-  device count and the last one is padded (extra samples are dropped). The
+  all devices of all processes; `sharded.ShardedFn`); the batch is rounded up
+  to a multiple of the device count and the last one is padded (extra samples
+  are dropped). The
   next batch is dispatched before the current one is fetched. Every process
   must call it (the results are gathered to all of them). The same compiled
   program serves every call with variables of the same shapes, so periodic
@@ -145,16 +145,12 @@ class BatchSampler:
   def __init__(self, batch_fn: Callable, batch=256, devices=None):
     if batch <= 0:
       raise SampleError(f"batch={batch} must be positive.")
-    devices = list(jax.devices() if devices is None else devices)
-    mesh = Mesh(np.asarray(devices), ("data",))
-    self.batch = math.ceil(batch / len(devices)) * len(devices)
-    self._repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    size = self.batch
+    devices = tuple(jax.devices() if devices is None else devices)
+    self.batch = size = sharded.round_up(batch, len(devices))
     def run(variables, key, start):
       indices = start + jnp.arange(size, dtype=jnp.int32)
-      return batch_fn(variables, key, jax.lax.with_sharding_constraint(indices, data))
-    self._fn = jax.jit(run, in_shardings=(self._repl, self._repl, self._repl),
-                       out_shardings=(data, data))
+      return batch_fn(variables, key, jax.lax.with_sharding_constraint(indices, self._fn.data))
+    self._fn = sharded.ShardedFn(run, 0, devices, replicated_args=3)
 
   def _fetch(self, x):
     if jax.process_count() > 1:
@@ -165,8 +161,8 @@ class BatchSampler:
     """Numpy (x, labels) of samples 0..num-1 under PRNGKey(seed)."""
     if num <= 0:
       raise SampleError(f"num={num}; the number of samples must be positive.")
-    variables = jax.device_put(variables, self._repl)
-    key = jax.device_put(jax.random.PRNGKey(seed), self._repl)
+    variables = self._fn.replicate(variables)
+    key = self._fn.replicate(jax.random.PRNGKey(seed))
     xs, labels, progress = [], [], console.Counter(what, num)
     starts = list(range(0, num, self.batch))
     pending = self._fn(variables, key, jnp.int32(0))

@@ -31,6 +31,7 @@ from fdistill_jax.models import vit
 from fdistill_jax.loaders import sd_configs as configs
 from fdistill_jax.loaders import diffusers as names
 from fdistill_jax.pipelines import sd as pipeline
+from fdistill_jax.pipelines import sharded
 from fdistill_jax.loaders import state_dict as weights
 
 USED, IGNORED = configs.USED, configs.IGNORED
@@ -89,18 +90,14 @@ def _features(module, variables, images):
 
 class DinoFeatures:
   """Callable uint8 [B, H, W, 3] -> normalised DINO features [B, D], jitted, batch-sharded
-  over a ('data',) mesh of `devices` (default all); B a multiple of `num_devices`."""
+  over a ('data',) mesh of `devices` (default all, `pipelines.sharded`); B a multiple of
+  `num_devices`."""
 
   def __init__(self, folder, devices=None):
     self.module, variables = load_dino(folder)
-    devices = tuple(devices or jax.devices())
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
-    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    self._fn = jax.jit(functools.partial(_features, self.module),
-                       in_shardings=(replicated, batch), out_shardings=batch)
-    self._variables = jax.device_put(variables, replicated)
-    self.num_devices = len(devices)
+    self._fn = sharded.ShardedFn(functools.partial(_features, self.module), devices=devices)
+    self._variables = self._fn.replicate(variables)
+    self.num_devices = self._fn.num_devices
 
   def __call__(self, images):
     return self._fn(self._variables, images)

@@ -35,7 +35,6 @@ import functools
 import pathlib
 from typing import Any, Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import PIL.Image
@@ -50,6 +49,7 @@ from fdistill_jax.metrics.t2i import dino as dino_lib
 from fdistill_jax.loaders import sd_configs as configs
 from fdistill_jax.loaders import diffusers as names
 from fdistill_jax.pipelines import sd as pipeline
+from fdistill_jax.pipelines import sharded
 from fdistill_jax.loaders import state_dict as weights
 
 DMD2_PREFIX = "A photo depicts "
@@ -125,21 +125,17 @@ def _pair_cosine(vision, text, variables, pixels, tokens):
 
 class ClipScorer:
   """Per-pair CLIP cosine of uint8 images and prompts (module docstring), jitted and
-  batch-sharded over a 1-D ('data',) mesh of `devices` (default: all), as `eval.fid.FeatureFn`."""
+  batch-sharded over a 1-D ('data',) mesh of `devices` (default: all, `pipelines.sharded`)."""
 
   def __init__(self, clip, prefix: str = DMD2_PREFIX, eval_res: int = coco.EVAL_RES,
                devices=None, dtype=jnp.float32):
     """`clip`: a transformers CLIPModel folder, or a `Clip` already loaded."""
     self.clip = clip if isinstance(clip, Clip) else load_clip(clip, dtype)
     self.prefix, self.eval_res = prefix, eval_res
-    devices = tuple(devices or jax.devices())
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
-    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    self.pair_cosine = jax.jit(functools.partial(_pair_cosine, self.clip.vision, self.clip.text),
-                               in_shardings=(replicated, batch, batch), out_shardings=batch)
-    self._variables = jax.device_put(self.clip.variables, replicated)
-    self.num_devices = len(devices)
+    self.pair_cosine = sharded.ShardedFn(
+        functools.partial(_pair_cosine, self.clip.vision, self.clip.text), 2, devices)
+    self._variables = self.pair_cosine.replicate(self.clip.variables)
+    self.num_devices = self.pair_cosine.num_devices
 
   def pixels(self, images) -> np.ndarray:
     size = self.clip.vision.vision_model.image_size
@@ -154,7 +150,7 @@ class ClipScorer:
     if len(images) != len(prompts):
       raise ValueError(f"{len(images)} images but {len(prompts)} prompts; CLIP score needs "
                        "one prompt per image.")
-    batch_size = -(-min(batch_size, max(len(images), 1)) // self.num_devices) * self.num_devices
+    batch_size = self.pair_cosine.round_up(min(batch_size, len(images)))
     progress, out = console.Counter("CLIP score", len(images)), []
     for start in range(0, len(images), batch_size):
       stop = min(start + batch_size, len(images))
