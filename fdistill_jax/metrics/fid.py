@@ -184,7 +184,7 @@ RANDOM_INCEPTION = "random"  # Tests only: a randomly initialised network, not F
 def load_feature_fn(weights, mode="tf"):
   """`make_feature_fn` for a weight file, or for "random" (tests only)."""
   if weights == RANDOM_INCEPTION:
-    return make_feature_fn(inception.random_variables(), mode)
+    return make_feature_fn(inception_weights.random_variables(), mode)
   console.say("Loading Inception weights %s (the first batch compiles the network) ...", weights)
   return make_feature_fn(inception_weights.load_variables(weights), mode)
 

@@ -251,24 +251,6 @@ def features(variables, images, mode="tf", dtype=jnp.float32):
   return InceptionV3(dtype).apply(variables, preprocess(images, mode))
 
 
-def random_variables(seed=0):
-  """Random variables for `InceptionV3` (tests and smoke runs only: not FID).
-
-  Filled with numpy from the shapes of `jax.eval_shape(init)` (compiling the
-  real init takes a minute on CPU): He-normal kernels, unit BN scale and
-  variance, zero bias and mean.
-  """
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name == "kernel":
-      return rng.normal(0, np.sqrt(2.0 / np.prod(leaf.shape[:3])), leaf.shape).astype(np.float32)
-    return np.full(leaf.shape, 1.0 if name in ("scale", "var") else 0.0, np.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, variable_shapes())
-
-
 def variable_shapes():
   """ShapeDtypeStructs of InceptionV3's variables (no compilation)."""
   return jax.eval_shape(InceptionV3().init, jax.random.key(0),
