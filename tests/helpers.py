@@ -146,3 +146,12 @@ def parse_main(argv):
   for name in ("config", "workdir", "multihost"):
     assert name in main_lib.FLAGS, f"fdistill_jax.main has no --{name}"   # main's real flags
   return fv.config, {"workdir": fv.workdir, "multihost": fv.multihost}
+
+
+def fake_digits_run(*args):
+  """Stands in for `digits_sweep.run_one` in the sweep's worker processes (it is pickled by
+  name): prints a line and returns (its run dir, one row with FD = seed, its process id)."""
+  from fdistill_jax.tools import digits_sweep  # pylint: disable=g-import-not-at-top
+  name, seed = args[2], args[4]
+  print(f"training {name} seed {seed}", flush=True)
+  return digits_sweep._plan(*args)[2], {"rows": [{"fd": float(seed)}]}, os.getpid()

@@ -29,6 +29,7 @@ from fdistill_jax.problems.image import teachers as image_teachers
 from fdistill_jax.tools import analysis
 from fdistill_jax.tools import digits_sweep
 from fdistill_jax.train import denoiser_training as edm_method
+from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "digits.py")
@@ -216,6 +217,20 @@ def test_the_digits_sweep_chains_teacher_and_students(tmp_path, monkeypatch):
   assert "| js | 3.500 ± 0.500 |" in table and "| teacher, 1 step | 70.000 |" in table
   digits_sweep.run_all(*args, runlocal=True)
   assert len(calls) == 7                                        # all reused
+
+
+def test_the_digits_sweep_runs_students_in_worker_processes(tmp_path):
+  """--jobs=2: every student runs in a spawned worker (not this process), results come back
+  in the order of the runs, and each worker's output lands in its run's console.log."""
+  runs = [(CONFIG, str(tmp_path), name, name, seed, [], True)
+          for name, seed in (("js", "0"), ("js", "1"), ("no_gan", "2"))]
+  results = digits_sweep._run_students(runs, 2, helpers.fake_digits_run)
+  assert [r[1]["rows"][0]["fd"] for r in results] == [0.0, 1.0, 2.0]
+  assert all(pid != os.getpid() for _, _, pid in results)
+  for (_, _, name, _, seed, _, _), (run_dir, _, _) in zip(runs, results):
+    assert f"{os.sep}{name}{os.sep}seed{seed}_" in run_dir
+    with open(os.path.join(run_dir, digits_sweep.CONSOLE_LOG)) as f:
+      assert f"training {name} seed {seed}" in f.read()
 
 
 def test_fig4b_and_fig5b_figures(tmp_path):

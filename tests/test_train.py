@@ -77,6 +77,48 @@ def test_every_metric_reaches_tensorboard_with_a_sparse_log_period(tmp_path):
               "fake/loss", "disc/loss", "lr/gen", "lr/fake"):
     assert [step for step, _ in scalars[tag]] == [4, 8], (tag, scalars.get(tag))
   np.testing.assert_allclose([v for _, v in scalars["lr/gen"]], c.optim.gen_lr, rtol=1e-6)
+  missing = [tag for tag in scalars if not documented_tag(tag)]
+  assert not missing, f"logged but not in the tag table of docs/image_runs.md: {missing}"
+
+
+def documented_tags():
+  """Regular expressions of the tags in docs/image_runs.md's table ("7. Watch the run").
+
+  A cell lists names in backticks: `group/name`; `group/a_mean/std/min/max` stands for
+  group/a_mean, group/a_std, ...; a bare `name` after a `group/...` one is group/name (or
+  the bare name); a trailing `_k` is a bin index.
+  """
+  with open(os.path.join(REPO, "docs", "image_runs.md")) as f:
+    text = f.read()
+  rows = [line for line in text.split("| tag | what it is |", 1)[1].splitlines()[2:]
+          if line.startswith("|")]
+  patterns = []
+  for row in rows:
+    group = ""
+    for name in re.findall(r"`([^`]+)`", row.split("|")[1]):
+      if "/" in name:
+        group, name = name.split("/", 1)
+        group += "/"
+      head, *alternatives = name.split("/")
+      stem = head.rsplit("_", 1)[0] + "_" if alternatives else ""
+      for leaf in [head] + [stem + a for a in alternatives]:
+        leaf = re.escape(leaf)
+        if leaf.endswith("_k"):
+          leaf = leaf[:-1] + r"\d+"
+        patterns.append(f"({re.escape(group)})?{leaf}")
+  return patterns
+
+
+def documented_tag(tag):
+  return any(re.fullmatch(p, tag) for p in documented_tags())
+
+
+def test_the_tag_table_parser_expands_the_shorthands():
+  for tag in ("gen/loss", "fdistill/log_ratio_std", "fdistill/h_max", "fdistill/bin_count_3",
+              "steps_per_sec", "disc/r1", "digits/class_accuracy", "eval/clip_score_x100"):
+    assert documented_tag(tag), tag
+  for tag in ("gen/unknown", "fdistill/bin_count_x", "fdistill/log_ratio_median"):
+    assert not documented_tag(tag), tag
 
 
 def test_every_generator_metric_reaches_tensorboard_with_the_shipped_log_period(tmp_path):
