@@ -274,6 +274,42 @@ def test_fig6_subtitle_keeps_a_small_effect():
 
 
 @pytest.mark.slow      # a teacher, then a student, each through main
+class _NoiseModule:
+  """A stand-in 'generator' whose sample is its input noise, squashed into [-1, 1]."""
+
+  def apply(self, variables, x, sigma, labels):
+    del variables, labels
+    return jnp.tanh(x / sigma[:, None, None, None])
+
+
+def test_the_evaluation_draws_are_the_same_for_every_run_seed(tmp_path, clf_path):
+  """The 'digits' evaluator conditions sample i on the i-th train label (cyclically) and
+  draws its noise from digits.eval_seed, not the run's seed: two runs with the same
+  network measure exactly the same; another eval_seed measures differently."""
+  from fdistill_jax.train import evaluators  # pylint: disable=g-import-not-at-top
+  from fdistill_jax.pipelines import sampling  # pylint: disable=g-import-not-at-top
+  made = []
+
+  def measure(seed, eval_seed=0, num=2 * 1438 + 5):
+    c = digits_config.get_config("js")
+    c.seed, c.digits.classifier, c.digits.num_samples = seed, clf_path, num
+    c.digits.eval_seed = eval_seed
+    spec = sampling.one_step_model_sampler(_NoiseModule(), (8, 8, 1), 10, 80.0, "generator")
+    make = lambda classes=None: made.append(classes) or spec.make(classes)
+    ctx = evaluators.EvalContext(c, str(tmp_path), None, None, tuple(jax.devices()[:1]), None,
+                                 None, str(tmp_path), (spec.__class__(
+                                     spec.name, 1, "generator", spec.batch_fn, make),))
+    return report.DigitsReport(ctx)({"generator": {}}, 0)
+
+  first, other_seed = measure(0), measure(7)
+  assert first == other_seed and np.isfinite(first["digits/fd"])
+  assert made[0] == tuple(int(c) for c in data.load("train")[1])
+  assert measure(0, eval_seed=1)["digits/fd"] != first["digits/fd"]
+  saved = _read_json(os.path.join(tmp_path, report.METRICS_FILE))
+  assert saved["rows"][0]["num_samples"] == 2 * 1438 + 5
+  assert report.num_samples(digits_config.get_config("js")) == 4 * 1438
+
+
 def test_teacher_then_student_through_main(tmp_path, clf_path):
   """`python -m fdistill_jax.main` trains a CI-sized EDM teacher (configs/digits.py:
   teacher,runlocal), writes it as a converted teacher, and a JS student distilled from it

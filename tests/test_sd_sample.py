@@ -1,5 +1,7 @@
 """Teacher sampling on a tiny random SD folder: prompts, sharding, seeds, the command line."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,6 +76,31 @@ def test_command_line(tmp_path, tiny_folder):
   width, height = Image.open(out).size       # 3 captioned tiles, 2 per row, enlarged
   assert width > 2 * 100 and height > 2 * 100
   assert "2\tTwo dogs" in (tmp_path / "grid.png.txt").read_text(encoding="utf-8")
+
+
+def test_command_line_never_replaces_what_it_was_not_asked_to(tmp_path, capsys):
+  """--out / --npz are checked before any model is read (the model path here does not even
+  exist): an existing file needs --overwrite, an input is never an output, --npz is .npz."""
+  from fdistill_jax.tools import cli  # pylint: disable=g-import-not-at-top
+  from fdistill_jax.tools import sample_t2i  # pylint: disable=g-import-not-at-top
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a cat\n")
+  kept = tmp_path / "kept.npz"
+  kept.write_bytes(b"the user's file")
+  base = [f"--model={tmp_path / 'no_model'}", f"--prompts_file={prompts}"]
+  invoke = lambda extra: (cli.invoke(sample_t2i.main, "sample_t2i", sample_t2i.FLAGS,
+                                     base + extra), capsys.readouterr().err)
+  for extra, said in (([f"--npz={kept}"], "exists: choose another path, or pass --overwrite"),
+                      ([f"--out={prompts}"], "is (or lies inside) the input"),
+                      ([f"--npz={tmp_path / 'samples.bin'}"], "name a .npz file"),
+                      ([f"--out={tmp_path / 'a.npz'}", f"--npz={tmp_path / 'a.npz'}"],
+                       "are the same file")):
+    code, err = invoke(extra)
+    assert code != 0 and said in err, (extra, err)
+  assert kept.read_bytes() == b"the user's file" and prompts.read_text() == "a cat\n"
+  assert sorted(os.listdir(tmp_path)) == ["kept.npz", "prompts.txt"]
+  code, err = invoke([f"--npz={kept}", "--overwrite"])   # passes the check; no model
+  assert code != 0 and "no_model" in err and kept.read_bytes() == b"the user's file"
 
 
 def test_text_to_image_grid_has_one_column_per_image_of_a_prompt(tmp_path, monkeypatch):

@@ -7,8 +7,10 @@ tested in tests/test_sd_clip_score.py, and the Frechet distance's closed forms i
 tests/test_evaluate.py; here they are checked through this module's paths.
 """
 
+import io
 import json
 import shutil
+import zipfile
 
 import numpy as np
 import PIL.Image
@@ -234,6 +236,44 @@ def test_load_samples_maps_stored_images_and_reads_compressed_ones(tmp_path):
   assert prompts == prompts_c == ["a cat", "a dog", "a cat", "a dog", "a dog"]
 
 
+def _zip_npz(path, arrays, suffix=".npy", method=zipfile.ZIP_STORED):
+  """An npz written member by member: names `KEY + suffix`, compression `method`."""
+  with zipfile.ZipFile(path, "w", method) as archive:
+    for key, value in arrays.items():
+      buffer = io.BytesIO()
+      np.save(buffer, value)
+      archive.writestr(key + suffix, buffer.getvalue())
+  return path
+
+
+def test_load_samples_reads_members_named_without_npy(tmp_path):
+  """Some writers name npz members 'images' rather than 'images.npy': both read the same."""
+  images = np.random.default_rng(4).integers(0, 256, (3, 4, 6, 3), np.uint8)
+  arrays = {"images": images, "prompts": np.asarray(["x", "y"]),
+            "prompt_index": np.array([1, 0, 1], np.int32)}
+  got, prompts = coco.load_samples(_zip_npz(tmp_path / "bare.npz", arrays, suffix=""))
+  np.testing.assert_array_equal(got, images)
+  assert prompts == ["y", "x", "y"]
+
+
+def test_load_samples_refuses_a_compression_method_it_does_not_need(tmp_path):
+  """bzip2 / lzma members inflate in one call whatever size they declare: refused, one line."""
+  arrays = {"images": np.zeros((1, 2, 2, 3), np.uint8), "prompts": np.asarray(["x"]),
+            "prompt_index": np.zeros(1, np.int32)}
+  path = _zip_npz(tmp_path / "bz.npz", arrays, method=zipfile.ZIP_BZIP2)
+  with pytest.raises(ValueError, match="compression method 12 refused"):
+    coco.load_samples(path)
+
+
+def test_coco_captions_json_is_parsed_with_a_depth_limit(tmp_path):
+  path = tmp_path / "captions.json"
+  path.write_text('{"annotations": ' + "[" * 5000 + "]" * 5000 + "}")
+  with pytest.raises(ValueError, match="nested more than"):
+    coco.pairs_from_annotations(path)
+  path.write_text('{"annotations": [{"image_id": 1, "caption": "a  cat"}]}')
+  assert coco.pairs_from_annotations(path) == [(1, "a cat")]
+
+
 def test_cli_make_ref_and_score(tmp_path, capsys, clip_folders):
   """Reference stats of a folder, then FID and CLIP score (tied tiny CLIP: the four colour
   images with their captions score 1) in one JSON, written atomically.
@@ -264,6 +304,28 @@ def test_cli_make_ref_and_score(tmp_path, capsys, clip_folders):
   assert 0.5 - 1e-3 < written["clip_score"] < 1   # (4 x 1 + 4 noise pairs in [-1, 1)) / 8
   assert written["clip_score_x100"] >= 100 * written["clip_score"] - 1e-4
   assert "in_batch_similarity" not in written and written["dino"] is None   # no --dino
+
+
+def test_cli_outputs_never_replace_what_was_not_asked(tmp_path, capsys):
+  """--out, --make_ref and --write_prompts: an existing file needs --overwrite, an input is
+  never an output; checked before any model loads (the CLIP folder here does not exist)."""
+  samples = _samples(tmp_path / "s.npz", colour_images(), CAPTIONS)
+  before = samples.read_bytes()
+  kept = tmp_path / "m.json"
+  kept.write_text("keep")
+  ann = _annotations(tmp_path / "captions.json")
+  for args, said in (([f"--samples={samples}", "--clip=/no/clip", f"--out={kept}"], "exists"),
+                     ([f"--samples={samples}", "--clip=/no/clip", f"--out={samples}"],
+                      "the input")):
+    code, out = run(args, capsys)
+    assert code != 0 and said in out.err, (args, out.err)
+  assert kept.read_text() == "keep" and samples.read_bytes() == before
+  prompts = tmp_path / "p.txt"
+  prompts.write_text("mine\n")
+  args = [f"--write_prompts={prompts}", f"--captions={ann}", "--num=2"]
+  code, out = run(args, capsys)
+  assert code != 0 and "exists" in out.err and prompts.read_text() == "mine\n"
+  assert run(args + ["--overwrite"], capsys)[0] == 0 and len(prompts.read_text().split("\n")) == 3
 
 
 def test_cli_bad_inputs_say_what_and_write_nothing(tmp_path, capsys, clip_folders):

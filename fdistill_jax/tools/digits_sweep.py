@@ -38,6 +38,7 @@ from fdistill_jax import console
 from fdistill_jax import plugins
 from fdistill_jax.problems.digits import report as digits_report
 from fdistill_jax.io import atomic
+from fdistill_jax.tools import analysis
 from fdistill_jax.tools import cli
 from fdistill_jax.tools import sweep
 from fdistill_jax.train import checkpoint as ckpt_lib
@@ -70,6 +71,7 @@ UNNORMALISED = "fkl_unnormalised"      # forward KL, both normalisation stages o
 UNNORMALISED_SET = (("loss.normalize_ratio", False), ("loss.normalize_weight", False))
 RUN_TIME = "sweep_time.json"          # written into each run directory
 TABLE_FILE, RESULTS_FILE = "table.md", "sweep.json"
+CURVES_FILE = "fd_curves.png"         # with --config digits.eval_every > 0
 _TABLE = registry.Table(digits_report.METRICS_FILE, lambda r: r, digits_report.COLUMNS)
 
 
@@ -183,6 +185,34 @@ def markdown_table(rows, seeds):
           "floor have no spread).\n")
 
 
+def curves(dirs, names=None):
+  """{row: {seed position: (iterations, FD)}} from the students' TensorBoard files; rows
+  whose runs logged FD at fewer than two iterations (digits.eval_every=0) are left out."""
+  out = {}
+  for name in names or [n for n in dirs if n != TEACHER]:
+    runs = {}
+    for i, run_dir in enumerate(dirs[name]):
+      try:
+        steps, fds = analysis.read_scalar(run_dir, digits_report.FD_TAG)
+      except ValueError:
+        continue
+      if len(steps) > 1:
+        runs[i] = (steps, fds)
+    if runs:
+      out[name] = runs
+  return out
+
+
+def write_curves(path, rows, dirs, seeds):
+  """`digits_report.curves_figure` of every student row, if the runs logged FD curves."""
+  found = curves(dirs)
+  if not found:
+    return None
+  found = {name: {seeds[i]: c for i, c in runs.items()} for name, runs in found.items()}
+  fd = lambda name: next((r[0]["fd"] for n, r in rows.items() if n.startswith(name)), None)
+  return digits_report.curves_figure(path, found, fd("teacher, Heun"), fd("teacher, 1 step"))
+
+
 def main(argv):
   del argv
   if not FLAGS.workdir:
@@ -195,6 +225,9 @@ def main(argv):
   atomic.write_json(os.path.join(FLAGS.workdir, RESULTS_FILE),
                     {"rows": rows, "run_dirs": dirs, "seeds": FLAGS.seeds})
   atomic.write_text(os.path.join(FLAGS.workdir, TABLE_FILE), text)
+  figure = write_curves(os.path.join(FLAGS.workdir, CURVES_FILE), rows, dirs, FLAGS.seeds)
+  if figure:
+    console.say("FD during training, every variant and seed: %s", figure)
   print(text)
   return 0
 

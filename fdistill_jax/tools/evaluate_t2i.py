@@ -28,6 +28,7 @@ from absl import flags
 from fdistill_jax import console
 from fdistill_jax.metrics import fid
 from fdistill_jax.io import atomic
+from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax.loaders import inception as inception_weights
 from fdistill_jax.models import inception
 from fdistill_jax.metrics.t2i import coco
@@ -72,6 +73,8 @@ flags.DEFINE_enum("preprocessing", "tf", sorted(inception.PREPROCESSING),
 flags.DEFINE_enum("fid_method", "sqrtm", ["sqrtm", "eigh"],
                   "sqrtm: EDM / pytorch-fid; eigh: equivalent and faster.", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 64, "Images per network batch.", flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "Replace an existing --out, --make_ref or --write_prompts "
+                  "file (never an input or a file of a run).", flag_values=FLAGS)
 
 
 def main(argv):
@@ -89,6 +92,16 @@ def main(argv):
   return 0
 
 
+def _check_output(path, what):
+  """Never an input (samples, reference, captions, images, model folders) or a file of a run;
+  an existing file only with --overwrite. Checked before any work."""
+  inputs = [FLAGS.samples, FLAGS.ref, FLAGS.captions, FLAGS.ref_images, FLAGS.inception,
+            FLAGS.clip, FLAGS.dino, FLAGS.data_dir]
+  atomic.check_output_file(path, overwrite=FLAGS.overwrite, what=what,
+                           inputs=[i for i in inputs if i and not i.startswith("tfds:")],
+                           protected=ckpt_lib.is_run_workdir)
+
+
 def _write_prompts():
   out = FLAGS.write_prompts
   if not FLAGS.captions or not FLAGS.num:
@@ -96,7 +109,7 @@ def _write_prompts():
                      "tfds:coco_captions) and --num=N (30000 in the paper).")
   if not out.endswith((".txt", ".jsonl")):
     raise ValueError(f"--write_prompts={out}: name a .txt (one prompt per line) or .jsonl file.")
-  atomic.check_parent(out, "--write_prompts")
+  _check_output(out, "--write_prompts")
   if FLAGS.captions.startswith("tfds:"):
     spec = FLAGS.captions if FLAGS.captions.count(":") == 2 else coco.TFDS_COCO
     pairs = coco.pairs_from_tfds(spec, FLAGS.data_dir)
@@ -119,7 +132,7 @@ def _make_ref():
                      "--inception=WEIGHTS.")
   if not FLAGS.make_ref.endswith(".npz"):
     raise ValueError(f"--make_ref={FLAGS.make_ref}: name an .npz file.")
-  atomic.check_parent(FLAGS.make_ref, "--make_ref")
+  _check_output(FLAGS.make_ref, "--make_ref")
   spec = FLAGS.ref_images
   if spec.startswith("tfds:") and spec.count(":") == 1:
     spec = coco.TFDS_COCO
@@ -138,7 +151,7 @@ def _score():
   if FLAGS.dino_batch_size <= 0:
     raise ValueError(f"--dino_batch_size={FLAGS.dino_batch_size} must be positive.")
   out = FLAGS.out or str(pathlib.Path(FLAGS.samples).with_suffix("")) + "_t2i_metrics.json"
-  atomic.check_parent(out, "--out")
+  _check_output(out, "--out")
   images, prompts = coco.load_samples(FLAGS.samples)     # cheap checks before any network
   metrics = t2i_metrics.T2IMetrics(
       FLAGS.ref, FLAGS.inception, FLAGS.clip, protocol=FLAGS.protocol, eval_res=FLAGS.eval_res,

@@ -29,6 +29,7 @@ from fdistill_jax import console
 from fdistill_jax.data import webdataset
 from fdistill_jax.metrics import figures
 from fdistill_jax.io import atomic
+from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax.pipelines import denoisers as denoiser_lib
 from fdistill_jax.pipelines import sd as pipeline_lib
 from fdistill_jax.pipelines import sd_sampling as sampling
@@ -72,6 +73,8 @@ flags.DEFINE_string("npz", None, "npz to write: images (uint8 NHWC), prompt_inde
                     "seed.", flag_values=FLAGS)
 flags.DEFINE_string("config_dir", None, "Single files: folder with the config.json files.",
                     flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "Replace an existing --out / --npz file (never an input "
+                  "or a file of a run).", flag_values=FLAGS)
 flags.DEFINE_string("tokenizer_dir", None, "Tokenizer folder (default: MODEL/tokenizer).",
                     flag_values=FLAGS)
 
@@ -102,6 +105,22 @@ def write_outputs(images, prompt_index, prompts, seed, out=None, npz=None):
                       "\n".join(lines) + "\n")
 
 
+def check_outputs(f):
+  """--out (and its OUT.txt) and --npz: never an input or a file of a run; an existing file
+  only with --overwrite; --npz names an .npz. Checked before any model is loaded."""
+  inputs = [f.model, f.prompts_file, f.config_dir, f.tokenizer_dir]
+  for what, path, suffix in (("--out", f.out, ""), ("--out", f.out and f.out + ".txt", ""),
+                             ("--npz", f.npz, ".npz")):
+    if not path:
+      continue
+    if suffix and not path.endswith(suffix):
+      raise ValueError(f"{what}={path}: name a {suffix} file.")
+    atomic.check_output_file(path, overwrite=f.overwrite, inputs=inputs,
+                             protected=ckpt_lib.is_run_workdir, what=what)
+  if f.out and f.npz and os.path.abspath(f.out) == os.path.abspath(f.npz):
+    raise ValueError(f"--out and --npz are the same file {f.out}; give two paths.")
+
+
 def _short(text, width=28):
   return text if len(text) <= width else text[:width - 3] + "..."
 
@@ -113,6 +132,7 @@ def main(argv):
     raise ValueError("--model is required (a diffusers folder or a checkpoint file).")
   if not (FLAGS.out or FLAGS.npz):
     raise ValueError("give --out=FILE.png and/or --npz=FILE.npz.")
+  check_outputs(FLAGS)
   prompts = prompts_from_flags(FLAGS.prompt, FLAGS.prompts_file)
   pipe = pipeline_lib.load_pipeline(FLAGS.model, dtype=DTYPES[FLAGS.dtype],
                                     config_dir=FLAGS.config_dir, tokenizer_dir=FLAGS.tokenizer_dir)

@@ -28,7 +28,7 @@ i was generated from prompts[prompt_index[i]]), as `tools.sample_t2i` writes it.
 """
 
 import concurrent.futures
-import json
+import io
 import os
 import pathlib
 import zipfile
@@ -190,12 +190,7 @@ def pairs_from_annotations(path) -> list:
   p = pathlib.Path(path)
   if not p.is_file():
     raise FileNotFoundError(f"{path} does not exist; expected COCO's captions_val2014.json.")
-  if p.stat().st_size > MAX_ANNOTATION_BYTES:
-    raise ValueError(f"{path}: {p.stat().st_size} bytes is over the 1 GiB limit for captions.")
-  try:
-    data = json.loads(p.read_text(encoding="utf-8"))
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path} is not valid JSON ({e}).") from None
+  data = limits.json_load(p, f"{path} (COCO captions)", max_bytes=MAX_ANNOTATION_BYTES)
   records = data.get("annotations") if isinstance(data, dict) else None
   if not isinstance(records, list):
     raise ValueError(f"{path} has no 'annotations' list; expected COCO's captions_val2014.json "
@@ -250,31 +245,47 @@ def choose_captions(pairs, num: int, seed: int = 0) -> tuple:
 # Samples: images + prompts from tools.sample_t2i / tools.sample.
 
 
+def _member(archive, key, path):
+  """The checked zip member of npz key `key` (`key.npy`, or `key` as some writers name it):
+  stored or deflate only, not encrypted (`io.limits.check_zip_member`)."""
+  for name in (f"{key}.npy", key):
+    if name in archive.NameToInfo:
+      return limits.check_zip_member(archive.getinfo(name), f"{path}[{key}]")
+  raise ValueError(f"{path} has no member {key!r}.")
+
+
 def _text_array(path, key):
-  """A 1-D string member (unicode, or UTF-8 bytes) of an npz as a list, its header checked
-  against the member's size before numpy allocates it."""
-  with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as f:
-    size = archive.getinfo(f"{key}.npy").file_size
+  """A 1-D string member (unicode, or UTF-8 bytes) of an npz as a list: inflated no further
+  than its declared size, charged to a budget of the file's size, its header checked against
+  that size before numpy reads it."""
+  with zipfile.ZipFile(path) as archive:
+    info = _member(archive, key, path)
+    data = limits.read_zip_member(archive, info.filename,
+                                  limits.Budget.for_size(os.path.getsize(path), str(path)))
+  f = io.BytesIO(data)
+  try:
     version = np.lib.format.read_magic(f)
     read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                    else np.lib.format.read_array_header_2_0)
-    shape, fortran, dtype = read_header(f)
-    if dtype.kind not in "US" or len(shape) != 1:
-      raise ValueError(f"{path}: '{key}' is {dtype} of shape {shape}; expected a 1-D array of "
-                       "strings (np.asarray(list_of_prompts)).")
-    if shape[0] * dtype.itemsize > size:
-      raise ValueError(f"{path}: '{key}' claims {shape[0] * dtype.itemsize} bytes, the file "
-                       f"holds {size}: corrupt.")
-    del fortran
-  with np.load(path, allow_pickle=False) as data:
-    return [p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in data[key].tolist()]
+    shape, _, dtype = read_header(f, max_header_size=10000)
+  except (ValueError, SyntaxError, TypeError, EOFError) as e:
+    raise ValueError(f"{path}: '{key}' is not a valid .npy member ({e}).") from None
+  if dtype.kind not in "US" or len(shape) != 1:
+    raise ValueError(f"{path}: '{key}' is {dtype} of shape {shape}; expected a 1-D array of "
+                     "strings (np.asarray(list_of_prompts)).")
+  if shape[0] * dtype.itemsize != len(data) - f.tell():
+    raise ValueError(f"{path}: '{key}' claims {shape[0] * dtype.itemsize} bytes, the member "
+                     f"holds {len(data) - f.tell()}: corrupt.")
+  values = np.frombuffer(data, dtype, count=shape[0], offset=f.tell())
+  return [p.decode("utf-8", "replace") if isinstance(p, bytes) else str(p)
+          for p in values.tolist()]
 
 
 def _mapped_images(path):
   """The `images` member memory-mapped when stored uncompressed (np.savez; 30k x 512^2 x 3
   bytes is 24 GB), else read whole; None when the member is not a plain uint8 array."""
   with zipfile.ZipFile(path) as archive:
-    info = archive.getinfo("images.npy")
+    info = _member(archive, "images", path)
     if info.compress_type != zipfile.ZIP_STORED:
       return None
     with open(path, "rb") as f:

@@ -1,11 +1,17 @@
 """The digits report: the 'digits' evaluator, its measures, and the sweep table's columns.
 
 After the last iteration (and every `digits.eval_every` iterations) of a run
-on the digits, the evaluator samples `digits.num_samples` images (default: as
-many as the train split) with every sampler of the run's method (the one-step
-generator when distilling; the teacher's Heun sampler and its one step from
-sigma_max when training a teacher) and measures each against the held-out
-split in the feature space of the digits classifier (`classifier`):
+on the digits, the evaluator samples `digits.num_samples` images (default: four
+times the train split, 5,752) with every sampler of the run's method (the
+one-step generator when distilling; the teacher's Heun sampler and its one
+step from sigma_max when training a teacher) and measures each against the
+held-out split in the feature space of the digits classifier (`classifier`).
+The draws are the same for every run: the noise comes from `digits.eval_seed`
+(not the run's seed) and sample i is conditioned on the i-th label of the
+train split, cyclically, so the class proportions are the train split's. What
+varies between two runs' measures is then their training, not the draws
+(with 1,438 samples and uniformly drawn labels, one checkpoint's FD varied by
++-0.6 between draws).
 
   fd              Frechet distance of the classifier's features (`eval.metrics`)
   precision       k-NN precision (k = 3; Kynkaenniemi et al. 2019): samples
@@ -15,7 +21,8 @@ split in the feature space of the digits classifier (`classifier`):
                   conditioned on (does the label steer the generator?)
 
 It also measures the train split itself against the held-out split (`floor`:
-the value of a perfect sampler, up to sampling noise; its class accuracy is
+the value of a perfect sampler with 1,438 samples, up to sampling noise; FD's
+small-sample bias puts a perfect sampler lower at 5,752; its class accuracy is
 the classifier's on the held-out split) and writes into the workdir
 
   digits_metrics.json   {'step', 'floor', 'rows': [one per sampler], 'classifier', ...}
@@ -80,9 +87,18 @@ def classifier_path(config, workdir):
   return path or os.path.join(workdir, CLASSIFIER_DIR)
 
 
+SAMPLES_PER_TRAIN_IMAGE = 4               # the default evaluation size: 4 x 1,438 samples
+
+
 def num_samples(config):
+  """`digits.num_samples`, or (0) SAMPLES_PER_TRAIN_IMAGE times the train split's size."""
   n = int(config.digits.num_samples) if "digits" in config else 0
-  return n if n > 0 else len(data.split_indices()["train"])
+  return n if n > 0 else SAMPLES_PER_TRAIN_IMAGE * len(data.split_indices()["train"])
+
+
+def eval_seed(config):
+  """`digits.eval_seed`: the evaluation's noise, the same for every run (not `config.seed`)."""
+  return int(config.digits.get("eval_seed", 0)) if "digits" in config else 0
 
 
 class DigitsReport:
@@ -92,9 +108,12 @@ class DigitsReport:
     self.ctx, config = ctx, ctx.config
     self.every, self.at_end = int(config.digits.eval_every) if "digits" in config else 0, True
     self.reference = Reference(classifier_lib.load_or_train(classifier_path(config, ctx.workdir)))
-    self.num, self.seed = num_samples(config), int(config.seed) + 11
+    self.num, self.seed = num_samples(config), eval_seed(config)
+    # Sample i is conditioned on the i-th train label (cyclically): every evaluation has the
+    # train split's class proportions, so no row's FD moves with a draw of the labels.
+    labels = tuple(int(c) for c in data.load("train")[1])
     batch = min(256, self.num)
-    self.samplers = [(s, sampling.BatchSampler(s.batch_fn, batch, ctx.devices))
+    self.samplers = [(s, sampling.BatchSampler(s.make(labels), batch, ctx.devices))
                      for s in ctx.model_samplers()]
     self._floor = None
 
@@ -151,3 +170,48 @@ def _get(name):
 # The sweep's table: (column, function of a row of digits_metrics.json).
 COLUMNS = (("FD", _get("fd")), ("precision", _get("precision")), ("recall", _get("recall")),
            ("class accuracy", _get("class_accuracy")), ("calls / sample", _get("calls")))
+
+
+FD_TAG = "digits/fd"                     # the TensorBoard tag of the generator's FD
+
+
+def curves_figure(path, curves, teacher_fd=None, one_step_fd=None):
+  """FD against training iterations: one panel per variant, one line per seed.
+
+  Args:
+    path: the PNG to write.
+    curves: {variant: {seed label: (iterations [N], FD [N])}}.
+    teacher_fd: the teacher's 35-call FD, drawn as a line with 1.5x it dashed.
+    one_step_fd: the teacher's own one-step FD (the students' starting point), if given.
+  """
+  from fdistill_jax.metrics import figures  # pylint: disable=g-import-not-at-top
+  plt = figures.plt
+  names = list(curves)
+  cols = min(3, len(names))
+  rows = -(-len(names) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), dpi=100,
+                           squeeze=False, sharex=True, sharey=True)
+  for ax, name in zip(axes.flat, names):
+    for seed, (steps, fds) in curves[name].items():
+      ax.plot(steps, fds, marker="o", markersize=2.5, linewidth=1.3, label=f"seed {seed}")
+    if teacher_fd is not None:
+      ax.axhline(teacher_fd, color="black", linewidth=1, label="teacher, 35 calls")
+      ax.axhline(1.5 * teacher_fd, color="black", linewidth=1, linestyle="--",
+                 label="1.5 x teacher")
+    if one_step_fd is not None:
+      ax.axhline(one_step_fd, color="grey", linewidth=1, linestyle=":",
+                 label="teacher, 1 call")
+    ax.set_yscale("log")
+    ax.set_title(name, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+  for ax in axes[-1]:
+    ax.set_xlabel("training iteration")
+  for ax in axes[:, 0]:
+    ax.set_ylabel("FD to the held-out split (log)")
+  for ax in list(axes.flat)[len(names):]:
+    ax.axis("off")
+  axes.flat[0].legend(fontsize=7, loc="upper right")
+  fig.suptitle("One-step students of the digits teacher: classifier-feature FD during "
+               "training (same evaluation draws for every run)", fontsize=10)
+  fig.tight_layout()
+  return figures.save_figure(fig, path)
