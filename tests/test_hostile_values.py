@@ -118,3 +118,27 @@ def test_empty_or_broken_tokenizer_folder_is_an_error(tmp_path, tokenizer_dir):
   (tokenizer_dir / "vocab.json").write_text("[" * 100000)
   with pytest.raises(ValueError, match="cannot read it as a CLIP tokenizer"):
     CLIPTokenizer(tokenizer_dir, 77, vocab_size=49408)
+
+
+SD_SPEC = {"kind": "sd15", "unet": {}, "sample_shape": [8, 8, 4], "sigmas": [0.1, 1.0]}
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ({"kind": "toy", "width": 10**12, "depth": 3}, "'width' is 1000000000000"),
+    ({"kind": "toy", "width": "64", "depth": 3}, "'width' is '64'"),
+    ({"kind": "toy", "width": 64, "depth": -1}, "'depth' is -1"),
+    ({"kind": "toy", "width": 64}, "'depth' is None"),
+    ({**SD_SPEC, "sample_shape": [8, 8]}, "'sample_shape' is [8, 8]"),
+    ({**SD_SPEC, "sample_shape": [8, 8, 2**40]}, "'sample_shape' is 1099511627776"),
+    ({**SD_SPEC, "sigmas": []}, "'sigmas' is []"),
+    ({**SD_SPEC, "sigmas": [0.1, float("nan")]}, "finite positive numbers"),
+    ({**SD_SPEC, "sigmas": [0.1, -1.0]}, "finite positive numbers"),
+    ({**SD_SPEC, "sigmas": "0.1"}, "'sigmas' is '0.1'"),
+])
+def test_generator_spec_fields_are_checked_before_any_module_is_built(spec, fragment):
+  """generator_spec.json of a workdir or export: every field the module is built from is
+  checked for type and range; one line naming the file and the field."""
+  from fdistill_jax import plugins  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="generator spec") as e:
+    plugins.default_registry().student_from_spec(spec)
+  assert fragment in str(e.value) and "\n" not in str(e.value)

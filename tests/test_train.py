@@ -311,7 +311,7 @@ def test_config_variants_and_unknown_keys(tmp_path):
 
 
 @pytest.mark.slow      # a run with Inception FID
-def test_periodic_fid(tmp_path):
+def test_periodic_fid(tmp_path, caplog):
   """eval.fid_every runs inside the loop; FID against statistics of the very same
   samples (computed through eval.fid's own pipeline) is ~0, against another set it
   is not. Random-weight Inception (tests only)."""
@@ -327,7 +327,9 @@ def test_periodic_fid(tmp_path):
       config=trainer.config, workdir=str(tmp_path), models=trainer.models,
       teacher_vars=trainer.teacher_vars, devices=tuple(jax.devices()), writer=None,
       initial_params=trainer.initial_params, samples_dir=str(tmp_path))
-  fid = evaluators.PeriodicFID(ctx)
+  with caplog.at_level("WARNING"):
+    fid = evaluators.PeriodicFID(ctx)
+  assert "FID of only 16 samples" in caplog.text        # said once, when the evaluator starts
   params = evaluators.as_params(trainer.state)
   images = fid.samples(params)
   assert images.shape == (16, 8, 8, 3) and images.dtype == np.uint8

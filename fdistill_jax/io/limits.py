@@ -27,6 +27,7 @@ without bound:
 
 import io
 import json
+import math
 import os
 import reprlib
 import zipfile
@@ -95,6 +96,29 @@ MAX_DIM = 2**62               # any size, stride or count a file gives: a machin
 def is_dim(value: Any) -> bool:
   """A plain int in [0, MAX_DIM] (cheap whatever its size: no arithmetic on it)."""
   return type(value) is int and 0 <= value <= MAX_DIM  # pylint: disable=unidiomatic-typecheck
+
+
+def spec_int(spec: Any, key: str, low: int, high: int, what: str) -> int:
+  """spec[key], checked to be a plain int in [low, high] (a generator spec, an arch.json):
+  otherwise one ValueError naming the file and the field."""
+  value = spec.get(key) if isinstance(spec, dict) else None
+  if type(value) is not int or not low <= value <= high:  # pylint: disable=unidiomatic-typecheck
+    raise ValueError(f"{what}: {key!r} is {short_repr(value)}; expected an integer in "
+                     f"[{low}, {high}]. The file is corrupt or not written by this project.")
+  return value
+
+
+def spec_floats(spec: Any, key: str, max_len: int, what: str, *, positive=True) -> tuple:
+  """spec[key], checked to be a list of 1..max_len finite (positive) numbers."""
+  value = spec.get(key) if isinstance(spec, dict) else None
+  ok = (isinstance(value, list) and 0 < len(value) <= max_len
+        and all(type(v) in (int, float) and math.isfinite(v) and (v > 0 or not positive)
+                for v in value))
+  if not ok:
+    raise ValueError(f"{what}: {key!r} is {short_repr(value)}; expected a list of 1 to "
+                     f"{max_len} finite{' positive' if positive else ''} numbers. The file is "
+                     "corrupt or not written by this project.")
+  return tuple(float(v) for v in value)
 
 
 def nbytes_of(shape: Iterable[int], itemsize: int) -> int:

@@ -135,6 +135,7 @@ class PeriodicFID(Evaluator):
     self.sampler = generator_sampler(ctx, min(ctx.config.batch_size, self.num))
     self.key = params_key(ctx)
     self.seed = int(ctx.config.seed) + 3
+    fid_lib.few_samples_warning(self.num)     # a warning, once, when the run starts
 
   def samples(self, params):
     """The images FID is computed on (uint8 NHWC)."""

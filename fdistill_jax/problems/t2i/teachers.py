@@ -22,6 +22,7 @@ import os
 
 import jax.numpy as jnp
 
+from fdistill_jax.io import limits
 from fdistill_jax.loaders import diffusers as names
 from fdistill_jax.loaders import sd_configs
 from fdistill_jax.loaders import tokenizer as sd_tokenizer
@@ -143,6 +144,17 @@ def student_from_spec(spec, dtype=jnp.float32):
   for key in ("unet", "sample_shape", "sigmas"):
     if key not in spec:
       raise ValueError(f"The {spec.get('kind', 'sd15')} generator spec has no {key!r}.")
+  what = f"the {spec.get('kind', 'sd15')} generator spec (generator_spec.json)"
+  shape = spec["sample_shape"]
+  if not (isinstance(shape, list) and len(shape) == 3):
+    raise ValueError(f"{what}: 'sample_shape' is {str(shape)[:80]}; expected [height, width, "
+                     "channels] of the latent.")
+  shape = tuple(limits.spec_int({"sample_shape": d}, "sample_shape", 1, MAX_LATENT_SIDE, what)
+                for d in shape)
+  sigmas = limits.spec_floats(spec, "sigmas", MAX_TIMESTEPS, what)
   unet = sd_configs.unet_from_config(spec["unet"], dtype)
-  return (sd_pipeline.LatentDenoiser(unet, tuple(spec["sigmas"])), tuple(spec["sample_shape"]),
-          0)
+  return sd_pipeline.LatentDenoiser(unet, sigmas), shape, 0
+
+
+MAX_LATENT_SIDE = 1024                 # latent pixels per side (SDXL at 1024^2: 128)
+MAX_TIMESTEPS = 100_000                # entries of the DDPM sigma table (SD: 1,000)

@@ -10,6 +10,7 @@ its features are the fitted MLP's hidden layers.
 import jax
 import numpy as np
 
+from fdistill_jax.io import limits
 from fdistill_jax.models import mlp
 from fdistill_jax.train import teacher as base
 from fdistill_jax.problems.toy import mixture as mixture_lib
@@ -37,7 +38,13 @@ def teacher_from_config(config) -> base.Teacher:
 def student_from_spec(spec, dtype=None):
   """(ToyDenoiser, sample_shape, num_classes) from a toy generator spec."""
   del dtype  # The toy MLP computes in float32.
-  return mlp.ToyDenoiser(width=spec["width"], depth=spec["depth"]), (2,), 0
+  what = "the toy generator spec (generator_spec.json)"
+  width = limits.spec_int(spec, "width", 1, MAX_WIDTH, what)
+  depth = limits.spec_int(spec, "depth", 1, MAX_DEPTH, what)
+  return mlp.ToyDenoiser(width=width, depth=depth), (2,), 0
+
+
+MAX_WIDTH, MAX_DEPTH = 65536, 256      # far beyond any toy MLP; a spec asking more is corrupt
 
 
 class ToySource:
