@@ -92,9 +92,14 @@ def test_unknown_override_is_one_line_with_the_nearest_names(tmp_path, monkeypat
   assert code == 1 and err.startswith("sweep: error: ") and len(err.strip().splitlines()) == 1
   assert "loss.gan_weight" in err
   with pytest.raises(ValueError, match="FIELD=VALUE"):
-    sweep.parse_override("total_steps")
-  assert sweep.parse_override("disc.resolutions=(16, 8)") == ("disc.resolutions", (16, 8))
-  assert sweep.parse_override("data.mixture=ring10") == ("data.mixture", "ring10")
+    sweep.parse_overrides(TOY, ["total_steps"])
+  # Values are parsed by ml_collections by the field's type, as --config.FIELD=VALUE is.
+  assert sweep.parse_overrides(TOY, ["disc.resolutions=(16, 8)", "data.mixture=ring10",
+                                     "loss.gan_weight=1", "total_steps=30"]) == [
+      ("data.mixture", "ring10"), ("disc.resolutions", (16, 8)), ("loss.gan_weight", 1.0),
+      ("total_steps", 30)]
+  with pytest.raises(ValueError, match="total_steps"):
+    sweep.parse_overrides(TOY, ["total_steps=many"])
 
 
 def test_cli_writes_table_json_and_figure(tmp_path, monkeypatch, caplog):

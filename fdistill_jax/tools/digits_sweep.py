@@ -217,7 +217,7 @@ def main(argv):
   del argv
   if not FLAGS.workdir:
     raise ValueError("--workdir=DIR is required (the sweep's directory).")
-  overrides = [sweep.parse_override(t) for t in FLAGS.set]
+  overrides = sweep.parse_overrides(FLAGS.config, FLAGS.set)
   rows, dirs = run_all(FLAGS.config, FLAGS.workdir, FLAGS.variants, FLAGS.seeds,
                        FLAGS.teacher_seed, overrides, FLAGS.runlocal, FLAGS.unnormalised,
                        FLAGS.jobs)

@@ -21,14 +21,13 @@ from its checkpoint. A teacher is built once per distinct teacher setting
 (the toy's fitted MLP once per seed), not once per run. Console: "run k/N".
 """
 
-import ast
 import hashlib
 import json
 import os
-from typing import Any
 
 from absl import flags
 import ml_collections
+from ml_collections import config_flags
 import numpy as np
 
 from fdistill_jax import config_lib
@@ -52,16 +51,26 @@ FIGURE = "figure.png"
 
 
 
-def parse_override(text) -> tuple[str, Any]:
-  """'loss.gan_weight=0.01' -> ('loss.gan_weight', 0.01); values are Python literals."""
-  if "=" not in text:
-    raise ValueError(f"--set={text!r}; expected FIELD=VALUE, e.g. --set=total_steps=3000.")
-  key, raw = text.split("=", 1)
+def parse_overrides(config_path, texts) -> list:
+  """[(field, value)] of `--set=FIELD=VALUE` texts, each value parsed by ml_collections as
+  `--config.FIELD=VALUE` parses it (by the type of the field in the config file: numbers,
+  booleans, tuples, strings); an unknown field is one line naming the nearest valid ones."""
+  config = config_lib.load_config_file(config_path)
+  for text in texts:
+    if "=" not in text:
+      raise ValueError(f"--set={text!r}; expected FIELD=VALUE, e.g. --set=total_steps=3000.")
+    message = config_lib.unknown_field(config, text.split("=", 1)[0].strip())
+    if message:
+      raise ValueError(f"--set={text}: {message}")
+  argv = ["sweep"] + [f"--config.{text.strip()}" for text in texts]
+  parser = flags.FlagValues()
+  # config_flags finds the --config.FIELD flags to define in the argv it is handed.
+  config_flags.DEFINE_config_dict("config", config, flag_values=parser, sys_argv=argv)
   try:
-    value = ast.literal_eval(raw)
-  except (ValueError, SyntaxError):
-    value = raw
-  return key.strip(), value
+    parser(argv)
+  except flags.Error as e:
+    raise ValueError(f"--set: {str(e).splitlines()[0]}") from None
+  return sorted(config_flags.get_override_values(parser["config"]).items())
 
 
 def run_config(config_path, variant, seed, overrides, table):
@@ -170,7 +179,7 @@ def main(argv):
   del argv
   if not FLAGS.config or not FLAGS.workdir:
     raise ValueError("--config=PATH and --workdir=DIR are required.")
-  overrides = [parse_override(t) for t in FLAGS.set]
+  overrides = parse_overrides(FLAGS.config, FLAGS.set)
   results, table, dirs = sweep(FLAGS.config, FLAGS.workdir, FLAGS.variants, FLAGS.seeds,
                                overrides)
   atomic.write_json(os.path.join(FLAGS.workdir, "sweep.json"),
