@@ -105,11 +105,11 @@ def test_command_line_never_replaces_what_it_was_not_asked_to(tmp_path, capsys):
 
 def test_text_to_image_grid_has_one_column_per_image_of_a_prompt(tmp_path, monkeypatch):
   """2 prompts x 4 images: a 4-column grid (one row per prompt), not ceil(sqrt(8)) = 3."""
-  from fdistill_jax.tools import sample_t2i  # pylint: disable=g-import-not-at-top
+  from fdistill_jax.problems.t2i import run_sampling  # pylint: disable=g-import-not-at-top
   calls = []
-  monkeypatch.setattr(sample_t2i.figures, "save_image_grid",
+  monkeypatch.setattr(run_sampling.figures, "save_image_grid",
                       lambda images, path, **kw: calls.append(kw) or path)
   images = np.zeros((8, 4, 4, 3), np.uint8)
-  sample_t2i.write_outputs(images, np.repeat(np.arange(2), 4), ["a", "b"], 0,
+  run_sampling.write_outputs(images, np.repeat(np.arange(2), 4), ["a", "b"], 0,
                            out=str(tmp_path / "g.png"))
   assert calls[0]["ncols"] == 4 and calls[0]["labels"] == ["a"] * 4 + ["b"] * 4

@@ -43,11 +43,8 @@ from fdistill_jax.pipelines import edm_sampler
 from fdistill_jax.metrics import figures
 from fdistill_jax.pipelines import sampling
 from fdistill_jax.io import atomic
-from fdistill_jax.problems.t2i import run_sampling
 from fdistill_jax.loaders import edm
 from fdistill_jax.tools import cli
-from fdistill_jax.tools import sample_t2i
-from fdistill_jax.problems.toy import mixture as toy_mixture
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax import console
 from fdistill_jax import plugins
@@ -70,8 +67,8 @@ flags.DEFINE_string("which", "ema", "ema (first EMA copy; raw if the run keeps n
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readable one).", flag_values=FLAGS)
 flags.DEFINE_string("labels", "uniform", "uniform | a class index | e.g. 0,3,7.", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "Seed of the noise and labels.", flag_values=FLAGS)
-flags.DEFINE_integer("batch", None, f"Global batch (all devices); default 256, "
-                     f"{run_sampling.DEFAULT_BATCH} for text-to-image runs.", flag_values=FLAGS)
+flags.DEFINE_integer("batch", None, "Global batch (all devices); default 256, 16 for "
+                     "text-to-image runs.", flag_values=FLAGS)
 flags.DEFINE_multi_string("prompt", [], "Text-to-image runs: a prompt (repeatable).",
                           flag_values=FLAGS)
 flags.DEFINE_string("prompts_file", None, "Text-to-image runs: a .txt (one prompt per line) or .jsonl "
@@ -84,14 +81,19 @@ flags.DEFINE_enum("teacher_preset", "cifar10", sorted(edm_sampler.EDM_SAMPLER_PR
 flags.DEFINE_integer("num_steps", None, "Override the preset's number of steps.", flag_values=FLAGS)
 
 
-def save_grid(path, x, labels, spec=None, max_images=64):
-  """PNG of the first images (uint8 NHWC) or, for the toy, the samples over the mixture."""
+def save_grid(path, x, labels, spec=None, max_images=64, registry=None):
+  """PNG of the first images (uint8 NHWC), or the generator kind's own plot of other samples
+  (the registry's `plots`: the toy's scatter over its mixture)."""
   if x.ndim == 4:
     shown = labels[:max_images] if labels is not None and np.all(labels >= 0) else None
     return figures.save_image_grid(x[:max_images], path, labels=shown,
                                    title=f"samples 0-{min(len(x), max_images) - 1}")
-  mixture = toy_mixture.get_mixture((spec or {}).get("mixture", "ring10"))
-  return figures.plot_toy(path, mixture, {"one-step samples": x}, title="toy generator")
+  registry = registry or plugins.default_registry()
+  kind = (spec or {}).get("kind")
+  if kind not in registry.plots:
+    raise ValueError(f"--grid: samples of shape {x.shape[1:]} are not images and generator "
+                     f"kind {kind!r} has no plot; drop --grid.")
+  return registry.plots[kind](path, x, labels, spec)
 
 
 def write_samples(out, x, labels, grid=None, spec=None):
@@ -166,8 +168,10 @@ def run(f=FLAGS):
   if not f.out:
     raise ValueError("--out=PATH.npz is required (or --export=OUT_DIR).")
   check_outputs(f)
-  if f.workdir and run_sampling.is_t2i_run(f.workdir):
-    return sample_text_to_image(f)
+  registry = plugins.default_registry()
+  kind = ckpt_lib.generator_kind(f.workdir) if f.workdir else None
+  if kind in registry.samplers:          # sampled its own way (text-to-image: prompts)
+    return registry.samplers[kind](f, registry)
   if f.prompt or f.prompts_file:
     raise ValueError("--prompt/--prompts_file are for text-to-image runs (generator kind "
                      "'sd15'); this model is conditioned on class labels: use --labels and "
@@ -182,28 +186,6 @@ def run(f=FLAGS):
   else:
     x, y, spec = sample_generator(f.workdir, f.num, which=f.which, step=f.step, **common)
   write_samples(f.out, x, y, f.grid, spec)
-  return os.path.abspath(f.out)
-
-
-def sample_text_to_image(f):
-  """The one-step student of a text-to-image run for --prompt/--prompts_file (module docstring)."""
-  if not (f.prompt or f.prompts_file):
-    raise ValueError(f"{f.workdir} is a text-to-image run: give --prompt and/or "
-                     "--prompts_file (one prompt per line).")
-  if f["num"].present or f.labels != "uniform":
-    raise ValueError("--num and --labels do not apply to a text-to-image run: it makes "
-                     "--num_per_prompt images per prompt.")
-  if f.num_per_prompt < 1:
-    raise ValueError(f"--num_per_prompt={f.num_per_prompt} must be positive.")
-  prompts = sample_t2i.prompts_from_flags(f.prompt, f.prompts_file)
-  run = run_sampling.load_run(f.workdir, which=f.which, step=f.step,
-                              registry=plugins.default_registry())
-  console.say("Sampling %s weights of step %s (%s).", run.info["which"], run.info["step"],
-              run.info["source"])
-  images, prompt_index = run_sampling.generate(
-      run, prompts, seed=f.seed, batch=run_sampling.DEFAULT_BATCH if f.batch is None else f.batch,
-      num_per_prompt=f.num_per_prompt)
-  sample_t2i.write_outputs(images, prompt_index, prompts, f.seed, out=f.grid, npz=f.out)
   return os.path.abspath(f.out)
 
 

@@ -23,16 +23,14 @@ import math
 import os
 
 from absl import flags
-import numpy as np
 
 from fdistill_jax import console
-from fdistill_jax.data import webdataset
-from fdistill_jax.metrics import figures
 from fdistill_jax.io import atomic
 from fdistill_jax.train import checkpoint as ckpt_lib
 from fdistill_jax.pipelines import denoisers as denoiser_lib
 from fdistill_jax.pipelines import sd as pipeline_lib
 from fdistill_jax.pipelines import sd_sampling as sampling
+from fdistill_jax.problems.t2i import run_sampling
 from fdistill_jax.tools import cli
 from fdistill_jax.train.teacher import DTYPES
 
@@ -79,32 +77,6 @@ flags.DEFINE_string("tokenizer_dir", None, "Tokenizer folder (default: MODEL/tok
                     flag_values=FLAGS)
 
 
-def prompts_from_flags(prompts, prompts_file):
-  """--prompt values, then those of --prompts_file (.txt or .jsonl); at least one required."""
-  out = list(prompts)
-  if prompts_file:
-    out += webdataset.read_prompts(prompts_file, what="--prompts_file")[0]
-  if not out:
-    raise ValueError("give --prompt and/or --prompts_file (one prompt per line).")
-  return out
-
-
-def write_outputs(images, prompt_index, prompts, seed, out=None, npz=None):
-  """The npz and/or the captioned PNG grid (with OUT.txt listing each tile's prompt)."""
-  if npz:
-    atomic.write_npz(npz, images=images, prompt_index=prompt_index.astype(np.int32),
-                     prompts=np.asarray(prompts), seed=np.int64(seed))
-  if out:
-    captions = [_short(prompts[p]) for p in prompt_index]
-    per_prompt = int(np.bincount(prompt_index).max())      # one row per prompt
-    figures.save_image_grid(images, out, labels=captions, tile_inches=1.6,
-                            ncols=per_prompt if per_prompt > 1 else None,
-                            title=f"text-to-image samples, seed {seed}")
-    lines = [f"{i}\t{p}\t{prompts[p]}" for i, p in enumerate(prompt_index)]
-    atomic.write_text(out + ".txt", "index\tprompt_index\tprompt (grid row-major)\n" +
-                      "\n".join(lines) + "\n")
-
-
 def check_outputs(f):
   """--out (and its OUT.txt) and --npz: never an input or a file of a run; an existing file
   only with --overwrite; --npz names an .npz. Checked before any model is loaded."""
@@ -121,10 +93,6 @@ def check_outputs(f):
     raise ValueError(f"--out and --npz are the same file {f.out}; give two paths.")
 
 
-def _short(text, width=28):
-  return text if len(text) <= width else text[:width - 3] + "..."
-
-
 def main(argv):
   """Samples and writes the outputs."""
   del argv
@@ -133,14 +101,15 @@ def main(argv):
   if not (FLAGS.out or FLAGS.npz):
     raise ValueError("give --out=FILE.png and/or --npz=FILE.npz.")
   check_outputs(FLAGS)
-  prompts = prompts_from_flags(FLAGS.prompt, FLAGS.prompts_file)
+  prompts = run_sampling.prompts_from_flags(FLAGS.prompt, FLAGS.prompts_file)
   pipe = pipeline_lib.load_pipeline(FLAGS.model, dtype=DTYPES[FLAGS.dtype],
                                     config_dir=FLAGS.config_dir, tokenizer_dir=FLAGS.tokenizer_dir)
   images, prompt_index = sampling.sample(
       pipe, prompts, num_per_prompt=FLAGS.num_per_prompt, steps=FLAGS.steps, cfg=FLAGS.cfg,
       sampler=FLAGS.sampler, seed=FLAGS.seed, height=FLAGS.height, width=FLAGS.width,
       batch=FLAGS.batch, timestep=FLAGS.timestep)
-  write_outputs(images, prompt_index, prompts, FLAGS.seed, FLAGS.out, FLAGS.npz)
+  run_sampling.write_outputs(images, prompt_index, prompts, FLAGS.seed, FLAGS.out,
+                           FLAGS.npz)
   for path in (FLAGS.out, FLAGS.npz):
     if path:
       console.say("wrote %s", os.path.abspath(path))

@@ -520,6 +520,18 @@ def load_generator(directory, *, student_from_spec, which="ema", step=None):
   return module, params, info
 
 
+def generator_kind(directory):
+  """The 'kind' of a workdir's or export's generator_spec.json; None when it has none."""
+  file = os.path.join(directory, GENERATOR_SPEC)
+  if not os.path.isfile(file):
+    return None
+  spec = limits.json_load(file, f"generator spec {file}")
+  if not isinstance(spec, dict):
+    raise ValueError(f"generator spec {file} must hold a JSON object, got a "
+                     f"{type(spec).__name__}.")
+  return spec.get("kind")
+
+
 def is_run_workdir(directory):
   """True for a training workdir (it holds checkpoints/ or status.json)."""
   return any(os.path.exists(os.path.join(directory, n)) for n in (CHECKPOINTS, STATUS_FILE))

@@ -9,6 +9,10 @@ The engine knows no problem by name. A `Registry` maps
   evaluators   a name in `config.eval.evaluators` -> builder(EvalContext) ->
                Evaluator, or None when the config switches it off
   tables       an evaluator name -> `Table` (how `tools.sweep` makes a table row)
+  samplers     a generator spec's 'kind' -> sample(flags, registry) -> path: `tools.sample`
+               for generators sampled their own way (text-to-image: prompts)
+  plots        a generator spec's 'kind' -> plot(path, x, labels, spec): the
+               `tools.sample --grid` figure of samples that are not images
   checks       functions(config) that raise ValueError on a config the problem
                cannot run (called with the engine's own checks, before any
                teacher loads)
@@ -27,7 +31,7 @@ import jax.numpy as jnp
 
 from fdistill_jax.data import registry as data_registry
 
-_TABLES = ("teachers", "students", "sources", "evaluators", "tables")
+_TABLES = ("teachers", "students", "sources", "evaluators", "tables", "samplers", "plots")
 
 
 class Table:
@@ -58,6 +62,8 @@ class Registry:
   sources: Mapping[str, Callable[[Any], Any]] = dataclasses.field(default_factory=dict)
   evaluators: Mapping[str, Callable[[Any], Any]] = dataclasses.field(default_factory=dict)
   tables: Mapping[str, Table] = dataclasses.field(default_factory=dict)
+  samplers: Mapping[str, Callable[..., str]] = dataclasses.field(default_factory=dict)
+  plots: Mapping[str, Callable[..., str]] = dataclasses.field(default_factory=dict)
   checks: tuple = ()
 
   def __post_init__(self):

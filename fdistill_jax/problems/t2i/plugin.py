@@ -4,6 +4,7 @@ text-to-image grid and FID / CLIP evaluators. Its data sources ('webdataset',
 
 from fdistill_jax.problems.t2i import evaluator
 from fdistill_jax.problems.t2i import grid
+from fdistill_jax.problems.t2i import run_sampling
 from fdistill_jax.problems.t2i import sdxl_teacher
 from fdistill_jax.problems.t2i import teachers
 from fdistill_jax.train import registry
@@ -15,4 +16,5 @@ PLUGIN = registry.Registry(
               "sdxl_random": sdxl_teacher.random_teacher},
     students={"sd15": teachers.student_from_spec, "sdxl": teachers.student_from_spec},
     evaluators={"t2i_grid": grid.build, "t2i": evaluator.build},
+    samplers={kind: run_sampling.sample_command for kind in run_sampling.T2I_KINDS},
 )

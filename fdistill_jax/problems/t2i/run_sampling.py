@@ -33,8 +33,13 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from fdistill_jax.io import limits
+import numpy as np
+
+from fdistill_jax import console
 from fdistill_jax.data import pixels
+from fdistill_jax.data import webdataset
+from fdistill_jax.io import atomic
+from fdistill_jax.metrics import figures
 from fdistill_jax.pipelines import sampling as sampling_lib
 from fdistill_jax.pipelines import sd
 from fdistill_jax.pipelines import sd_sampling
@@ -104,14 +109,7 @@ def from_models(models, teacher_vars, sigma_init, generator_params=None, info=No
 
 def is_t2i_run(workdir) -> bool:
   """True when `workdir`'s generator_spec.json names an SD generator (`T2I_KINDS`)."""
-  file = ckpt_lib.path(workdir, ckpt_lib.GENERATOR_SPEC)
-  if not os.path.isfile(file):
-    return False
-  spec = limits.json_load(file, f"generator spec {file}")
-  if not isinstance(spec, dict):
-    raise ValueError(f"generator spec {file} must hold a JSON object, got a "
-                     f"{type(spec).__name__}.")
-  return spec.get("kind") in T2I_KINDS
+  return ckpt_lib.generator_kind(workdir) in T2I_KINDS
 
 
 def load_run(workdir, *, registry, which="ema", step=None) -> T2IRun:
@@ -251,3 +249,61 @@ def _positive(value, name):
   if int(value) < 1:
     raise RunError(f"{name}={value}; it must be a positive integer.")
   return int(value)
+
+
+# ----------------------------------------------------------------------------
+# Prompts in, files out: what `tools.sample` (a run) and `tools.sample_t2i` (a model) share.
+
+
+def prompts_from_flags(prompts, prompts_file):
+  """--prompt values, then those of --prompts_file (.txt or .jsonl); at least one required."""
+  out = list(prompts)
+  if prompts_file:
+    out += webdataset.read_prompts(prompts_file, what="--prompts_file")[0]
+  if not out:
+    raise ValueError("give --prompt and/or --prompts_file (one prompt per line).")
+  return out
+
+
+def write_outputs(images, prompt_index, prompts, seed, out=None, npz=None):
+  """The npz and/or the captioned PNG grid (with OUT.txt listing each tile's prompt)."""
+  if npz:
+    atomic.write_npz(npz, images=images, prompt_index=prompt_index.astype(np.int32),
+                     prompts=np.asarray(prompts), seed=np.int64(seed))
+  if out:
+    captions = [_short(prompts[p]) for p in prompt_index]
+    per_prompt = int(np.bincount(prompt_index).max())      # one row per prompt
+    figures.save_image_grid(images, out, labels=captions, tile_inches=1.6,
+                            ncols=per_prompt if per_prompt > 1 else None,
+                            title=f"text-to-image samples, seed {seed}")
+    lines = [f"{i}\t{p}\t{prompts[p]}" for i, p in enumerate(prompt_index)]
+    atomic.write_text(out + ".txt", "index\tprompt_index\tprompt (grid row-major)\n" +
+                      "\n".join(lines) + "\n")
+
+
+def _short(text, width=28):
+  return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def sample_command(f, registry):
+  """`tools.sample --workdir=RUN` of a text-to-image run (the registry's `samplers` entry;
+  `registry` builds the run's networks):
+  --num_per_prompt one-step images of each --prompt / --prompts_file prompt into --out
+  (npz) and --grid (captioned PNG); returns the npz's path."""
+  if not (f.prompt or f.prompts_file):
+    raise ValueError(f"{f.workdir} is a text-to-image run: give --prompt and/or "
+                     "--prompts_file (one prompt per line).")
+  if f["num"].present or f.labels != "uniform":
+    raise ValueError("--num and --labels do not apply to a text-to-image run: it makes "
+                     "--num_per_prompt images per prompt.")
+  if f.num_per_prompt < 1:
+    raise ValueError(f"--num_per_prompt={f.num_per_prompt} must be positive.")
+  prompts = prompts_from_flags(f.prompt, f.prompts_file)
+  run = load_run(f.workdir, which=f.which, step=f.step, registry=registry)
+  console.say("Sampling %s weights of step %s (%s).", run.info["which"], run.info["step"],
+              run.info["source"])
+  images, prompt_index = generate(run, prompts, seed=f.seed,
+                                  batch=DEFAULT_BATCH if f.batch is None else f.batch,
+                                  num_per_prompt=f.num_per_prompt)
+  write_outputs(images, prompt_index, prompts, f.seed, out=f.grid, npz=f.out)
+  return os.path.abspath(f.out)

@@ -7,6 +7,7 @@ from fdistill_jax.train import registry
 PLUGIN = registry.Registry(
     teachers={"toy": problem.teacher_from_config},
     students={"toy": problem.student_from_spec},
+    plots={"toy": problem.plot_samples},
     sources={"toy": problem.make_source},
     evaluators={"toy": report.ToyReport},
     tables={"toy": registry.Table(report.METRICS_FILE, lambda r: r["final"], report.COLUMNS,

@@ -65,3 +65,11 @@ class ToySource:
 def make_source(data_config):
   """`data.kind='toy'`: samples of the mixture `data.mixture`, seeded by `data.seed`."""
   return ToySource(mixture_lib.get_mixture(data_config.mixture), int(data_config.seed))
+
+
+def plot_samples(path, x, labels, spec):
+  """`tools.sample --grid` of toy samples [N, 2]: a scatter over the run's mixture."""
+  del labels
+  from fdistill_jax.metrics import figures  # pylint: disable=g-import-not-at-top
+  mixture = mixture_lib.get_mixture((spec or {}).get("mixture", "ring10"))
+  return figures.plot_toy(path, mixture, {"one-step samples": x}, title="toy generator")
