@@ -119,7 +119,13 @@ def finite_checkpoints(workdir):
   print(json.dumps(out))
 
 
-CALLS = {"edm_batch": edm_batch, "main_while_locked": main_while_locked, "digest": digest,
+def allocate(gib):
+  """Touches `gib` GiB of numpy memory: a MemoryError shows the address-space limit holds."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  print(int(np.ones(int(gib * 2**30), np.uint8).sum()))
+
+
+CALLS = {"allocate": allocate, "edm_batch": edm_batch, "main_while_locked": main_while_locked, "digest": digest,
          "truncate_checkpoint": truncate_checkpoint, "finite_checkpoints": finite_checkpoints}
 
 

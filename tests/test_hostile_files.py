@@ -1,7 +1,7 @@
 """Every file a user downloads is read safely: convert, sample --teacher, evaluate, data sources.
 
 The hostile files are built by tests/hostile_files.py, byte by byte. All cases
-run in ONE subprocess under an 8 GiB address-space limit (tests/hostile.py):
+run in ONE subprocess under a 4 GiB address-space limit (tests/hostile.py):
 each must end in well under a minute with exit code 1 and one line
 `TOOL: error: ...` naming the problem, no traceback, nothing written, and
 every file of the test directory unchanged. The limit turns a regression
@@ -173,6 +173,7 @@ def results(tmp_path_factory):
   root = tmp_path_factory.mktemp("hostile")
   (root / "out").mkdir()
   cases = _convert_cases(root) + _evaluate_cases(root) + _sample_cases(root) + _data_cases(root)
+  cases += [{"id": "limit:allocate", "call": "allocate", "kwargs": {"gib": hostile.MEMORY_GIB}}]
   before = hostile.tree(root)
   got = hostile.run_cases([{k: v for k, v in c.items() if k != "fragment"} for c in cases], root,
                           timeout=900)
@@ -193,6 +194,13 @@ def test_hostile_input_is_refused_in_one_line_and_writes_nothing(results, case_i
   cases, _, _ = results
   case, result = cases[case_id]
   hostile.assert_refused(result, case_id.split(":")[0], case["fragment"])
+
+
+def test_the_runs_ran_under_the_address_space_limit(results):
+  """Asking for as much memory as the limit fails: every case above ran inside it."""
+  cases, _, _ = results
+  _, result = cases["limit:allocate"]
+  assert result["traceback"] and "MemoryError" in result["traceback"], result
 
 
 def test_no_file_was_written_or_changed(results):
