@@ -152,6 +152,8 @@ def fake_digits_run(*args):
   """Stands in for `digits_sweep.run_one` in the sweep's worker processes (it is pickled by
   name): prints a line and returns (its run dir, one row with FD = seed, its process id)."""
   from fdistill_jax.tools import digits_sweep  # pylint: disable=g-import-not-at-top
+  from fdistill_jax import console  # pylint: disable=g-import-not-at-top
   name, seed = args[2], args[4]
   print(f"training {name} seed {seed}", flush=True)
+  console.say("a console line of %s seed %s", name, seed)
   return digits_sweep._plan(*args)[2], {"rows": [{"fd": float(seed)}]}, os.getpid()

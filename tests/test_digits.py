@@ -230,7 +230,9 @@ def test_the_digits_sweep_runs_students_in_worker_processes(tmp_path):
   for (_, _, name, _, seed, _, _), (run_dir, _, _) in zip(runs, results):
     assert f"{os.sep}{name}{os.sep}seed{seed}_" in run_dir
     with open(os.path.join(run_dir, digits_sweep.CONSOLE_LOG)) as f:
-      assert f"training {name} seed {seed}" in f.read()
+      text = f.read()
+    assert f"training {name} seed {seed}" in text
+    assert text.count(f"a console line of {name} seed {seed}") == 1, text   # not logged twice
 
 
 def test_fig4b_and_fig5b_figures(tmp_path):

@@ -168,6 +168,7 @@ def _run_in_worker(run, args):
   with open(os.path.join(run_dir, CONSOLE_LOG), "a") as log:
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
+  console.quiet_console()      # log records at INFO go to the run's log.txt, not here too
   return run(*args)
 
 
