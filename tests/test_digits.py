@@ -215,6 +215,13 @@ def test_the_digits_sweep_chains_teacher_and_students(tmp_path, monkeypatch):
                         "teacher, 1 step", "js", "no_gan", "fkl_unnormalised"]
   table = digits_sweep.markdown_table(rows, ["0", "1"])
   assert "| js | 3.500 ± 0.500 |" in table and "| teacher, 1 step | 70.000 |" in table
+  assert "| FD - rkl (same seed) |" not in table          # no rkl row: no paired column
+  rows["rkl"] = [dict(r, fd=r["fd"] + d) for r, d in zip(rows["js"], (0.5, 0.1))]
+  paired = digits_sweep.markdown_table(rows, ["0", "1"])
+  assert paired.splitlines()[0].endswith("| FD - rkl (same seed) |")
+  # js - rkl per seed: -0.5 and -0.1, mean -0.3, std 0.2; the teacher rows have none.
+  assert [line.rsplit("|", 2)[1].strip() for line in paired.splitlines()[2:6]] == [
+      "-", "-", "-", "-0.300 ± 0.200"]
   digits_sweep.run_all(*args, runlocal=True)
   assert len(calls) == 7                                        # all reused
 

@@ -176,14 +176,32 @@ COLUMNS = digits_report.COLUMNS + (("wall time (s)", lambda m: m["seconds"]),)
 WHOLE_NUMBERS = ("calls / sample", "wall time (s)")     # printed without decimals
 
 
+PAIRED_WITH = "rkl"                     # the paired column's reference row (DMD2)
+
+
+def paired_cell(runs, reference):
+  """FD minus the reference row's FD of the same seed: mean ± std over seeds ('-' when the
+  row is not a student of every seed). Every student of one seed shares that seed's noise
+  and data order, so these differences vary less between seeds than the FDs themselves."""
+  if reference is None or len(runs) != len(reference) or len(runs) < 2:
+    return "-"
+  return sweep.cell([m["fd"] - r["fd"] for m, r in zip(runs, reference)])
+
+
 def markdown_table(rows, seeds):
-  """One row per entry of `rows`; each cell the value, or mean ± std over seeds."""
+  """One row per entry of `rows`; each cell the value, or mean ± std over seeds; with
+  several seeds, a last column of paired FD differences against `PAIRED_WITH`."""
+  reference = rows.get(PAIRED_WITH)
+  paired = len(seeds) > 1 and reference is not None
   lines = [[name] + [sweep.cell([fn(m) for m in runs], 0 if column in WHOLE_NUMBERS else 3)
                      for column, fn in COLUMNS]
+           + ([paired_cell(runs, reference if len(runs) > 1 else None)] if paired else [])
            for name, runs in rows.items()]
-  text = sweep.markdown(["row"] + [c for c, _ in COLUMNS], lines)
-  return (f"{text}\n\n{sweep.seeds_note(seeds, 'Students: ')}; one teacher (its rows and the "
-          "floor have no spread).\n")
+  header = ["row"] + [c for c, _ in COLUMNS] + ([f"FD - {PAIRED_WITH} (same seed)"]
+                                                 if paired else [])
+  text = sweep.markdown(header, lines)
+  return (f"{text}\n\n{sweep.seeds_note(seeds, 'Students: ')} (std with ddof 0); one "
+          "teacher (its rows and the floor have no spread).\n")
 
 
 def curves(dirs, names=None):
