@@ -260,6 +260,31 @@ def test_fig4b_and_fig5b_figures(tmp_path):
   np.testing.assert_allclose(final["fkl"], np.expm1(4.0), rtol=1e-9)
 
 
+def test_the_sweeps_fd_curves_come_from_each_runs_tensorboard_file(tmp_path):
+  """`digits_sweep.curves` reads digits/fd of every student run (rows logging one point or
+  none are left out) and `write_curves` draws them with the teacher's FD as reference."""
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  dirs = {"teacher": [str(tmp_path / "t")], "js": [], "no_gan": []}
+  for name, points in (("js", (200, 400)), ("no_gan", (400,))):
+    for seed in range(2):
+      run_dir = str(tmp_path / name / str(seed))
+      writer = metric_writers.create_default_writer(run_dir)
+      for step in points:
+        writer.write_scalars(step, {report.FD_TAG: 10.0 / step + seed})
+      writer.close()
+      dirs[name].append(run_dir)
+  found = digits_sweep.curves(dirs)
+  assert list(found) == ["js"] and list(found["js"]) == [0, 1]
+  steps, fds = found["js"][1]
+  np.testing.assert_array_equal(steps, [200, 400])
+  np.testing.assert_allclose(fds, [1.05, 1.025], rtol=1e-6)
+  rows = {"teacher, Heun 18 steps": [{"fd": 2.0}], "teacher, 1 step": [{"fd": 80.0}]}
+  path = digits_sweep.write_curves(str(tmp_path / "c.png"), rows, dirs, ["0", "1"])
+  assert os.path.getsize(path) > 1000
+  assert digits_sweep.write_curves(str(tmp_path / "n.png"), rows, {"no_gan": dirs["no_gan"]},
+                                   ["0", "1"]) is None
+
+
 def test_analysis_says_when_fig5b_is_skipped(tmp_path, caplog):
   """A sweep without the 'fkl_unnormalised' row: Fig. 5(b) is skipped with one line naming
   the missing run; with both rows both curves are drawn."""

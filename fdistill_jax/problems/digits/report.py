@@ -204,8 +204,10 @@ def curves_figure(path, curves, teacher_fd=None, one_step_fd=None):
     ax.set_yscale("log")
     ax.set_title(name, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-  for ax in axes[-1]:
-    ax.set_xlabel("training iteration")
+  for i, ax in enumerate(axes.flat[:len(names)]):
+    if i + cols >= len(names):           # the lowest panel of its column
+      ax.xaxis.set_tick_params(labelbottom=True)
+      ax.set_xlabel("training iteration")
   for ax in axes[:, 0]:
     ax.set_ylabel("FD to the held-out split (log)")
   for ax in list(axes.flat)[len(names):]:
