@@ -193,8 +193,11 @@ def markdown_table(rows, seeds):
   several seeds, a last column of paired FD differences against `PAIRED_WITH`."""
   reference = rows.get(PAIRED_WITH)
   paired = len(seeds) > 1 and reference is not None
-  lines = [[name] + [sweep.cell([fn(m) for m in runs], 0 if column in WHOLE_NUMBERS else 3)
-                     for column, fn in COLUMNS]
+  def column_cell(column, values):
+    if column == "calls / sample" and len(set(values)) == 1:
+      return sweep.cell(values[:1], 0)             # a property of the sampler, no spread
+    return sweep.cell(values, 0 if column in WHOLE_NUMBERS else 3)
+  lines = [[name] + [column_cell(column, [fn(m) for m in runs]) for column, fn in COLUMNS]
            + ([paired_cell(runs, reference if len(runs) > 1 else None)] if paired else [])
            for name, runs in rows.items()]
   header = ["row"] + [c for c, _ in COLUMNS] + ([f"FD - {PAIRED_WITH} (same seed)"]
