@@ -67,6 +67,7 @@ def wait_for_steps(workdir, proc, timeout=300):
   raise AssertionError("the run did not start iterating in time")
 
 
+@pytest.mark.slow      # a toy run in a subprocess, signalled
 def test_sigterm_saves_at_once_and_exits_as_preempted(tmp_path):
   workdir = tmp_path / "run"
   proc = subprocess.Popen(main_cmd(workdir, 100000, 1000), env=env(), cwd=REPO,
@@ -85,6 +86,7 @@ def test_sigterm_saves_at_once_and_exits_as_preempted(tmp_path):
   assert not (workdir / "metrics.json").exists()      # the final report is not written
 
 
+@pytest.mark.slow      # a toy run through main, then a resume
 def test_corrupt_latest_checkpoint_is_skipped(tmp_path, caplog):
   run_in_process(tmp_path, **toy_overrides(4, 2))
   assert saved_steps(tmp_path) == [2, 4]

@@ -307,7 +307,6 @@ def test_fig6_subtitle_keeps_a_small_effect():
   assert "0.9968 / 1.0041" in title and "+0.73%" in title, title
 
 
-@pytest.mark.slow      # a teacher, then a student, each through main
 class _NoiseModule:
   """A stand-in 'generator' whose sample is its input noise, squashed into [-1, 1]."""
 
@@ -316,6 +315,7 @@ class _NoiseModule:
     return jnp.tanh(x / sigma[:, None, None, None])
 
 
+@pytest.mark.slow      # trains the digits classifier
 def test_the_evaluation_draws_are_the_same_for_every_run_seed(tmp_path, clf_path):
   """The 'digits' evaluator conditions sample i on the i-th train label (cyclically) and
   draws its noise from digits.eval_seed, not the run's seed: two runs with the same
@@ -344,6 +344,7 @@ def test_the_evaluation_draws_are_the_same_for_every_run_seed(tmp_path, clf_path
   assert report.num_samples(digits_config.get_config("js")) == 4 * 1438
 
 
+@pytest.mark.slow      # a teacher, then a student, each through main
 def test_teacher_then_student_through_main(tmp_path, clf_path):
   """`python -m fdistill_jax.main` trains a CI-sized EDM teacher (configs/digits.py:
   teacher,runlocal), writes it as a converted teacher, and a JS student distilled from it

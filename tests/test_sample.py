@@ -290,6 +290,7 @@ def test_teacher_heun_path_matches_the_batched_sampler(tmp_path):
     np.testing.assert_array_equal(data["labels"], labels)
 
 
+@pytest.mark.slow      # builds and samples the full EDM fixture network
 def test_teacher_state_dict_needs_and_takes_arch(tmp_path, edm_fixtures, capsys):
   """`--teacher=weights.npz` (a plain EDM state dict) is refused without --arch, naming the
   flag, and with --arch samples exactly what the converted teacher samples."""
@@ -316,6 +317,7 @@ def test_teacher_state_dict_needs_and_takes_arch(tmp_path, edm_fixtures, capsys)
     np.testing.assert_array_equal(a["labels"], b["labels"])
 
 
+@pytest.mark.slow      # two toy runs through main and a resume
 def test_a_run_without_ema_resumes_and_samples_its_raw_generator(tmp_path):
   """ema_decays=() (the text-to-image configs, as FastGen's SD configs and DMD2): the run
   checkpoints and resumes, and which='ema' (the default of tools.sample and the T2I

@@ -233,6 +233,7 @@ def test_engine_teacher_matches_the_pipeline(pipe, reference):
   assert rel_err(ours, jax.jit(pipe.denoiser())(x, sigma, cond)) < TOL
 
 
+@pytest.mark.slow      # the tiny SDXL pipeline through the CLI
 def test_sample_t2i_command_line_samples_sdxl(pipe, folder, tmp_path):
   """`tools.sample_t2i` on the SDXL folder (the family is read from it) writes what
   `sd_sampling.sample` returns; one guided DDIM step from pure noise is the Euler step

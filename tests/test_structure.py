@@ -270,6 +270,7 @@ sys.exit(1 if failed else 0)
 """
 
 
+@pytest.mark.slow      # one fresh interpreter per module (about 100)
 def test_every_module_imports_alone_in_a_fresh_interpreter():
   """Each module imports by itself (no order in which another module must come first): a
   fresh interpreter preloads third-party packages only, then imports each module of the
@@ -379,3 +380,30 @@ def test_meshes_are_built_in_two_places():
                                          getattr(node.func, "id", None) == "Mesh"):
         found.add(str(path.relative_to(REPO)))
   assert found == MESH_HOMES, sorted(found ^ MESH_HOMES)
+
+
+def misplaced_slow_marks(source):
+  """Names of the classes and non-test functions of a test module's source that carry
+  `pytest.mark.slow`: there the mark selects nothing (pytest collects neither), so the test
+  meant to be slow silently runs in the default tier."""
+  def is_slow(decorator):
+    node = decorator.func if isinstance(decorator, ast.Call) else decorator
+    return isinstance(node, ast.Attribute) and node.attr == "slow"
+  found = []
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and any(
+        is_slow(d) for d in node.decorator_list):
+      collected = (node.name.startswith("Test") if isinstance(node, ast.ClassDef)
+                   else node.name.startswith("test_"))
+      if not collected:
+        found.append(node.name)
+  return found
+
+
+def test_the_slow_mark_decorates_only_tests():
+  """Every `@pytest.mark.slow` in tests/ sits on a test function or Test class."""
+  assert misplaced_slow_marks("import pytest\n@pytest.mark.slow\nclass _Helper:\n  pass\n"
+                              "@pytest.mark.slow\ndef test_a():\n  pass\n") == ["_Helper"]
+  found = {path.name: misplaced_slow_marks(path.read_text())
+           for path in (REPO / "tests").glob("*.py")}
+  assert not {k: v for k, v in found.items() if v}, found

@@ -102,6 +102,7 @@ def test_unknown_override_is_one_line_with_the_nearest_names(tmp_path, monkeypat
     sweep.parse_overrides(TOY, ["total_steps=many"])
 
 
+@pytest.mark.slow      # a toy sweep through the CLI
 def test_cli_writes_table_json_and_figure(tmp_path, monkeypatch, caplog):
   Recorder(monkeypatch)
   caplog.set_level("INFO", logger="fdistill_jax.progress")

@@ -42,6 +42,7 @@ REGISTRY = plugins.default_registry()   # every problem (fdistill_jax.plugins)
 # The run.
 
 
+@pytest.mark.slow      # the run8 fixture: tiny SD through main on 8 devices
 def test_sd15_run_through_main_trains_all_three_networks(run8):
   assert saved_steps(run8) == [2, 4]
   spec = json.load(open(os.path.join(run8, ckpt_lib.GENERATOR_SPEC)))
@@ -79,6 +80,7 @@ def test_one_device_and_eight_devices_agree(run8, shards, tmp_path):
                                  err_msg=name)
 
 
+@pytest.mark.slow      # the run8 fixture
 def test_warm_start_restores_exactly_the_named_parts(run8, shards, tmp_path, monkeypatch):
   """init_from: generator, fake score and heads from the run; step, optimiser states,
   EMA (= the loaded generator) and the stage-1 running mean start afresh."""
@@ -119,6 +121,7 @@ def test_cold_js_and_fkl_runs_say_how_the_paper_warm_starts(monkeypatch, config_
     assert "reverse-KL" in lines[0] and "--config.init_from=RUN_DIR" in lines[0]
 
 
+@pytest.mark.slow      # the run8 fixture
 def test_warm_start_refuses_a_run_of_other_networks(run8, shards):
   c = tiny_config(**{"data.path": shards, "disc.resolutions": (8,)})
   trainer = train.build_trainer(c, registry=REGISTRY)
@@ -199,6 +202,7 @@ def test_variants_run_an_iteration_through_main(shards, tmp_path):
 # The generator's gradient: Eq. 4 with the CFG teacher.
 
 
+@pytest.mark.slow      # compiles the tiny SD generator step and its reference
 def test_generator_gradient_is_the_vjp_of_eq4_with_the_cfg_teacher(shards):
   """dL/dtheta = (dx/dtheta)^T dL/dx with the teacher's score replaced by its CFG version,
   D_u + w (D_c - D_u) (paper App. D), and the teacher, fake score and ratio constant.

@@ -50,6 +50,7 @@ def test_load_run_reads_the_runs_ema_generator_and_teacher(run, run8):
   assert gap > 0                                # EMA (decay 0.9) is not the raw generator
 
 
+@pytest.mark.slow      # samples the tiny SD student at several batch sizes
 def test_student_images_depend_only_on_seed_and_index(run):
   """Image i of (seed, prompts, num_per_prompt) is the same whatever the batch and devices,
   and equals G(sigma_init z_i, sigma_init, E(prompt)) decoded, computed here directly
