@@ -68,6 +68,7 @@ def test_the_source_refuses_other_sizes():
 
 
 @pytest.mark.slow      # trains the digits classifier (about 3 minutes on 2 cores)
+@pytest.mark.xdist_group("digits_classifier")   # trained once per worker: one worker
 def test_the_classifier_measure_can_fail(clf, clf_path):
   """Held-out vs train: FD small; noise and blank images: FD large, precision and
   class accuracy near zero. (Measured: FD 1.9 vs 400 for N(0, 0.5^2) noise.)"""
@@ -316,6 +317,7 @@ class _NoiseModule:
 
 
 @pytest.mark.slow      # trains the digits classifier
+@pytest.mark.xdist_group("digits_classifier")   # trained once per worker: one worker
 def test_the_evaluation_draws_are_the_same_for_every_run_seed(tmp_path, clf_path):
   """The 'digits' evaluator conditions sample i on the i-th train label (cyclically) and
   draws its noise from digits.eval_seed, not the run's seed: two runs with the same
@@ -345,6 +347,7 @@ def test_the_evaluation_draws_are_the_same_for_every_run_seed(tmp_path, clf_path
 
 
 @pytest.mark.slow      # a teacher, then a student, each through main
+@pytest.mark.xdist_group("digits_classifier")   # trained once per worker: one worker
 def test_teacher_then_student_through_main(tmp_path, clf_path):
   """`python -m fdistill_jax.main` trains a CI-sized EDM teacher (configs/digits.py:
   teacher,runlocal), writes it as a converted teacher, and a JS student distilled from it

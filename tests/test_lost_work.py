@@ -21,7 +21,9 @@ import pytest
 from tests import hostile
 from tests.helpers import TOY_FLAGS
 
-pytestmark = pytest.mark.slow   # hostile runs in subprocesses, about 3 minutes
+# Hostile runs in subprocesses, about 3 minutes; the group keeps the tests of the `results`
+# fixture on one xdist worker (pyproject's --dist=loadgroup), so its runs are made once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("lost_work_results")]
 
 CONFIG = f"--config={hostile.REPO}/configs/toy2d.py:js"
 
