@@ -14,7 +14,9 @@ Every check reads every `import` statement of the package by AST, at any depth
 * no import cycle between modules, nor between sub-packages;
 * every module imports alone in a fresh interpreter;
 * a registry of the toy alone (and the engine's loop) loads no Stable Diffusion
-  module, no `transformers`, `tokenizers` or `torch` (a subprocess).
+  module, no `transformers`, `tokenizers` or `torch` (a subprocess);
+* in tests/, `pytest.mark.slow` decorates only what pytest collects (else the test it
+  was meant for runs in the default tier).
 """
 
 import ast
