@@ -65,10 +65,11 @@ def env(devices=8):
   return e
 
 
-def run_main_subprocess(args, devices=1, timeout=900, **environ):
-  """`python -m fdistill_jax.main ARGS` in a subprocess on `devices` CPU devices, with the
-  extra environment variables `environ`; its CompletedProcess (asserted to exit 0)."""
-  out = subprocess.run([sys.executable, "-m", "fdistill_jax.main", *args], cwd=REPO,
+def run_main_subprocess(args, devices=1, timeout=900, cwd=REPO, **environ):
+  """`python -m fdistill_jax.main ARGS` in a subprocess on `devices` CPU devices, run in
+  `cwd` (whose fdistill_jax it imports), with the extra environment variables `environ`;
+  its CompletedProcess (asserted to exit 0)."""
+  out = subprocess.run([sys.executable, "-m", "fdistill_jax.main", *args], cwd=cwd,
                        env={**env(devices), **environ}, capture_output=True, text=True,
                        check=False, timeout=timeout)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

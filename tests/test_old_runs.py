@@ -23,7 +23,6 @@ Every run is a one-device subprocess, as they were written.
 import hashlib
 import pathlib
 import subprocess
-import sys
 import tarfile
 
 import jax
@@ -64,13 +63,9 @@ def _resume(run, root, code=None):
   assert helpers.saved_steps(workdir) == [3]
   args = [f"--config={DATA / 'tiny_configs.py'}:{run}", f"--workdir={workdir}"]
   environ = dict(JAX_DISABLE_MOST_OPTIMIZATIONS="0")   # XLA optimised, as the old runs were
-  if code is None:
-    out = helpers.run_main_subprocess(args, devices=1, **environ)
-  else:                                                # the old package first on the path
-    out = subprocess.run([sys.executable, "-m", "fdistill_jax.main", *args], cwd=code,
-                         env={**helpers.env(1), **environ, "PYTHONPATH": str(code)},
-                         capture_output=True, text=True, check=False, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  if code is not None:                                 # the old package alone on the path
+    environ.update(cwd=str(code), PYTHONPATH=str(code))
+  out = helpers.run_main_subprocess(args, devices=1, **environ)
   assert "Running from step 3 of 6" in out.stdout, out.stdout[-2000:]
   return _flat(helpers.saved_state(workdir, 6))
 
